@@ -1,0 +1,91 @@
+"""Build timm and torchvision classifiers by name, with random weights (no hub downloads)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import cache
+
+import timm
+import torchvision.models
+from torch import nn
+
+from worker.engine.errors import UnknownArchitecture
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FAMILIES = ("timm", "torchvision")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(
+            input_size=tuple(int(v) for v in data["input_size"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            interpolation=str(data.get("interpolation", "bilinear")),
+        )
+
+
+@cache
+def _known(family: str) -> frozenset[str]:
+    if family == "timm":
+        return frozenset(timm.list_models())
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def parse_architecture(architecture: str) -> tuple[str, str]:
+    """Split ``family:name`` and check the name exists, suggesting close matches if not.
+
+    >>> parse_architecture("timm:resnet18")
+    ('timm', 'resnet18')
+    """
+    family, sep, name = architecture.partition(":")
+    if not sep or family not in FAMILIES:
+        raise UnknownArchitecture(architecture, [f"{f}:{name or architecture}" for f in FAMILIES])
+    if name not in _known(family):
+        matches = difflib.get_close_matches(name, _known(family), n=5, cutoff=0.6)
+        raise UnknownArchitecture(architecture, [f"{family}:{m}" for m in matches])
+    return family, name
+
+
+def build_model(architecture: str, num_classes: int) -> nn.Module:
+    """A randomly initialised classifier with ``num_classes`` outputs, in eval mode."""
+    family, name = parse_architecture(architecture)
+    if family == "timm":
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return model.eval()
+
+
+def default_preprocessing(architecture: str) -> Preprocessing:
+    """The architecture's own input config (timm ``pretrained_cfg``), else ImageNet values."""
+    family, name = parse_architecture(architecture)
+    if family == "timm":
+        cfg = timm.get_pretrained_cfg(name)
+        if cfg is not None:
+            return Preprocessing(
+                input_size=tuple(cfg.input_size),
+                mean=tuple(cfg.mean),
+                std=tuple(cfg.std),
+                interpolation=cfg.interpolation or "bilinear",
+            )
+    return Preprocessing()

@@ -1,0 +1,127 @@
+"""Initialise and train the classifier layer on cached features.
+
+With ``old_rows_frozen`` only the new rows move, so every old row stays bit-identical and the
+old classes can only lose images to the new ones, never to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.errors import JobCancelled
+
+EpochDone = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class HeadTraining:
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    seed: int = 0
+    old_rows_frozen: bool = True
+
+
+def imprint_rows(
+    features: torch.Tensor, targets: torch.Tensor, classes: list[int], old_weight: torch.Tensor
+) -> torch.Tensor:
+    """One row per class: the normalised mean of its normalised features, scaled to the mean
+    norm of the old rows so that new logits live on the old logits' scale."""
+    scale = old_weight.norm(dim=1).mean()
+    rows = []
+    for c in classes:
+        mean = F.normalize(features[targets == c], dim=1).mean(dim=0)
+        rows.append(F.normalize(mean, dim=0) * scale)
+    return torch.stack(rows)
+
+
+def calibrate_new_bias(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_old: int,
+    classes: list[int],
+) -> torch.Tensor:
+    """A bias per new class that puts its decision boundary against the best old class halfway
+    between its own images and the old-class images (medians of the logit margin).
+
+    Without old-class images there is nothing to separate from: the mean old bias is used.
+    """
+    calibrated = bias[num_old:].clone()
+    old_mask = targets < num_old
+    base = bias[:num_old].mean() if num_old else torch.tensor(0.0)
+    with torch.no_grad():
+        best_old = (features @ weight[:num_old].T + bias[:num_old]).max(dim=1).values
+        for j, c in enumerate(classes):
+            if not old_mask.any():
+                calibrated[j] = base
+                continue
+            margin = features @ weight[c] - best_old
+            calibrated[j] = -(margin[targets == c].median() + margin[old_mask].median()) / 2
+    return calibrated
+
+
+def balanced_class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, so ten new images weigh as much as a thousand old ones."""
+    counts = torch.bincount(targets, minlength=num_classes).float()
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def train_head(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    num_old: int,
+    cfg: HeadTraining,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_epoch: EpochDone | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Train the classifier layer ``(weight, bias)`` with a class-balanced cross-entropy.
+
+    Returns new tensors and the per-epoch history ``[{epoch, train_loss, val_accuracy}]``.
+    """
+    first = num_old if cfg.old_rows_frozen else 0
+    fixed_w, fixed_b = weight[:first].detach(), bias[:first].detach()
+    w = weight[first:].detach().clone().requires_grad_(True)
+    b = bias[first:].detach().clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([w, b], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    class_weights = balanced_class_weights(targets, weight.shape[0])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.cat([fixed_w, w]).T + torch.cat([fixed_b, b])
+
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(targets), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            if should_stop():
+                raise JobCancelled()
+            idx = order[start : start + cfg.batch_size]
+            loss = F.cross_entropy(logits(features[idx]), targets[idx], weight=class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        record = {"epoch": epoch, "train_loss": total / len(targets), "val_accuracy": None}
+        if validation is not None and len(validation[1]):
+            with torch.no_grad():
+                predicted = logits(validation[0]).argmax(dim=1)
+            record["val_accuracy"] = (predicted == validation[1]).float().mean().item()
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+    with torch.no_grad():
+        return torch.cat([fixed_w, w]).detach(), torch.cat([fixed_b, b]).detach(), history
