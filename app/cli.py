@@ -1,0 +1,120 @@
+"""The ``graft`` command: serve (API and worker together), api, worker, db upgrade."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("graft")
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def db_upgrade(settings: Settings, revision: str = "head") -> None:
+    """Apply migrations up to ``revision``; safe to run on every start."""
+    from alembic import command
+    from alembic.config import Config
+
+    settings.ensure_dirs()
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", settings.resolved_database_url.replace("%", "%%"))
+    command.upgrade(config, revision)
+
+
+def run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
+
+
+def worker_argv(settings: Settings) -> list[str]:
+    from worker.celery_app import QUEUE
+
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level}",
+        f"--pool={settings.worker_pool}",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--queues={QUEUE}",
+        "--hostname=graft@%h",
+    ]
+    if settings.resolved_broker_url.startswith("filesystem"):
+        argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    return argv
+
+
+def run_worker(settings: Settings) -> None:
+    from worker.celery_app import celery_for
+
+    celery_for(settings).worker_main(worker_argv(settings))
+
+
+def serve(settings: Settings) -> None:
+    """Migrate, start a worker process, and serve the API; stopping one stops both."""
+    db_upgrade(settings)
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], start_new_session=True)
+    stopping = threading.Event()
+
+    def watch_worker() -> None:
+        code = worker.wait()
+        if not stopping.is_set():
+            log.error("the worker exited (code %s); stopping the server", code)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_worker, daemon=True).start()
+    try:
+        run_api(settings)
+    finally:
+        stopping.set()
+        if worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="API and a worker together (the embedded default)")
+    commands.add_parser("api", help="the HTTP API only")
+    commands.add_parser("worker", help="a Celery worker only")
+    db = commands.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade"])
+    db.add_argument("revision", nargs="?", default="head")
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if args.command == "serve":
+        serve(settings)
+    elif args.command == "api":
+        run_api(settings)
+    elif args.command == "worker":
+        run_worker(settings)
+    elif args.command == "db":
+        db_upgrade(settings, args.revision)
+
+
+if __name__ == "__main__":
+    main()

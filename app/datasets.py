@@ -1,0 +1,327 @@
+"""Labelled image archives: safe, member-by-member extraction and verification of every image.
+
+An upload becomes a tar of verified images, ``<label>/<n>.<ext>``, in the artifact store. The
+archive is never extracted as a whole: each member's path is checked, only regular files are
+read, sizes are counted while streaming (headers lie), and each image is decoded before it is
+kept. Unsafe archives are refused whole; files that are not images are reported in
+``rejected``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import stat
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import Conflict, Invalid, NotFound
+from app.models import Dataset, Job, JobStatus, new_id
+from app.schemas import DatasetRead, RejectedFile
+from app.storage import LocalStorage
+
+IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
+IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+RATIO_CHECK_AFTER = 16 * 1024 * 1024  # compression ratios of tiny archives say nothing
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_members: int = 200_000
+    max_member_bytes: int = 64 * 1024 * 1024
+    max_total_bytes: int = 16 * 1024**3
+    max_ratio: float = 200.0
+    max_image_pixels: int = 64_000_000
+
+
+@dataclass
+class Member:
+    name: str
+    kind: str  # file | dir | link | device
+    open: Callable[[], BinaryIO]  # for files
+
+
+@dataclass
+class Extracted:
+    labels: dict[str, int]
+    rejected: list[dict[str, str]]
+    images: list[tuple[str, str, Path]] = field(default_factory=list)  # (label, ext, file)
+
+
+def _sniff(f: BinaryIO) -> str:
+    head = f.read(512)
+    f.seek(0)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        return "tar"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    raise Invalid("the archive must be a .zip, .tar or .tar.gz file", "archive")
+
+
+def iter_members(f: BinaryIO) -> Iterator[Member]:
+    """Members of a zip or tar, in order, without extracting anything."""
+    if _sniff(f) == "zip":
+        try:
+            archive = zipfile.ZipFile(f)  # noqa: SIM115 - closed by its caller's upload file
+        except zipfile.BadZipFile as exc:
+            raise Invalid(f"unreadable zip archive: {exc}", "archive") from None
+        for info in archive.infolist():
+            mode = info.external_attr >> 16
+            if info.is_dir():
+                kind = "dir"
+            elif stat.S_ISLNK(mode):
+                kind = "link"
+            elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # no type bits: a plain file
+                kind = "device"
+            else:
+                kind = "file"
+            if info.flag_bits & 0x1:
+                raise Invalid(f"{info.filename}: encrypted archive members are refused", "archive")
+            yield Member(info.filename, kind, lambda info=info: archive.open(info))
+        return
+    try:
+        with tarfile.open(fileobj=f, mode="r:*") as archive:
+            for info in archive:
+                if info.isdir():
+                    kind = "dir"
+                elif info.issym() or info.islnk():
+                    kind = "link"
+                elif info.isreg():
+                    kind = "file"
+                else:
+                    kind = "device"
+                yield Member(info.name, kind, lambda info=info: archive.extractfile(info))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise Invalid(f"unreadable tar archive: {exc}", "archive") from None
+
+
+def safe_parts(name: str) -> tuple[str, ...]:
+    """The member's path as parts, or :class:`Invalid` for absolute and ``..`` paths."""
+    if "\x00" in name:
+        raise Invalid("archive member names must not contain NUL", "archive")
+    normalised = name.replace("\\", "/")
+    path = PurePosixPath(normalised)
+    if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
+        raise Invalid(f"{name}: absolute paths are refused", "archive")
+    parts = tuple(p for p in path.parts if p not in ("", "."))
+    if ".." in parts:
+        raise Invalid(f"{name}: paths with '..' are refused", "archive")
+    return parts
+
+
+def _ignored(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1] in IGNORED_NAMES
+
+
+def verify_image(data: bytes, max_pixels: int) -> str:
+    """Decode the whole image; return its file extension, or raise ``ValueError`` with why not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                if fmt not in IMAGE_FORMATS:
+                    raise ValueError(f"unsupported image format {fmt}")
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise ValueError(
+                        f"image of {width}x{height} pixels is over the {max_pixels} pixel limit"
+                    )
+                im.verify()
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        except (
+            UnidentifiedImageError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as exc:
+            raise ValueError(str(exc).split(". ")[0]) from None
+        except (OSError, SyntaxError, EOFError, ValueError) as exc:
+            raise ValueError(f"not a decodable image ({exc})") from None
+    return IMAGE_FORMATS[fmt]
+
+
+def _read_capped(stream: BinaryIO, cap: int) -> bytes | None:
+    """At most ``cap`` bytes, or None when the member holds more (whatever its header says)."""
+    data = stream.read(cap + 1)
+    return None if len(data) > cap else data
+
+
+def extract_images(
+    f: BinaryIO, archive_size: int, limits: ArchiveLimits, workdir: Path
+) -> Extracted:
+    """Verify every member of the archive and copy the good images into ``workdir``."""
+    accepted: list[tuple[tuple[str, ...], str, Path]] = []
+    rejected: list[dict[str, str]] = []
+    total = 0
+    for count, member in enumerate(iter_members(f), start=1):
+        if count > limits.max_members:
+            raise Invalid(f"the archive has more than {limits.max_members} entries", "archive")
+        parts = safe_parts(member.name)
+        if member.kind in ("link", "device"):
+            raise Invalid(f"{member.name}: links and special files are refused", "archive")
+        if member.kind == "dir" or not parts or _ignored(parts):
+            continue
+        shown = "/".join(parts)
+        try:
+            with member.open() as stream:
+                data = _read_capped(stream, limits.max_member_bytes)
+        except (
+            zipfile.BadZipFile,
+            tarfile.TarError,
+            OSError,
+            EOFError,
+            zlib.error,
+            NotImplementedError,
+            RuntimeError,
+        ) as exc:
+            raise Invalid(f"{member.name}: unreadable archive member ({exc})", "archive") from None
+        if data is None:
+            rejected.append({"path": shown, "reason": "file larger than the per-file limit"})
+            continue
+        total += len(data)
+        if total > limits.max_total_bytes:
+            raise Invalid("the archive expands beyond the size limit", "archive")
+        if total > RATIO_CHECK_AFTER and total > limits.max_ratio * max(archive_size, 1):
+            raise Invalid("the archive's compression ratio is beyond the limit", "archive")
+        if len(parts) < 2:
+            rejected.append({"path": shown, "reason": "not inside a label folder"})
+            continue
+        try:
+            ext = verify_image(data, limits.max_image_pixels)
+        except ValueError as exc:
+            rejected.append({"path": shown, "reason": str(exc)})
+            continue
+        target = workdir / f"{len(accepted):07d}.{ext}"
+        target.write_bytes(data)
+        accepted.append((parts, ext, target))
+    return _label(accepted, rejected)
+
+
+def _label(
+    accepted: list[tuple[tuple[str, ...], str, Path]], rejected: list[dict[str, str]]
+) -> Extracted:
+    """The top-level folder is the label; one folder wrapping all label folders is tolerated."""
+    tops = {parts[0] for parts, _, _ in accepted}
+    wrapped = len(tops) == 1 and all(len(parts) >= 3 for parts, _, _ in accepted)
+    images = [(parts[1] if wrapped else parts[0], ext, path) for parts, ext, path in accepted]
+    counts = Counter(label for label, _, _ in images)
+    return Extracted(dict(sorted(counts.items())), rejected, images)
+
+
+def _pack(images: list[tuple[str, str, Path]], target: Path) -> None:
+    numbering: Counter[str] = Counter()
+    with tarfile.open(target, "w") as tar:
+        for label, ext, path in images:
+            numbering[label] += 1
+            tar.add(path, arcname=f"{label}/{numbering[label]:06d}.{ext}")
+
+
+def create_dataset(
+    session: Session,
+    storage: LocalStorage,
+    owner: str,
+    *,
+    archive: BinaryIO,
+    archive_size: int,
+    name: str | None,
+    limits: ArchiveLimits,
+    tmp_root: Path,
+) -> Dataset:
+    digest = hashlib.sha256()
+    while chunk := archive.read(1024 * 1024):
+        digest.update(chunk)
+    archive.seek(0)
+    dataset_id = new_id()
+    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="dataset-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "images").mkdir()
+        extracted = extract_images(archive, archive_size, limits, workdir / "images")
+        if not extracted.images:
+            raise Invalid(
+                "the archive holds no usable image; expected <label>/<image> folders",
+                errors=[
+                    {"field": "archive", "message": f"{r['path']}: {r['reason']}"}
+                    for r in extracted.rejected[:20]
+                ]
+                or None,
+            )
+        _pack(extracted.images, workdir / "images.tar")
+        stored = storage.put_file(f"datasets/{dataset_id}/images.tar", workdir / "images.tar")
+    row = Dataset(
+        id=dataset_id,
+        owner=owner,
+        name=name,
+        labels=extracted.labels,
+        num_images=len(extracted.images),
+        rejected=extracted.rejected,
+        sha256=digest.hexdigest(),
+        storage_key=stored.key,
+        size_bytes=stored.size_bytes,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None or row.owner != owner or row.deleted_at is not None:
+        raise NotFound(f"no dataset {dataset_id!r}")
+    return row
+
+
+def list_datasets(
+    session: Session, owner: str, limit: int, cursor: str | None
+) -> tuple[list[Dataset], str | None]:
+    query = (
+        select(Dataset)
+        .where(Dataset.owner == owner, Dataset.deleted_at.is_(None))
+        .order_by(Dataset.id.desc())
+    )
+    if cursor:
+        query = query.where(Dataset.id < cursor)
+    rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+
+
+def delete_dataset(session: Session, storage: LocalStorage, owner: str, dataset_id: str) -> None:
+    row = get_dataset(session, owner, dataset_id)
+    active = session.scalar(
+        select(Job.id).where(
+            Job.dataset_id == row.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+        )
+    )
+    if active:
+        raise Conflict(f"dataset {dataset_id!r} is used by job {active}, which has not finished")
+    # Finished jobs keep pointing at the row, so it is marked deleted; the images go.
+    row.deleted_at = utcnow()
+    session.flush()
+    storage.delete(row.storage_key)
+
+
+def dataset_read(row: Dataset) -> DatasetRead:
+    return DatasetRead(
+        id=row.id,
+        name=row.name,
+        labels=row.labels,
+        num_images=row.num_images,
+        rejected=[RejectedFile(**r) for r in row.rejected],
+        sha256=row.sha256,
+        created_at=row.created_at,
+    )

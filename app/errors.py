@@ -1,0 +1,53 @@
+"""The service's exception hierarchy, mapped once to RFC 9457 problem+json in app.main."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status = 400
+    title = "Bad request"
+    type_ = "about:blank"
+
+    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class NotFound(ServiceError):
+    status = 404
+    title = "Not found"
+    type_ = "https://graft.dev/problems/not-found"
+
+
+class Conflict(ServiceError):
+    status = 409
+    title = "Conflict"
+    type_ = "https://graft.dev/problems/conflict"
+
+
+class Invalid(ServiceError):
+    status = 422
+    title = "Unprocessable content"
+    type_ = "https://graft.dev/problems/invalid"
+
+    def __init__(
+        self, detail: str, field: str | None = None, errors: list[dict[str, Any]] | None = None
+    ) -> None:
+        if field and not errors:
+            errors = [{"field": field, "message": detail}]
+        super().__init__(detail, errors)
+
+
+class TooLarge(ServiceError):
+    status = 413
+    title = "Content too large"
+    type_ = "https://graft.dev/problems/too-large"
+
+
+class Unavailable(ServiceError):
+    status = 503
+    title = "Service unavailable"
+    type_ = "https://graft.dev/problems/unavailable"

@@ -1,0 +1,263 @@
+"""Jobs: submission, reading, cancellation, and the sweep that keeps none of them lost.
+
+Submitting writes the job row; the caller commits and only then rings the broker with the id.
+A job that the broker forgot is still queued in the database, and the sweep rings again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.datasets import get_dataset
+from app.db import utcnow
+from app.errors import Conflict, Invalid, NotFound
+from app.models import Job, JobStatus, Model, ModelVersion
+from app.registry import find_model
+from app.schemas import JobCreate, JobRead
+from app.settings import Settings
+
+QUEUED_PROGRESS = {"stage": "queued", "fraction": 0.0, "epoch": None, "epochs": None, "message": ""}
+
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+
+def create_job(
+    session: Session,
+    settings: Settings,
+    owner: str,
+    body: JobCreate,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate the request and add a queued job; ``(job, created)``.
+
+    With an ``idempotency_key`` already used for the same body, the earlier job comes back and
+    ``created`` is False.
+    """
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        earlier = session.scalar(
+            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        )
+        if earlier is not None:
+            if earlier.request_hash != request_hash:
+                raise Invalid(
+                    "this Idempotency-Key was used with a different request body", "Idempotency-Key"
+                )
+            return earlier, False
+
+    model = find_model(session, owner, body.model)
+    if model is None:
+        raise Invalid(f"no model named {body.model!r}", "model")
+    base = _base_version(session, model, body.base_version)
+    try:
+        dataset = get_dataset(session, owner, body.dataset_id)
+    except NotFound:
+        raise Invalid(f"no dataset {body.dataset_id!r}", "dataset_id") from None
+    new_labels = _new_labels(body, base.labels, dataset.labels)
+    config = _resolve_config(body)
+
+    job = Job(
+        owner=owner,
+        model_id=model.id,
+        base_version=base.version,
+        dataset_id=dataset.id,
+        new_labels=new_labels,
+        config=config,
+        status=JobStatus.QUEUED,
+        progress=dict(QUEUED_PROGRESS),
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict("a request with this Idempotency-Key is being processed; retry") from None
+    job.model = model
+    return job, True
+
+
+def _base_version(session: Session, model: Model, version: int | None) -> ModelVersion:
+    number = version or model.latest_version
+    row = (
+        session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.model_id == model.id, ModelVersion.version == number
+            )
+        )
+        if number
+        else None
+    )
+    if row is None:
+        raise Invalid(f"model {model.name!r} has no version {number}", "base_version")
+    return row
+
+
+def _new_labels(
+    body: JobCreate, base_labels: list[str], dataset_labels: dict[str, int]
+) -> list[str]:
+    if body.new_labels is None:
+        labels = [label for label in dataset_labels if label not in base_labels]
+        if not labels:
+            raise Invalid(
+                "every label of the dataset is already a label of the model; "
+                "add a folder for the new label",
+                "new_labels",
+            )
+    else:
+        labels = body.new_labels
+        if len(set(labels)) != len(labels):
+            raise Invalid("new_labels must be distinct", "new_labels")
+    known = sorted(set(labels) & set(base_labels))
+    if known:
+        raise Invalid(f"already labels of the base model: {known[:5]}", "new_labels")
+    minimum = body.config.min_images_per_label
+    for label in labels:
+        count = dataset_labels.get(label, 0)
+        if count < minimum:
+            raise Invalid(
+                f"new label {label!r} has {count} images in the dataset; at least {minimum} needed",
+                "new_labels",
+            )
+    return labels
+
+
+def _resolve_config(body: JobCreate) -> dict:
+    config = body.config.model_dump(mode="json")
+    if config["freeze"] != "head":
+        raise Invalid("only freeze 'head' is available in this release", "config.freeze")
+    config["old_rows"] = config["old_rows"] or "frozen"
+    return config
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner != owner:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    owner: str,
+    *,
+    status: str | None,
+    model: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.owner == owner).order_by(Job.id.desc())
+    if status:
+        query = query.where(Job.status == status)
+    if model:
+        query = query.join(Model, Model.id == Job.model_id).where(Model.name == model)
+    if cursor:
+        query = query.where(Job.id < cursor)
+    rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop (its worker checks
+    between steps and within seconds)."""
+    job = get_job(session, owner, job_id)
+    now = utcnow()
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.CANCELLED,
+            finished_at=now,
+            progress=QUEUED_PROGRESS | {"stage": "done", "message": "cancelled"},
+        )
+    ).rowcount
+    if not cancelled:
+        asked = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+            .values(cancel_requested=True)
+        ).rowcount
+        if not asked:
+            raise Conflict(f"job {job_id} has already finished ({job.status})")
+    session.refresh(job)
+    return job
+
+
+def job_read(job: Job) -> JobRead:
+    return JobRead(
+        id=job.id,
+        status=job.status,
+        model=job.model.name,
+        base_version=job.base_version,
+        dataset_id=job.dataset_id,
+        new_labels=job.new_labels,
+        config=job.config,
+        progress=job.progress,
+        metrics=job.metrics,
+        result=(
+            {"model": job.model.name, "version": job.result_version}
+            if job.result_version is not None
+            else None
+        ),
+        error=job.error,
+        attempt=job.attempt,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def sweep(session: Session, settings: Settings, now: datetime | None = None) -> list[str]:
+    """Find jobs the broker may have lost; return the ids to publish again after commit.
+
+    - queued longer than ``requeue_after_s``: publish again (claiming is conditional, so a
+      duplicate message is harmless);
+    - running with an expired lease (the worker died): queued again, or failed once
+      ``max_attempts`` are used up, or cancelled if a cancel was asked for.
+    """
+    now = now or utcnow()
+    stale = now - timedelta(seconds=settings.requeue_after_s)
+    republish = list(
+        session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale))
+    )
+    if republish:
+        session.execute(update(Job).where(Job.id.in_(republish)).values(queued_at=now))
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested).where(
+            Job.status == JobStatus.RUNNING,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+        )
+    ).all()
+    for job_id, attempt, max_attempts, cancel_requested in expired:
+        fence = (Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+        if cancel_requested:
+            values = {"status": JobStatus.CANCELLED, "finished_at": now}
+        elif attempt >= max_attempts:
+            values = {
+                "status": JobStatus.FAILED,
+                "finished_at": now,
+                "error": {
+                    "code": "worker_lost",
+                    "message": f"the worker stopped responding on all {attempt} attempts",
+                },
+            }
+        else:
+            values = {
+                "status": JobStatus.QUEUED,
+                "queued_at": now,
+                "progress": QUEUED_PROGRESS | {"message": "re-queued: worker lost"},
+            }
+        if session.execute(update(Job).where(*fence).values(**values)).rowcount and (
+            values["status"] == JobStatus.QUEUED
+        ):
+            republish.append(job_id)
+    return republish

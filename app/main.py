@@ -1,0 +1,137 @@
+"""The FastAPI application: routers, problem+json errors, and the job sweep."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.db import session_scope
+from app.errors import ServiceError
+from app.jobs import sweep
+from app.observability import Metrics, MetricsMiddleware
+from app.predict import PredictorCache
+from app.queue import publish_jobs
+from app.routes import datasets, jobs, models, ops
+from app.settings import Settings, get_settings
+from app.uploads import BodySizeLimit
+
+log = logging.getLogger(__name__)
+PROBLEM = "application/problem+json"
+
+
+def problem(
+    status: int, title: str, detail: str, type_: str = "about:blank", errors: list | None = None
+) -> JSONResponse:
+    body = {
+        "type": type_,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "errors": errors or [],
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or ".".join(map(str, loc))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return problem(exc.status, exc.title, exc.detail, exc.type_, exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+        return problem(
+            422,
+            "Unprocessable content",
+            detail or "invalid request",
+            "https://graft.dev/problems/invalid",
+            errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        try:
+            title = HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            title = "Error"
+        response = problem(exc.status_code, title, str(exc.detail))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return problem(500, "Internal server error", "an unexpected error occurred")
+
+
+class Sweeper:
+    """Periodically re-publishes jobs the broker lost and re-queues jobs of dead workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def run_once(self) -> int:
+        with session_scope(self.settings.resolved_database_url) as session:
+            ids = sweep(session, self.settings)
+        return publish_jobs(self.settings, ids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.sweep_interval_s):
+            try:
+                self.run_once()
+            except Exception:
+                log.warning("sweep failed", exc_info=True)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = Sweeper(settings)
+        if settings.sweep_interval_s > 0:
+            sweeper.start()
+        yield
+        sweeper.stop()
+
+    app = FastAPI(
+        title="Graft",
+        version=__version__,
+        summary="Teach a trained image classifier new labels, and keep the old ones.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.predictors = PredictorCache()
+    app.state.metrics = Metrics(settings.resolved_database_url)
+    install_error_handlers(app)
+    for router in (models.router, datasets.router, jobs.router, ops.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,111 @@
+"""Models, versions, artifacts and quick predictions."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from app import registry
+from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.errors import Invalid, NotFound
+from app.schemas import ModelRead, ModelVersionRead, Page, PredictionsRead
+from app.uploads import save_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+MEDIA_TYPES = {"safetensors": "application/octet-stream", "onnx": "application/octet-stream"}
+
+
+@router.post("", status_code=201, response_model=ModelVersionRead)
+def register_model(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    name: Annotated[str, Form(description="[a-z0-9][a-z0-9._-]{0,63}")],
+    architecture: Annotated[str, Form(examples=["timm:resnet18"])],
+    labels: Annotated[str, Form(description="JSON array; index = output unit")],
+    weights: Annotated[UploadFile, File(description=".safetensors or a .pt state dict")],
+    preprocessing: Annotated[str | None, Form(description="JSON")] = None,
+) -> ModelVersionRead:
+    with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
+        path = save_upload(weights, Path(tmp) / "weights", settings.max_upload_bytes)
+        version = registry.register_model(
+            session,
+            storage,
+            owner,
+            name=name,
+            architecture=architecture,
+            labels_json=labels,
+            weights=path,
+            preprocessing_json=preprocessing,
+        )
+    return registry.version_read(version.model, version)
+
+
+@router.get("", response_model=Page[ModelRead])
+def list_models(
+    session: SessionDep, owner: OwnerDep, limit: LimitQuery = 50, cursor: CursorQuery = None
+) -> Page[ModelRead]:
+    rows, next_cursor = registry.list_models(session, owner, limit, cursor)
+    return Page(items=[registry.model_read(m) for m in rows], next_cursor=next_cursor)
+
+
+@router.get("/{name}", response_model=ModelRead)
+def get_model(name: str, session: SessionDep, owner: OwnerDep) -> ModelRead:
+    return registry.model_read(registry.get_model(session, owner, name))
+
+
+@router.get("/{name}/versions/{version}", response_model=ModelVersionRead)
+def get_version(name: str, version: int, session: SessionDep, owner: OwnerDep) -> ModelVersionRead:
+    row = registry.get_version(session, owner, name, version)
+    return registry.version_read(row.model, row)
+
+
+@router.get(
+    "/{name}/versions/{version}/artifact",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_artifact(
+    name: str,
+    version: int,
+    session: SessionDep,
+    storage: StorageDep,
+    owner: OwnerDep,
+    format: Annotated[Literal["safetensors", "onnx", "torchscript"], Query()] = "safetensors",
+) -> FileResponse:
+    row = registry.get_version(session, owner, name, version)
+    artifact = row.artifacts.get(format)
+    if artifact is None:
+        raise NotFound(
+            f"version {version} of {name!r} has no {format} artifact; "
+            f"available: {', '.join(row.artifacts)}"
+        )
+    return FileResponse(
+        storage.local_path(artifact["key"]),
+        media_type=MEDIA_TYPES.get(format, "application/octet-stream"),
+        filename=f"{name}-v{version}.{format}",
+        headers={"ETag": f'"{artifact["sha256"]}"'},
+    )
+
+
+@router.post("/{name}/versions/{version}/predict", response_model=PredictionsRead)
+def predict_images(
+    name: str,
+    version: int,
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    owner: OwnerDep,
+    image: Annotated[list[UploadFile], File(description="one or more images")],
+    top_k: Annotated[int, Form(ge=1, le=1000)] = 5,
+) -> PredictionsRead:
+    row = registry.get_version(session, owner, name, version)
+    if len(image) > 64:
+        raise Invalid("at most 64 images per request", "image")
+    predictor = request.app.state.predictors.get(row, storage)
+    return PredictionsRead(predictions=predictor.predict([f.file.read() for f in image], top_k))

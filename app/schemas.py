@@ -1,0 +1,184 @@
+"""Request and response bodies of the HTTP API (API.md), separate from the ORM tables."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] = []
+
+
+class PreprocessingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: Annotated[
+        list[Annotated[int, Field(ge=1, le=8192)]], Field(min_length=3, max_length=3)
+    ]
+    mean: Annotated[list[float], Field(min_length=1, max_length=4)]
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1, max_length=4)]
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> PreprocessingSpec:
+        channels = self.input_size[0]
+        if channels not in (1, 3):
+            raise ValueError("input_size[0] (channels) must be 1 or 3")
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError("mean and std need one value per channel")
+        return self
+
+
+class VersionSummary(BaseModel):
+    version: int
+    parent_version: int | None
+    status: str
+    num_classes: int
+    created_at: datetime
+
+
+class ModelVersionRead(BaseModel):
+    name: str
+    version: int
+    parent_version: int | None
+    job_id: str | None
+    architecture: str
+    labels: list[str]
+    num_classes: int
+    preprocessing: dict[str, Any]
+    status: Literal["promoted", "rejected"]
+    metrics: dict[str, Any] | None
+    formats: list[str]
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class ModelRead(BaseModel):
+    name: str
+    created_at: datetime
+    latest_version: int | None
+    versions: list[VersionSummary]
+
+
+class RejectedFile(BaseModel):
+    path: str
+    reason: str
+
+
+class DatasetRead(BaseModel):
+    id: str
+    name: str | None
+    labels: dict[str, int]
+    num_images: int
+    rejected: list[RejectedFile]
+    sha256: str
+    created_at: datetime
+
+
+class AugmentationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    views: int = Field(1, ge=1, le=64)
+    hflip: bool = False
+    rotation_degrees: float = Field(0.0, ge=0, le=180)
+    scale: tuple[float, float] = (1.0, 1.0)
+    noise_std: float = Field(0.0, ge=0, le=1)
+    color_jitter: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 4:
+            raise ValueError("scale must be [min, max] with 0 < min <= max <= 4")
+        return v
+
+
+class JobConfig(BaseModel):
+    """Every field optional; the resolved values are echoed back on the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    freeze: Literal["head", "last_block", "none"] = "head"
+    old_rows: Literal["frozen", "trainable"] | None = None
+    init: Literal["imprint", "random"] = "imprint"
+    epochs: int = Field(30, ge=0, le=1000)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    validation_split: float = Field(0.2, ge=0, lt=1)
+    augmentation: AugmentationConfig = AugmentationConfig()
+    min_old_accuracy_retention: float = Field(0.98, ge=0, le=1)
+    min_images_per_label: int = Field(1, ge=1)
+    export: list[Literal["onnx"]] = ["onnx"]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=NAME_PATTERN)
+    base_version: int | None = Field(None, ge=1)
+    dataset_id: str = Field(min_length=1, max_length=64)
+    new_labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
+    config: JobConfig = JobConfig()
+
+
+class JobProgress(BaseModel):
+    stage: str
+    fraction: float
+    epoch: int | None = None
+    epochs: int | None = None
+    message: str = ""
+
+
+class JobResult(BaseModel):
+    model: str
+    version: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobRead(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    base_version: int
+    dataset_id: str
+    new_labels: list[str]
+    config: dict[str, Any]
+    progress: JobProgress
+    metrics: dict[str, Any] | None
+    result: JobResult | None
+    error: JobError | None
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class PredictionsRead(BaseModel):
+    predictions: list[list[Prediction]]

@@ -1,0 +1,70 @@
+"""All configuration, from ``GRAFT_*`` environment variables. Only configuration differs
+between the embedded default (SQLite, local folder, filesystem broker) and production."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./var")
+    database_url: str | None = Field(None, description="default: SQLite in data_dir")
+    broker_url: str | None = Field(None, description="default: a filesystem queue in data_dir")
+    storage_url: str | None = Field(None, description="default: data_dir/artifacts")
+
+    max_upload_bytes: int = 2048 * MiB
+    max_archive_members: int = 200_000
+    max_member_bytes: int = 64 * MiB
+    max_extracted_bytes: int = 16 * 1024 * MiB
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 64_000_000
+
+    job_lease_s: float = 120.0
+    heartbeat_s: float = 5.0
+    max_attempts: int = 3
+    requeue_after_s: float = 600.0
+    sweep_interval_s: float = 15.0
+    worker_pool: str = "solo"
+    worker_concurrency: int = 1
+    device: str = "auto"
+    extract_workers: int = 0
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'graft.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir.resolve() / "artifacts").as_uri()
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir.resolve() / "queue"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir.resolve() / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.queue_dir, self.tmp_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

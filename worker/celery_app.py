@@ -1,0 +1,62 @@
+"""Celery configuration for hours-long GPU jobs. The broker carries job ids; the database
+carries the jobs.
+
+    celery -A worker.celery_app:app worker      # what `graft worker` runs
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from app.settings import Settings, get_settings
+
+RUN_JOB_TASK = "graft.run_job"
+QUEUE = "graft"
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("graft", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    transport_options: dict = {"visibility_timeout": 24 * 3600}
+    filesystem = settings.resolved_broker_url.startswith("filesystem")
+    if filesystem:
+        folder = str(settings.queue_dir)
+        transport_options = {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "control_folder": str(settings.queue_dir / "control"),
+            "store_processed": False,
+        }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        task_routes={RUN_JOB_TASK: {"queue": QUEUE}},
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_enable_remote_control=not filesystem,
+        worker_send_task_events=not filesystem,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@lru_cache
+def celery_for(settings: Settings) -> Celery:
+    if settings.resolved_broker_url.startswith("filesystem"):
+        settings.ensure_dirs()
+        (settings.queue_dir / "control").mkdir(exist_ok=True)
+    return create_celery(settings)
+
+
+def __getattr__(name: str) -> Celery:
+    if name == "app":  # for `celery -A worker.celery_app:app` (Flower, inspection)
+        return celery_for(get_settings())
+    raise AttributeError(name)

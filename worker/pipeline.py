@@ -1,0 +1,371 @@
+"""One job, from claim to stored version:
+
+1. claim the row (queued -> running, attempt + 1, lease), or leave if someone else has it;
+2. run the engine while a heartbeat extends the lease, writes progress and watches for cancel;
+3. write the artifacts, then in one transaction fenced on the attempt number mark the job
+   succeeded and add the version. A worker that lost its lease writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tarfile
+import tempfile
+import threading
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from app.db import session_scope, utcnow
+from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
+from app.registry import SAFETENSORS, add_version, artifact_metadata
+from app.settings import Settings
+from app.storage import StoredObject, open_storage
+from worker.engine.architectures import Preprocessing
+from worker.engine.data import Augmentation, scan_image_folder
+from worker.engine.errors import EngineError, JobCancelled
+from worker.engine.expand import (
+    ExpansionConfig,
+    ExpansionRequest,
+    ExpansionResult,
+    Progress,
+    expand_classifier,
+)
+from worker.engine.export import export_onnx
+from worker.engine.train import HeadTraining
+from worker.engine.weights import read_state_dict, save_safetensors
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the job now (our lease expired and the sweep re-queued it)."""
+
+
+def claim_job(settings: Settings, job_id: str) -> int | None:
+    """Take the job if it is queued; return our attempt number, or None."""
+    now = utcnow()
+    with session_scope(settings.resolved_database_url) as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempt < Job.max_attempts)
+            .values(
+                status=JobStatus.RUNNING,
+                attempt=Job.attempt + 1,
+                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
+                started_at=now,
+                worker=socket.gethostname(),
+                progress={
+                    "stage": "loading",
+                    "fraction": 0.0,
+                    "epoch": None,
+                    "epochs": None,
+                    "message": "claimed",
+                },
+            )
+        ).rowcount
+        if not claimed:
+            return None
+        return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+class Heartbeat:
+    """Keeps the lease alive, flushes progress and reads the cancel flag, once a second."""
+
+    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+        self.settings, self.job_id, self.attempt = settings, job_id, attempt
+        self.cancel_requested = False
+        self.lost = False
+        self._pending: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, progress: Progress) -> None:
+        with self._lock:
+            self._pending = asdict(progress)
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested or self.lost
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.beat()
+            except Exception:  # a database hiccup: the lease has slack, try again next second
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def beat(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        values: dict[str, Any] = {
+            "lease_expires_at": utcnow() + timedelta(seconds=self.settings.job_lease_s)
+        }
+        if pending is not None:
+            values["progress"] = pending
+        with session_scope(self.settings.resolved_database_url) as session:
+            kept = session.execute(
+                update(Job)
+                .where(
+                    Job.id == self.job_id,
+                    Job.attempt == self.attempt,
+                    Job.status == JobStatus.RUNNING,
+                )
+                .values(**values)
+            ).rowcount
+            self.lost = self.lost or not kept
+            self.cancel_requested = bool(
+                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+            )
+
+
+def run_job(job_id: str, settings: Settings) -> None:
+    attempt = claim_job(settings, job_id)
+    if attempt is None:
+        log.info("job %s is not claimable (taken, finished or cancelled)", job_id)
+        return
+    log.info("job %s: attempt %d started", job_id, attempt)
+    settings.ensure_dirs()
+    storage = open_storage(settings.resolved_storage_url)
+    stored: list[StoredObject] = []
+    with (
+        tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"job-{job_id}-") as tmp,
+        Heartbeat(settings, job_id, attempt) as heartbeat,
+    ):
+        try:
+            spec = _load_spec(settings, job_id)
+            request = _request(spec, storage, settings, Path(tmp))
+            result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
+            heartbeat.report(Progress("exporting", 0.0))
+            version_id = new_id()
+            stored = _store_artifacts(storage, spec, version_id, result, Path(tmp))
+            _finish_succeeded(settings, job_id, attempt, spec, version_id, result, stored)
+            log.info("job %s: succeeded", job_id)
+        except JobCancelled:
+            if heartbeat.lost:
+                _discard(storage, stored, job_id)
+            else:
+                _finish(settings, job_id, attempt, JobStatus.CANCELLED, None)
+        except LeaseLost:
+            _discard(storage, stored, job_id)
+        except EngineError as exc:
+            _discard(storage, stored, job_id)
+            _finish(
+                settings, job_id, attempt, JobStatus.FAILED, {"code": exc.code, "message": str(exc)}
+            )
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            _discard(storage, stored, job_id)
+            _finish(
+                settings,
+                job_id,
+                attempt,
+                JobStatus.FAILED,
+                {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+            )
+
+
+def _load_spec(settings: Settings, job_id: str) -> dict[str, Any]:
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        base = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.model_id == job.model_id, ModelVersion.version == job.base_version
+            )
+        )
+        return {
+            "model_id": job.model_id,
+            "model_name": job.model.name,
+            "base_version": base.version,
+            "architecture": base.architecture,
+            "labels": list(base.labels),
+            "preprocessing": dict(base.preprocessing),
+            "weights_key": base.artifacts[SAFETENSORS]["key"],
+            "dataset_key": job.dataset.storage_key if job.dataset else None,
+            "new_labels": list(job.new_labels),
+            "config": dict(job.config),
+        }
+
+
+def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionConfig:
+    aug = dict(config.get("augmentation") or {})
+    if "scale" in aug:
+        aug["scale"] = tuple(aug["scale"])
+    return ExpansionConfig(
+        init=config["init"],
+        training=HeadTraining(
+            epochs=config["epochs"],
+            learning_rate=config["learning_rate"],
+            batch_size=config["batch_size"],
+            weight_decay=config["weight_decay"],
+            seed=config["seed"],
+            old_rows_frozen=config["old_rows"] != "trainable",
+        ),
+        validation_split=config["validation_split"],
+        augmentation=Augmentation(**aug),
+        num_workers=settings.extract_workers,
+        device=settings.device,
+    )
+
+
+def _request(spec: dict[str, Any], storage: Any, settings: Settings, tmp: Path) -> ExpansionRequest:
+    if spec["dataset_key"] is None or not storage.exists(spec["dataset_key"]):
+        raise EngineError("the job's dataset has been deleted")
+    images = tmp / "images"
+    with tarfile.open(storage.local_path(spec["dataset_key"])) as tar:
+        tar.extractall(images, filter="data")
+    keep = set(spec["labels"]) | set(spec["new_labels"])
+    samples = [s for s in scan_image_folder(images) if s.label in keep]
+    return ExpansionRequest(
+        architecture=spec["architecture"],
+        labels=spec["labels"],
+        state_dict=read_state_dict(storage.local_path(spec["weights_key"])),
+        preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
+        samples=samples,
+        new_labels=spec["new_labels"],
+        config=expansion_config(spec["config"], settings),
+    )
+
+
+def _store_artifacts(
+    storage: Any, spec: dict[str, Any], version_id: str, result: ExpansionResult, tmp: Path
+) -> list[StoredObject]:
+    """Write every format before the version exists; a reader never sees half a version."""
+    prefix = f"models/{spec['model_id']}/{version_id}"
+    metadata = artifact_metadata(
+        spec["model_name"],
+        spec["architecture"],
+        result.labels,
+        spec["preprocessing"],
+        spec["base_version"],
+    )
+    stored = []
+    path = tmp / "model.safetensors"
+    save_safetensors(path, result.model, metadata)
+    stored.append(storage.put_file(f"{prefix}/model.safetensors", path))
+    if "onnx" in spec["config"].get("export", []):
+        path = tmp / "model.onnx"
+        export_onnx(result.model, Preprocessing.from_dict(spec["preprocessing"]), path)
+        stored.append(storage.put_file(f"{prefix}/model.onnx", path))
+    return stored
+
+
+def retention_gate(metrics: dict[str, Any], minimum: float) -> dict[str, Any]:
+    """Promote the version unless old-class accuracy fell below ``minimum`` of what it was."""
+    retention = metrics["old_classes"]["retention"]
+    if retention is None:
+        return {
+            "passed": True,
+            "min_old_accuracy_retention": minimum,
+            "retention": None,
+            "reason": "no old-class images to measure retention; promoted",
+        }
+    passed = retention >= minimum
+    return {
+        "passed": passed,
+        "min_old_accuracy_retention": minimum,
+        "retention": retention,
+        "reason": (
+            f"old-class accuracy kept {retention:.2%} of its level, "
+            f"{'at or above' if passed else 'below'} the {minimum:.2%} minimum"
+        ),
+    }
+
+
+def _finish_succeeded(
+    settings: Settings,
+    job_id: str,
+    attempt: int,
+    spec: dict[str, Any],
+    version_id: str,
+    result: ExpansionResult,
+    stored: list[StoredObject],
+) -> None:
+    metrics = dict(result.metrics)
+    metrics["gate"] = retention_gate(metrics, spec["config"]["min_old_accuracy_retention"])
+    now = utcnow()
+    with session_scope(settings.resolved_database_url) as session:
+        fenced = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+            .values(
+                status=JobStatus.SUCCEEDED,
+                finished_at=now,
+                metrics=metrics,
+                lease_expires_at=None,
+                progress={
+                    "stage": "done",
+                    "fraction": 1.0,
+                    "epoch": None,
+                    "epochs": None,
+                    "message": "succeeded",
+                },
+            )
+        ).rowcount
+        if not fenced:
+            raise LeaseLost()
+        version = add_version(
+            session,
+            session.get(Model, spec["model_id"]),
+            version_id=version_id,
+            parent_version=spec["base_version"],
+            job_id=job_id,
+            architecture=spec["architecture"],
+            labels=result.labels,
+            preprocessing=spec["preprocessing"],
+            status=VersionStatus.PROMOTED if metrics["gate"]["passed"] else VersionStatus.REJECTED,
+            metrics=metrics,
+            artifacts={_format(o.key): asdict(o) for o in stored},
+        )
+        session.execute(update(Job).where(Job.id == job_id).values(result_version=version.version))
+
+
+def _format(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _finish(
+    settings: Settings,
+    job_id: str,
+    attempt: int,
+    status: JobStatus,
+    error: dict[str, str] | None,
+) -> None:
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+            .values(
+                status=status,
+                error=error,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                progress={
+                    "stage": "done",
+                    "fraction": 1.0,
+                    "epoch": None,
+                    "epochs": None,
+                    "message": str(status),
+                },
+            )
+        )
+    log.info("job %s: %s %s", job_id, status, error or "")
+
+
+def _discard(storage: Any, stored: list[StoredObject], job_id: str) -> None:
+    for obj in stored:
+        storage.delete(obj.key)
+    if stored:
+        log.info("job %s: discarded %d artifacts of a lost attempt", job_id, len(stored))
