@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -1,0 +1,205 @@
+"""The engine on real data: digits 0-8 model learns "9" and keeps what it knew."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import safetensors.torch
+import torch
+
+from tests.conftest import ARCH, OLD
+from tests.support import digits as D
+from worker.engine.data import scan_image_folder, stratified_split
+from worker.engine.errors import JobCancelled, UnsupportedHead, WeightsError
+from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
+from worker.engine.export import export_onnx
+from worker.engine.weights import load_classifier, read_state_dict
+
+OLD_LABELS = [str(d) for d in OLD]
+
+
+@pytest.fixture(scope="module")
+def expansion(tmp_path_factory, digit_splits, base_weights):
+    _, held = digit_splits
+    folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:10]}
+    root = D.write_image_folder(tmp_path_factory.mktemp("images"), folders)
+    stages = []
+    request = ExpansionRequest(
+        ARCH, OLD_LABELS, read_state_dict(base_weights), D.PREP, scan_image_folder(root), ["9"]
+    )
+    result = expand_classifier(request, progress=stages.append)
+    return result, stages
+
+
+def held_out_predictions(model, held: D.Digits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions on images that were in no upload (index 40 on, per digit)."""
+    images = [im for d in range(10) for im in held.of(d)[40:]]
+    targets = torch.tensor([d for d in range(10) for _ in held.of(d)[40:]])
+    with torch.inference_mode():
+        return model(D.tensors(images)).argmax(1), targets
+
+
+def test_new_label_is_learnt_and_old_accuracy_barely_moves(expansion, digit_splits, base_weights):
+    result, _ = expansion
+    _, held = digit_splits
+    base, _ = load_classifier(ARCH, 9, read_state_dict(base_weights))
+    before, targets = held_out_predictions(base, held)
+    after, _ = held_out_predictions(result.model, held)
+    old = targets < 9
+    acc_before = (before[old] == targets[old]).float().mean().item()
+    acc_after = (after[old] == targets[old]).float().mean().item()
+    recall = (after[~old] == 9).float().mean().item()
+    assert result.labels == OLD_LABELS + ["9"]
+    assert acc_before > 0.97
+    assert acc_before - acc_after < 0.02
+    assert recall > 0.6
+
+
+def test_old_rows_are_bit_identical(expansion, base_weights):
+    result, _ = expansion
+    base = read_state_dict(base_weights)
+    grown = result.model.state_dict()
+    assert torch.equal(grown["fc.weight"][:9], base["fc.weight"])
+    assert torch.equal(grown["fc.bias"][:9], base["fc.bias"])
+    for key, tensor in base.items():
+        if not key.startswith("fc."):
+            assert torch.equal(grown[key], tensor), key
+
+
+def test_metrics_describe_the_validation_split(expansion):
+    result, stages = expansion
+    m = result.metrics
+    assert m["old_classes"]["n"] + m["new_classes"]["n"] == m["split"]["validation"]
+    assert m["confusion_matrix"]["labels"] == OLD_LABELS + ["9"]
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) == m["split"]["validation"]
+    assert m["per_class"]["9"]["support"] == m["new_classes"]["n"]
+    assert len(m["history"]) == 30 and m["history"][-1]["val_accuracy"] is not None
+    assert [s.stage for s in stages][0] == "loading"
+    assert {"extracting", "training", "evaluating"} <= {s.stage for s in stages}
+
+
+def test_onnx_export_matches_torch(expansion, tmp_path, digit_splits):
+    result, _ = expansion
+    path = tmp_path / "model.onnx"
+    export_onnx(result.model, D.PREP, path)
+    x = D.tensors(digit_splits[1].images[:5])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {"input": x.numpy()})
+    with torch.inference_mode():
+        torch_logits = result.model(x).numpy()
+    assert onnx_logits.shape == (5, 10)
+    np.testing.assert_allclose(onnx_logits, torch_logits, rtol=1e-3, atol=1e-4)
+
+
+def test_cancellation_stops_the_engine(tmp_path, digit_splits, base_weights):
+    _, held = digit_splits
+    root = D.write_image_folder(tmp_path, {"0": held.of(0)[:4], "9": held.of(9)[:4]})
+    request = ExpansionRequest(
+        ARCH,
+        OLD_LABELS,
+        read_state_dict(base_weights),
+        D.PREP,
+        scan_image_folder(root),
+        ["9"],
+        ExpansionConfig(batch_size=2),
+    )
+    with pytest.raises(JobCancelled):
+        expand_classifier(request, should_stop=lambda: True)
+
+
+def test_split_is_stratified_and_keeps_a_training_image_per_class():
+    targets = [0] * 10 + [1] * 2 + [2]
+    train, val = stratified_split(targets, 0.2, seed=0)
+    assert sorted(train + val) == list(range(13))
+    assert sum(targets[i] == 0 for i in val) == 2
+    assert sum(targets[i] == 1 for i in val) == 1
+    assert [targets[i] for i in train].count(2) == 1
+
+
+def test_a_model_that_transforms_its_logits_is_refused(tmp_path, digit_splits):
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1)) * 2
+
+    from worker.engine.data import ImageDataset, eval_transform
+    from worker.engine.features import extract_features
+    from worker.engine.heads import find_head
+
+    model = Scaled()
+    root = D.write_image_folder(tmp_path, {"0": digit_splits[1].of(0)[:2]})
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(scan_image_folder(root), D.PREP, eval_transform(D.PREP)), batch_size=2
+    )
+    with pytest.raises(UnsupportedHead, match="transforms"):
+        extract_features(model, find_head(model), loader, torch.device("cpu"))
+
+
+class TestWeightFiles:
+    def test_a_state_dict_saved_with_torch_save_loads(self, tmp_path, base_weights):
+        path = tmp_path / "w.pt"
+        torch.save({"state_dict": read_state_dict(base_weights)}, path)
+        assert torch.equal(
+            read_state_dict(path)["fc.weight"], read_state_dict(base_weights)["fc.weight"]
+        )
+
+    def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(self, tmp_path):
+        marker = tmp_path / "pwned"
+
+        class Exploit:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        path = tmp_path / "evil.pt"
+        with zipfile.ZipFile(path, "w") as zf:  # torch.save's layout with a hostile data.pkl
+            zf.writestr("evil/data.pkl", pickle.dumps({"w": Exploit()}))
+            zf.writestr("evil/version", "3\n")
+        with pytest.raises(WeightsError, match="weights_only"):
+            read_state_dict(path)
+        plain = tmp_path / "evil.pkl"
+        plain.write_bytes(pickle.dumps(Exploit()))
+        with pytest.raises(WeightsError):
+            read_state_dict(plain)
+        assert not marker.exists()
+
+    def test_a_whole_pickled_module_is_refused(self, tmp_path):
+        path = tmp_path / "module.pt"
+        torch.save(torch.nn.Linear(2, 2), path)
+        with pytest.raises(WeightsError, match="weights_only"):
+            read_state_dict(path)
+
+    def test_torchscript_is_refused(self, tmp_path):
+        path = tmp_path / "scripted.pt"
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+        with pytest.raises(WeightsError):
+            read_state_dict(path)
+
+    def test_label_count_mismatch_names_both_numbers(self, base_weights):
+        with pytest.raises(WeightsError, match="10 labels were given but .* has 9 outputs"):
+            load_classifier(ARCH, 10, read_state_dict(base_weights))
+
+    def test_missing_and_misshapen_keys_are_listed(self, base_weights, tmp_path):
+        state = read_state_dict(base_weights)
+        del state["conv1.weight"]
+        state["bn1.weight"] = torch.zeros(3)
+        with pytest.raises(WeightsError, match=r"missing keys: \['conv1.weight'\].*bn1.weight"):
+            load_classifier(ARCH, 9, state)
+        path = tmp_path / "other.safetensors"
+        safetensors.torch.save_file({"x": torch.zeros(2)}, str(path))
+        with pytest.raises(WeightsError, match="unexpected keys: \\['x'\\]"):
+            load_classifier(ARCH, 9, read_state_dict(path))
+
+    def test_garbage_is_refused(self, tmp_path: Path):
+        path = tmp_path / "w.safetensors"
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        with pytest.raises(WeightsError):
+            read_state_dict(path)

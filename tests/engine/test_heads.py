@@ -1,0 +1,95 @@
+"""Head expansion across architectures: old rows and old logits stay exactly as they were."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision.models
+from torch import nn
+
+from worker.engine.architectures import build_model
+from worker.engine.errors import UnsupportedHead
+from worker.engine.heads import expand_head, find_head
+
+# (family, name, builder kwargs, input size); small inputs keep each case well under a second.
+ARCHITECTURES = [
+    ("timm", "resnet18", {}, 32),
+    ("timm", "resnet10t", {}, 32),
+    ("timm", "mobilenetv3_small_050", {}, 32),
+    ("timm", "efficientnet_b0", {}, 32),
+    ("timm", "convnext_atto", {}, 32),
+    ("timm", "regnetx_002", {}, 32),
+    ("timm", "ghostnet_050", {}, 32),
+    ("timm", "vit_tiny_patch16_224", {"img_size": 32}, 32),
+    ("timm", "deit_tiny_patch16_224", {"img_size": 32}, 32),
+    ("timm", "densenet121", {}, 32),
+    ("torchvision", "resnet18", {}, 32),
+    ("torchvision", "mobilenet_v3_small", {}, 32),
+    ("torchvision", "mobilenet_v2", {}, 32),
+    ("torchvision", "efficientnet_b0", {}, 32),
+    ("torchvision", "shufflenet_v2_x0_5", {}, 32),
+    ("torchvision", "mnasnet0_5", {}, 32),
+    ("torchvision", "regnet_y_400mf", {}, 32),
+    ("torchvision", "densenet121", {}, 32),
+    ("torchvision", "convnext_tiny", {}, 32),
+    ("torchvision", "swin_t", {}, 32),
+    ("torchvision", "vit_b_16", {"image_size": 32}, 32),
+]
+
+
+def make(family: str, name: str, kwargs: dict, num_classes: int = 7) -> nn.Module:
+    torch.manual_seed(0)
+    if family == "timm":
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "name", "kwargs", "size"),
+    ARCHITECTURES,
+    ids=[f"{a}:{b}" for a, b, *_ in ARCHITECTURES],
+)
+def test_expanding_the_head_keeps_old_logits_exact(family, name, kwargs, size):
+    model = make(family, name, kwargs)
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        before = model(x)
+    head = find_head(model)
+    old_weight = head.module.weight.detach().clone()
+
+    grown = expand_head(model, head, new_rows=3)
+
+    assert grown.num_classes == 10
+    assert torch.equal(grown.module.weight[:7], old_weight)
+    with torch.inference_mode():
+        after = model(x)
+    assert after.shape == (2, 10)
+    torch.testing.assert_close(after[:, :7], before, rtol=0, atol=1e-5)
+
+
+def test_heads_without_bias_are_expanded_without_bias():
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1))
+
+    model = Tiny()
+    grown = expand_head(model, find_head(model), 2)
+    assert grown.module.bias is None
+    assert model(torch.randn(1, 3, 2, 2)).shape == (1, 6)
+
+
+def test_a_convolutional_classifier_is_refused_with_a_reason():
+    with pytest.raises(UnsupportedHead, match="Linear"):
+        find_head(make("torchvision", "squeezenet1_0", {}))
+
+
+def test_a_model_with_a_distillation_head_is_refused():
+    with pytest.raises(UnsupportedHead, match="several classifier heads"):
+        find_head(build_model("timm:levit_128s", 5))
