@@ -118,7 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.sweep_interval_s > 0:
             sweeper.start()
         yield
-        sweeper.stop()
+        if settings.sweep_interval_s > 0:
+            sweeper.stop()
 
     app = FastAPI(
         title="Graft",

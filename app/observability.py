@@ -22,7 +22,11 @@ class JobsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         gauge = GaugeMetricFamily("graft_jobs", "Jobs by status", labels=["status"])
         with session_scope(self.database_url) as session:
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)))
+            counts = dict(
+                session.execute(select(Job.status, func.count()).group_by(Job.status))
+                .tuples()
+                .all()
+            )
         for status in JobStatus:
             gauge.add_metric([status.value], counts.get(status.value, 0))
         yield gauge

@@ -1,0 +1,133 @@
+"""The job pipeline in-process: claim, run, fenced finish, and the sweep's recoveries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from app.db import session_scope, utcnow
+from app.jobs import sweep
+from app.models import Job, ModelVersion
+from app.storage import open_storage
+from tests.conftest import digits_archive, register_digits
+from worker import pipeline
+
+
+@pytest.fixture()
+def job_id(client, base_weights, digit_splits):
+    assert register_digits(client, base_weights).status_code == 201
+    archive = digits_archive(digit_splits[1], old_per_class=20, new_shots=10)
+    dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+    response = client.post(
+        "/v1/jobs",
+        json={
+            "model": "digits",
+            "dataset_id": dataset["id"],
+            "config": {"min_old_accuracy_retention": 0.9},
+        },
+    )
+    return response.json()["id"]
+
+
+def versions(settings) -> int:
+    with session_scope(settings.resolved_database_url) as s:
+        return s.scalar(select(func.count()).select_from(ModelVersion))
+
+
+def set_job(settings, job_id, **values):
+    with session_scope(settings.resolved_database_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
+    pipeline.run_job(job_id, settings)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"] == {"model": "digits", "version": 2}
+    assert job["progress"]["stage"] == "done" and job["attempt"] == 1
+    assert job["metrics"]["gate"]["passed"] is True
+
+    pipeline.run_job(job_id, settings)  # a duplicate delivery does nothing
+    assert versions(settings) == 2
+    version = client.get("/v1/models/digits/versions/2").json()
+    assert version["status"] == "promoted" and version["parent_version"] == 1
+    assert version["formats"] == ["safetensors", "onnx"]
+    assert version["labels"][-1] == "9" and version["metrics"] == job["metrics"]
+    assert client.get("/v1/models/digits").json()["latest_version"] == 2
+    assert list(settings.tmp_dir.iterdir()) == []
+
+
+def test_a_version_below_the_retention_gate_is_stored_as_rejected(settings, client, job_id):
+    set_job(
+        settings,
+        job_id,
+        config={
+            **client.get(f"/v1/jobs/{job_id}").json()["config"],
+            "min_old_accuracy_retention": 1.0,
+            "epochs": 0,
+        },
+    )
+    pipeline.run_job(job_id, settings)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    gate = job["metrics"]["gate"]
+    assert job["status"] == "succeeded" and gate["passed"] is False and "below" in gate["reason"]
+    assert client.get("/v1/models/digits/versions/2").json()["status"] == "rejected"
+    assert client.get("/v1/models/digits").json()["latest_version"] == 1
+
+
+def test_a_finish_from_a_lost_attempt_is_fenced_off(settings, client, job_id):
+    first = pipeline.claim_job(settings, job_id)
+    set_job(settings, job_id, lease_expires_at=utcnow() - timedelta(seconds=1))
+    with session_scope(settings.resolved_database_url) as s:
+        assert sweep(s, settings) == [job_id]  # the worker is presumed dead: re-queued
+    second = pipeline.claim_job(settings, job_id)
+    assert (first, second) == (1, 2)
+
+    spec = pipeline._load_spec(settings, job_id)
+    with pytest.raises(pipeline.LeaseLost):
+        pipeline._finish_succeeded(settings, job_id, first, spec, "v", _Result(), [])
+    assert versions(settings) == 1
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+
+class _Result:
+    labels = [str(d) for d in range(10)]
+    metrics = {"old_classes": {"retention": 1.0}}
+
+
+def test_the_sweep_republishes_stale_queued_jobs(settings, job_id):
+    with session_scope(settings.resolved_database_url) as s:
+        assert sweep(s, settings) == []
+    set_job(settings, job_id, queued_at=utcnow() - timedelta(hours=1))
+    with session_scope(settings.resolved_database_url) as s:
+        assert sweep(s, settings) == [job_id]
+    with session_scope(settings.resolved_database_url) as s:
+        assert sweep(s, settings) == []  # its clock was reset
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, client, job_id):
+    set_job(
+        settings,
+        job_id,
+        status="running",
+        attempt=3,
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
+    with session_scope(settings.resolved_database_url) as s:
+        assert sweep(s, settings) == []
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    pipeline.run_job(job_id, settings)
+    assert versions(settings) == 1
+
+
+def test_a_job_whose_dataset_vanished_fails_clearly(settings, client, job_id):
+    with session_scope(settings.resolved_database_url) as s:
+        key = s.get(Job, job_id).dataset.storage_key
+    open_storage(settings.resolved_storage_url).delete(key)
+    pipeline.run_job(job_id, settings)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and "dataset" in job["error"]["message"]
+    assert versions(settings) == 1
