@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("graft")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+SERVE_PARENT = "GRAFT_SERVE_PARENT_PID"
 
 
 def db_upgrade(settings: Settings, revision: str = "head") -> None:
@@ -62,13 +64,43 @@ def worker_argv(settings: Settings) -> list[str]:
 def run_worker(settings: Settings) -> None:
     from worker.celery_app import celery_for
 
+    parent = os.environ.get(SERVE_PARENT)
+    if parent:
+        _exit_when_orphaned(int(parent))
     celery_for(settings).worker_main(worker_argv(settings))
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A worker started by `graft serve` stops (warmly) if `serve` dies without stopping it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        log.warning("graft serve is gone; the worker stops after its current job")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _exit_on(*signals: signal.Signals) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    for s in signals:
+        signal.signal(s, handler)
 
 
 def serve(settings: Settings) -> None:
     """Migrate, start a worker process, and serve the API; stopping one stops both."""
     db_upgrade(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], start_new_session=True)
+    # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; turning them into
+    # SystemExit lets the `finally` below stop the worker.
+    _exit_on(signal.SIGINT, signal.SIGTERM)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"],
+        start_new_session=True,
+        env={**os.environ, SERVE_PARENT: str(os.getpid())},
+    )
     stopping = threading.Event()
 
     def watch_worker() -> None:
