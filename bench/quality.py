@@ -42,8 +42,9 @@ HOLDOUT_FROM = 60  # per digit, images from this index on are never uploaded
 def graft(base, folders, root, training: HeadTraining | None = None):
     samples = scan_image_folder(D.write_image_folder(root, folders))
     config = ExpansionConfig(training=training) if training else ExpansionConfig()
-    request = ExpansionRequest(ARCH, [str(d) for d in OLD], base.state_dict(), D.PREP, samples,
-                               ["9"], config)
+    request = ExpansionRequest(
+        ARCH, [str(d) for d in OLD], base.state_dict(), D.PREP, samples, ["9"], config
+    )
     return expand_classifier(request).model
 
 
@@ -96,8 +97,10 @@ def measure(model, x, y) -> tuple[float, float]:
     with torch.inference_mode():
         predicted = model(x).argmax(1)
     old = y < 9
-    return ((predicted[old] == y[old]).float().mean().item(),
-            (predicted[~old] == 9).float().mean().item())
+    return (
+        (predicted[old] == y[old]).float().mean().item(),
+        (predicted[~old] == 9).float().mean().item(),
+    )
 
 
 def main() -> None:
@@ -118,11 +121,15 @@ def main() -> None:
         "seed-style": seed_style,
         "full-ft": full_finetune,
     }
-    print(f"digits, {ARCH} trained on 0-8: held-out old-class accuracy {base_old:.4f} "
-          f"({int((y < 9).sum())} old, {int((y == 9).sum())} new held-out images); "
-          f"{OLD_PER_CLASS} old images per class uploaded; mean of {args.seeds} seeds")
-    print(f"{'shots':>5} {'method':<11} {'old drop (pts)':>14} {'new recall':>10} "
-          f"{'harmonic':>8} {'time (s)':>8}")
+    print(
+        f"digits, {ARCH} trained on 0-8: held-out old-class accuracy {base_old:.4f} "
+        f"({int((y < 9).sum())} old, {int((y == 9).sum())} new held-out images); "
+        f"{OLD_PER_CLASS} old images per class uploaded; mean of {args.seeds} seeds"
+    )
+    print(
+        f"{'shots':>5} {'method':<11} {'old drop (pts)':>14} {'new recall':>10} "
+        f"{'harmonic':>8} {'time (s)':>8}"
+    )
     for shots in args.shots:
         for name, method in methods.items():
             rows = []
@@ -144,8 +151,11 @@ def main() -> None:
             old_acc = statistics.mean(r[2] for r in rows)
             harmonic = 2 * old_acc * recall / (old_acc + recall) if old_acc + recall else 0.0
             seconds = statistics.mean(r[3] for r in rows)
-            print(f"{shots:>5} {name:<11} {100 * drop:>14.2f} {recall:>10.3f} {harmonic:>8.3f} "
-                  f"{seconds:>8.2f}", flush=True)
+            print(
+                f"{shots:>5} {name:<11} {100 * drop:>14.2f} {recall:>10.3f} {harmonic:>8.3f} "
+                f"{seconds:>8.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -159,16 +159,16 @@ def test_from_nothing_to_a_downloaded_version_that_knows_the_new_label(
     assert not list((data_dir / "tmp").iterdir())
 
 
-def test_cancel_stops_a_running_job_within_seconds(server, digit_splits):
+def test_cancel_stops_a_running_job_within_seconds(server, digit_splits, base_weights):
     client, _, _ = server
     _, held = digit_splits
+    assert register_digits(client, base_weights, name="cancel-me").status_code == 201
     archive = digits_archive(held, old_per_class=40, new_shots=15)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
-    versions_before = len(client.get("/v1/models/digits").json()["versions"])
     job = client.post(
         "/v1/jobs",
         json={
-            "model": "digits",
+            "model": "cancel-me",
             "dataset_id": dataset["id"],
             "config": {"augmentation": {"views": 64, "rotation_degrees": 10}},
         },
@@ -183,7 +183,7 @@ def test_cancel_stops_a_running_job_within_seconds(server, digit_splits):
         assert time.monotonic() - asked < 15
         time.sleep(0.2)
     assert status == "cancelled"
-    assert len(client.get("/v1/models/digits").json()["versions"]) == versions_before
+    assert len(client.get("/v1/models/cancel-me").json()["versions"]) == 1
 
 
 def test_sigint_stops_the_api_and_the_worker(server):
