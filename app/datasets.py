@@ -31,7 +31,7 @@ from app.db import utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, Job, JobStatus, new_id
 from app.schemas import DatasetRead, RejectedFile
-from app.storage import LocalStorage
+from app.storage import Storage
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -234,7 +234,7 @@ def _pack(images: list[tuple[str, str, Path]], target: Path) -> None:
 
 def create_dataset(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     owner: str,
     *,
     archive: BinaryIO,
@@ -300,7 +300,7 @@ def list_datasets(
     return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
 
 
-def delete_dataset(session: Session, storage: LocalStorage, owner: str, dataset_id: str) -> None:
+def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: str) -> None:
     row = get_dataset(session, owner, dataset_id)
     active = session.scalar(
         select(Job.id).where(

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.db import get_sessionmaker
 from app.settings import Settings
-from app.storage import LocalStorage, open_storage
+from app.storage import Storage, open_storage
 
 LOCAL_OWNER = "local"
 
@@ -32,7 +32,7 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_storage(request: Request) -> LocalStorage:
+def get_storage(request: Request) -> Storage:
     return open_storage(request.app.state.settings.resolved_storage_url)
 
 
@@ -43,7 +43,7 @@ def get_owner() -> str:
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 OwnerDep = Annotated[str, Depends(get_owner)]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="page size")]
 CursorQuery = Annotated[str | None, Query(max_length=200, description="from next_cursor")]

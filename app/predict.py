@@ -13,14 +13,14 @@ from app.errors import Invalid
 from app.models import ModelVersion
 from app.registry import SAFETENSORS
 from app.schemas import Prediction
-from app.storage import LocalStorage
+from app.storage import Storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.data import eval_transform
 from worker.engine.weights import load_classifier, read_state_dict
 
 
 class Predictor:
-    def __init__(self, version: ModelVersion, storage: LocalStorage) -> None:
+    def __init__(self, version: ModelVersion, storage: Storage) -> None:
         state = read_state_dict(storage.local_path(version.artifacts[SAFETENSORS]["key"]))
         self.model, _ = load_classifier(version.architecture, len(version.labels), state)
         self.labels = list(version.labels)
@@ -65,7 +65,7 @@ class PredictorCache:
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, version: ModelVersion, storage: LocalStorage) -> Predictor:
+    def get(self, version: ModelVersion, storage: Storage) -> Predictor:
         with self._lock:
             if version.id in self._items:
                 self._items.move_to_end(version.id)

@@ -16,7 +16,7 @@ from app import __version__
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Model, ModelVersion, VersionStatus, new_id
 from app.schemas import NAME_PATTERN, ModelRead, ModelVersionRead, PreprocessingSpec, VersionSummary
-from app.storage import LocalStorage
+from app.storage import Storage
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
 from worker.engine.errors import EngineError, UnknownArchitecture
 from worker.engine.weights import load_classifier, read_state_dict, save_safetensors
@@ -70,7 +70,7 @@ def parse_preprocessing(raw: str | None, architecture: str) -> Preprocessing:
 
 def register_model(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     owner: str,
     *,
     name: str,

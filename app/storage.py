@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,10 +37,11 @@ def check_key(key: str) -> str:
 
 
 class Storage(Protocol):
+    """What the service needs of an artifact store."""
+
     def put_file(self, key: str, source: Path) -> StoredObject: ...
     def open(self, key: str) -> BinaryIO: ...
     def local_path(self, key: str) -> Path: ...
-    def size(self, key: str) -> int: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
 
@@ -82,20 +82,14 @@ class LocalStorage:
         """A path to read the object from; for this store, the object itself."""
         return self._path(key)
 
-    def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
-
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-
-    def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self._path(prefix), ignore_errors=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
 
-def open_storage(url: str) -> LocalStorage:
+def open_storage(url: str) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return LocalStorage(Path(unquote(parsed.path)))

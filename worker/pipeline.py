@@ -13,7 +13,7 @@ import socket
 import tarfile
 import tempfile
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from app.db import session_scope, utcnow
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.registry import SAFETENSORS, add_version, artifact_metadata
 from app.settings import Settings
-from app.storage import StoredObject, open_storage
+from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.data import Augmentation, scan_image_folder
 from worker.engine.errors import EngineError, JobCancelled
@@ -177,7 +177,23 @@ def run_job(job_id: str, settings: Settings) -> None:
             )
 
 
-def _load_spec(settings: Settings, job_id: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a run needs, read once from the database."""
+
+    model_id: str
+    model_name: str
+    base_version: int
+    architecture: str
+    labels: list[str]
+    preprocessing: dict[str, Any]
+    weights_key: str
+    dataset_key: str | None
+    new_labels: list[str]
+    config: dict[str, Any]
+
+
+def _load_spec(settings: Settings, job_id: str) -> JobSpec:
     with session_scope(settings.resolved_database_url) as session:
         job = session.get(Job, job_id)
         base = session.scalar(
@@ -185,18 +201,18 @@ def _load_spec(settings: Settings, job_id: str) -> dict[str, Any]:
                 ModelVersion.model_id == job.model_id, ModelVersion.version == job.base_version
             )
         )
-        return {
-            "model_id": job.model_id,
-            "model_name": job.model.name,
-            "base_version": base.version,
-            "architecture": base.architecture,
-            "labels": list(base.labels),
-            "preprocessing": dict(base.preprocessing),
-            "weights_key": base.artifacts[SAFETENSORS]["key"],
-            "dataset_key": job.dataset.storage_key if job.dataset else None,
-            "new_labels": list(job.new_labels),
-            "config": dict(job.config),
-        }
+        return JobSpec(
+            model_id=job.model_id,
+            model_name=job.model.name,
+            base_version=base.version,
+            architecture=base.architecture,
+            labels=list(base.labels),
+            preprocessing=dict(base.preprocessing),
+            weights_key=base.artifacts[SAFETENSORS]["key"],
+            dataset_key=job.dataset.storage_key if job.dataset.deleted_at is None else None,
+            new_labels=list(job.new_labels),
+            config=dict(job.config),
+        )
 
 
 def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionConfig:
@@ -220,44 +236,44 @@ def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionCon
     )
 
 
-def _request(spec: dict[str, Any], storage: Any, settings: Settings, tmp: Path) -> ExpansionRequest:
-    if spec["dataset_key"] is None or not storage.exists(spec["dataset_key"]):
+def _request(spec: JobSpec, storage: Storage, settings: Settings, tmp: Path) -> ExpansionRequest:
+    if spec.dataset_key is None or not storage.exists(spec.dataset_key):
         raise EngineError("the job's dataset has been deleted")
     images = tmp / "images"
-    with tarfile.open(storage.local_path(spec["dataset_key"])) as tar:
+    with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
         tar.extractall(images, filter="data")
-    keep = set(spec["labels"]) | set(spec["new_labels"])
+    keep = set(spec.labels) | set(spec.new_labels)
     samples = [s for s in scan_image_folder(images) if s.label in keep]
     return ExpansionRequest(
-        architecture=spec["architecture"],
-        labels=spec["labels"],
-        state_dict=read_state_dict(storage.local_path(spec["weights_key"])),
-        preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
+        architecture=spec.architecture,
+        labels=spec.labels,
+        state_dict=read_state_dict(storage.local_path(spec.weights_key)),
+        preprocessing=Preprocessing.from_dict(spec.preprocessing),
         samples=samples,
-        new_labels=spec["new_labels"],
-        config=expansion_config(spec["config"], settings),
+        new_labels=spec.new_labels,
+        config=expansion_config(spec.config, settings),
     )
 
 
 def _store_artifacts(
-    storage: Any, spec: dict[str, Any], version_id: str, result: ExpansionResult, tmp: Path
+    storage: Storage, spec: JobSpec, version_id: str, result: ExpansionResult, tmp: Path
 ) -> list[StoredObject]:
     """Write every format before the version exists; a reader never sees half a version."""
-    prefix = f"models/{spec['model_id']}/{version_id}"
+    prefix = f"models/{spec.model_id}/{version_id}"
     metadata = artifact_metadata(
-        spec["model_name"],
-        spec["architecture"],
+        spec.model_name,
+        spec.architecture,
         result.labels,
-        spec["preprocessing"],
-        spec["base_version"],
+        spec.preprocessing,
+        spec.base_version,
     )
     stored = []
     path = tmp / "model.safetensors"
     save_safetensors(path, result.model, metadata)
     stored.append(storage.put_file(f"{prefix}/model.safetensors", path))
-    if "onnx" in spec["config"].get("export", []):
+    if "onnx" in spec.config.get("export", []):
         path = tmp / "model.onnx"
-        export_onnx(result.model, Preprocessing.from_dict(spec["preprocessing"]), path)
+        export_onnx(result.model, Preprocessing.from_dict(spec.preprocessing), path)
         stored.append(storage.put_file(f"{prefix}/model.onnx", path))
     return stored
 
@@ -288,13 +304,13 @@ def _finish_succeeded(
     settings: Settings,
     job_id: str,
     attempt: int,
-    spec: dict[str, Any],
+    spec: JobSpec,
     version_id: str,
     result: ExpansionResult,
     stored: list[StoredObject],
 ) -> None:
     metrics = dict(result.metrics)
-    metrics["gate"] = retention_gate(metrics, spec["config"]["min_old_accuracy_retention"])
+    metrics["gate"] = retention_gate(metrics, spec.config["min_old_accuracy_retention"])
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
         fenced = session.execute(
@@ -318,13 +334,13 @@ def _finish_succeeded(
             raise LeaseLost()
         version = add_version(
             session,
-            session.get(Model, spec["model_id"]),
+            session.get(Model, spec.model_id),
             version_id=version_id,
-            parent_version=spec["base_version"],
+            parent_version=spec.base_version,
             job_id=job_id,
-            architecture=spec["architecture"],
+            architecture=spec.architecture,
             labels=result.labels,
-            preprocessing=spec["preprocessing"],
+            preprocessing=spec.preprocessing,
             status=VersionStatus.PROMOTED if metrics["gate"]["passed"] else VersionStatus.REJECTED,
             metrics=metrics,
             artifacts={_format(o.key): asdict(o) for o in stored},
@@ -364,7 +380,7 @@ def _finish(
     log.info("job %s: %s %s", job_id, status, error or "")
 
 
-def _discard(storage: Any, stored: list[StoredObject], job_id: str) -> None:
+def _discard(storage: Storage, stored: list[StoredObject], job_id: str) -> None:
     for obj in stored:
         storage.delete(obj.key)
     if stored:

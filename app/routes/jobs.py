@@ -83,13 +83,14 @@ async def job_events(
     first = await run_in_threadpool(load)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        last, last_status = None, None
+        last, last_status, sent = None, None, 0
         job = first
         while True:
             payload = job.model_dump_json()
             if payload != last:
                 kind = "status" if job.status != last_status else "progress"
-                yield f"event: {kind}\nid: {job.id}\ndata: {payload}\n\n"
+                sent += 1
+                yield f"event: {kind}\nid: {sent}\ndata: {payload}\n\n"
                 last, last_status = payload, job.status
             if JobStatus(job.status).is_final or await request.is_disconnected():
                 return

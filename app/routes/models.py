@@ -16,7 +16,6 @@ from app.schemas import ModelRead, ModelVersionRead, Page, PredictionsRead
 from app.uploads import save_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-MEDIA_TYPES = {"safetensors": "application/octet-stream", "onnx": "application/octet-stream"}
 
 
 @router.post("", status_code=201, response_model=ModelVersionRead)
@@ -87,7 +86,7 @@ def download_artifact(
         )
     return FileResponse(
         storage.local_path(artifact["key"]),
-        media_type=MEDIA_TYPES.get(format, "application/octet-stream"),
+        media_type="application/octet-stream",
         filename=f"{name}-v{version}.{format}",
         headers={"ETag": f'"{artifact["sha256"]}"'},
     )
