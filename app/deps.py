@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from app.db import get_sessionmaker
+from app.db import session_scope
 from app.settings import Settings
 from app.storage import Storage, open_storage
 
@@ -21,15 +21,8 @@ def get_app_settings(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request; committed when the route returns, rolled back if it raises."""
-    session = get_sessionmaker(request.app.state.settings.resolved_database_url)()
-    try:
+    with session_scope(request.app.state.settings.resolved_database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def get_storage(request: Request) -> Storage:

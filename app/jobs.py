@@ -21,7 +21,10 @@ from app.registry import find_model
 from app.schemas import JobCreate, JobRead
 from app.settings import Settings
 
-QUEUED_PROGRESS = {"stage": "queued", "fraction": 0.0, "epoch": None, "epochs": None, "message": ""}
+
+def progress_record(stage: str, fraction: float, message: str = "") -> dict:
+    """The ``progress`` column outside training (epochs are filled in while training)."""
+    return {"stage": stage, "fraction": fraction, "epoch": None, "epochs": None, "message": message}
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -71,7 +74,7 @@ def create_job(
         new_labels=new_labels,
         config=config,
         status=JobStatus.QUEUED,
-        progress=dict(QUEUED_PROGRESS),
+        progress=progress_record("queued", 0.0),
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
@@ -177,7 +180,7 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
         .values(
             status=JobStatus.CANCELLED,
             finished_at=now,
-            progress=QUEUED_PROGRESS | {"stage": "done", "message": "cancelled"},
+            progress=progress_record("done", 1.0, "cancelled"),
         )
     ).rowcount
     if not cancelled:
@@ -254,7 +257,7 @@ def sweep(session: Session, settings: Settings, now: datetime | None = None) -> 
             values = {
                 "status": JobStatus.QUEUED,
                 "queued_at": now,
-                "progress": QUEUED_PROGRESS | {"message": "re-queued: worker lost"},
+                "progress": progress_record("queued", 0.0, "re-queued: worker lost"),
             }
         if session.execute(update(Job).where(*fence).values(**values)).rowcount and (
             values["status"] == JobStatus.QUEUED

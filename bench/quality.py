@@ -53,24 +53,20 @@ def seed_style(base, folders, _root):
     head = expand_head(model, find_head(model), 1)
     model.requires_grad_(False)
     head.module.requires_grad_(True)
-    x, y = _xy(folders)
-    optimizer = torch.optim.Adam(head.module.parameters(), lr=1e-3)
-    for _ in range(10):
-        for idx in torch.randperm(len(y)).split(32):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return _fit(model, head.module.parameters(), folders, lr=1e-3)
 
 
 def full_finetune(base, folders, _root):
     model = _copy(base)
     expand_head(model, find_head(model), 1)
-    model.train()
+    return _fit(model.train(), model.parameters(), folders, lr=1e-4)
+
+
+def _fit(model, parameters, folders, lr: float, epochs: int = 10):
+    """Adam, cross-entropy, batches of 32: the plain fine-tuning loop."""
     x, y = _xy(folders)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    for _ in range(10):
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    for _ in range(epochs):
         for idx in torch.randperm(len(y)).split(32):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad()

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
+from app.jobs import progress_record
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.registry import SAFETENSORS, add_version, artifact_metadata
 from app.settings import Settings
@@ -59,13 +61,7 @@ def claim_job(settings: Settings, job_id: str) -> int | None:
                 lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
                 started_at=now,
                 worker=socket.gethostname(),
-                progress={
-                    "stage": "loading",
-                    "fraction": 0.0,
-                    "epoch": None,
-                    "epochs": None,
-                    "message": "claimed",
-                },
+                progress=progress_record("loading", 0.0, "claimed"),
             )
         ).rowcount
         if not claimed:
@@ -311,25 +307,8 @@ def _finish_succeeded(
 ) -> None:
     metrics = dict(result.metrics)
     metrics["gate"] = retention_gate(metrics, spec.config["min_old_accuracy_retention"])
-    now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
-        fenced = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
-            .values(
-                status=JobStatus.SUCCEEDED,
-                finished_at=now,
-                metrics=metrics,
-                lease_expires_at=None,
-                progress={
-                    "stage": "done",
-                    "fraction": 1.0,
-                    "epoch": None,
-                    "epochs": None,
-                    "message": "succeeded",
-                },
-            )
-        ).rowcount
+        fenced = _fenced_finish(session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics)
         if not fenced:
             raise LeaseLost()
         version = add_version(
@@ -352,6 +331,25 @@ def _format(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
+def _fenced_finish(
+    session: Session, job_id: str, attempt: int, status: JobStatus, **values: Any
+) -> bool:
+    """Set the final status if this attempt still owns the job; False if it does not."""
+    return bool(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+            .values(
+                status=status,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                progress=progress_record("done", 1.0, str(status)),
+                **values,
+            )
+        ).rowcount
+    )
+
+
 def _finish(
     settings: Settings,
     job_id: str,
@@ -360,23 +358,7 @@ def _finish(
     error: dict[str, str] | None,
 ) -> None:
     with session_scope(settings.resolved_database_url) as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
-            .values(
-                status=status,
-                error=error,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                progress={
-                    "stage": "done",
-                    "fraction": 1.0,
-                    "epoch": None,
-                    "epochs": None,
-                    "message": str(status),
-                },
-            )
-        )
+        _fenced_finish(session, job_id, attempt, status, error=error)
     log.info("job %s: %s %s", job_id, status, error or "")
 
 
