@@ -123,12 +123,42 @@ def serve(settings: Settings) -> None:
                 worker.wait()
 
 
+def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
+    from app import auth
+    from app.db import session_scope
+
+    db_upgrade(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        if args.action == "create":
+            key, row = auth.create_key(session, args.owner)
+            print(key)
+            print(
+                f"owner {row.owner}, prefix {row.prefix}: keep the key now, it is not "
+                "stored and cannot be shown again",
+                file=sys.stderr,
+            )
+        elif args.action == "revoke":
+            row = auth.revoke_key(session, args.prefix)
+            print(f"revoked {row.prefix} ({row.owner})")
+        else:
+            for row in auth.list_keys(session):
+                state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+                print(f"{row.prefix}  {row.owner:<20} {row.created_at:%Y-%m-%d}  {state}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="API and a worker together (the embedded default)")
     commands.add_parser("api", help="the HTTP API only")
     commands.add_parser("worker", help="a Celery worker only")
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="action", required=True)
+    create = key_commands.add_parser("create", help="create a key; it is printed once")
+    create.add_argument("--owner", required=True, help="who the key's resources belong to")
+    key_commands.add_parser("list", help="list keys (prefixes only)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its prefix")
+    revoke.add_argument("prefix")
     db = commands.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
     db.add_argument("revision", nargs="?", default="head")
@@ -144,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         run_api(settings)
     elif args.command == "worker":
         run_worker(settings)
+    elif args.command == "keys":
+        manage_keys(settings, args)
     elif args.command == "db":
         db_upgrade(settings, args.revision)
 

@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.auth import authenticate
 from app.db import session_scope
 from app.settings import Settings
 from app.storage import Storage, open_storage
-
-LOCAL_OWNER = "local"
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -29,9 +29,18 @@ def get_storage(request: Request) -> Storage:
     return open_storage(request.app.state.settings.resolved_storage_url)
 
 
-def get_owner() -> str:
-    """The caller. Single-user until API keys arrive; every row already has an owner."""
-    return LOCAL_OWNER
+bearer = HTTPBearer(auto_error=False, description="an API key from `graft keys create`")
+
+
+def get_owner(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The owner every query of the request is scoped to (see app.auth). Checked in a short
+    session of its own, so a long response (an event stream) holds no transaction open."""
+    settings = request.app.state.settings
+    with session_scope(settings.resolved_database_url) as session:
+        return authenticate(session, settings.host, credentials and credentials.credentials)
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -9,11 +9,19 @@ class ServiceError(Exception):
     status = 400
     title = "Bad request"
     type_ = "about:blank"
+    headers: dict[str, str] = {}
 
     def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors or []
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    title = "Unauthorized"
+    type_ = "https://graft.dev/problems/unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(ServiceError):
