@@ -16,13 +16,13 @@ from app.schemas import Prediction
 from app.storage import Storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.data import eval_transform
-from worker.engine.weights import load_classifier, read_state_dict
+from worker.engine.weights import load_classifier
 
 
 class Predictor:
     def __init__(self, version: ModelVersion, storage: Storage) -> None:
-        state = read_state_dict(storage.local_path(version.artifacts[SAFETENSORS]["key"]))
-        self.model, _ = load_classifier(version.architecture, len(version.labels), state)
+        weights = storage.local_path(version.artifacts[SAFETENSORS]["key"])
+        self.model, _ = load_classifier(version.architecture, len(version.labels), weights)
         self.labels = list(version.labels)
         self.prep = Preprocessing.from_dict(version.preprocessing)
         self.transform = eval_transform(self.prep)

@@ -19,7 +19,12 @@ from app.schemas import NAME_PATTERN, ModelRead, ModelVersionRead, Preprocessing
 from app.storage import Storage
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
 from worker.engine.errors import EngineError, UnknownArchitecture
-from worker.engine.weights import load_classifier, read_state_dict, save_safetensors
+from worker.engine.weights import (
+    convert_to_safetensors,
+    is_safetensors,
+    load_classifier,
+    save_safetensors,
+)
 
 SAFETENSORS = "safetensors"
 
@@ -91,7 +96,11 @@ def register_model(
         raise Invalid(str(exc), "architecture") from None
     prep = parse_preprocessing(preprocessing_json, architecture)
     try:
-        model, _head = load_classifier(architecture, len(labels), read_state_dict(weights))
+        if not is_safetensors(weights):
+            converted = weights.with_suffix(".safetensors")
+            convert_to_safetensors(weights, converted)
+            weights = converted
+        model, _head = load_classifier(architecture, len(labels), weights)
     except EngineError as exc:
         raise Invalid(str(exc), "weights") from None
 

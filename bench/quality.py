@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -42,9 +43,11 @@ HOLDOUT_FROM = 60  # per digit, images from this index on are never uploaded
 def graft(base, folders, root, training: HeadTraining | None = None):
     samples = scan_image_folder(D.write_image_folder(root, folders))
     config = ExpansionConfig(training=training) if training else ExpansionConfig()
-    request = ExpansionRequest(
-        ARCH, [str(d) for d in OLD], base.state_dict(), D.PREP, samples, ["9"], config
+    weights = root / "base.safetensors"
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in base.state_dict().items()}, str(weights)
     )
+    request = ExpansionRequest(ARCH, [str(d) for d in OLD], weights, D.PREP, samples, ["9"], config)
     return expand_classifier(request).model
 
 

@@ -39,7 +39,7 @@ from worker.engine.expand import (
 )
 from worker.engine.export import export_onnx
 from worker.engine.train import HeadTraining
-from worker.engine.weights import read_state_dict, save_safetensors
+from worker.engine.weights import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _request(spec: JobSpec, storage: Storage, settings: Settings, tmp: Path) -> 
     return ExpansionRequest(
         architecture=spec.architecture,
         labels=spec.labels,
-        state_dict=read_state_dict(storage.local_path(spec.weights_key)),
+        weights=storage.local_path(spec.weights_key),
         preprocessing=Preprocessing.from_dict(spec.preprocessing),
         samples=samples,
         new_labels=spec.new_labels,

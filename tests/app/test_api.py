@@ -103,6 +103,47 @@ class TestModels:
         )
         assert_problem(response, 422, field="weights", says="weights_only")
 
+    def test_a_pt_state_dict_registers(self, client, base_weights, tmp_path):
+        import safetensors.torch
+
+        path = tmp_path / "digits.pt"
+        torch.save(safetensors.torch.load_file(str(base_weights)), path)
+        response = client.post(
+            "/v1/models",
+            data={
+                "name": "from-pt",
+                "architecture": ARCH,
+                "labels": json.dumps([str(d) for d in OLD]),
+            },
+            files={"weights": ("digits.pt", path.read_bytes())},
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["formats"] == ["safetensors"]
+
+    def test_a_malicious_pickle_is_refused_and_runs_no_code(self, client, tmp_path):
+        import os
+        import pickle
+        import zipfile
+
+        marker = tmp_path / "pwned"
+
+        class Exploit:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("evil/data.pkl", pickle.dumps({"fc.weight": Exploit()}))
+            zf.writestr("evil/version", "3\n")
+        response = client.post(
+            "/v1/models",
+            data={"name": "evil", "architecture": ARCH, "labels": '["a"]'},
+            files={"weights": ("evil.pt", archive.getvalue())},
+        )
+        assert_problem(response, 422, field="weights", says="weights_only")
+        assert not marker.exists()
+        assert_problem(client.get("/v1/models/evil"), 404)
+
     def test_bad_preprocessing_is_422(self, client, base_weights):
         response = client.post(
             "/v1/models",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -19,7 +19,13 @@ from worker.engine.data import scan_image_folder, stratified_split
 from worker.engine.errors import JobCancelled, UnsupportedHead, WeightsError
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
 from worker.engine.export import export_onnx
-from worker.engine.weights import load_classifier, read_state_dict
+from worker.engine.weights import (
+    convert_to_safetensors,
+    load_classifier,
+    load_pickled_state_dict,
+    read_state_dict,
+    tensor_layout,
+)
 
 OLD_LABELS = [str(d) for d in OLD]
 
@@ -31,7 +37,7 @@ def expansion(tmp_path_factory, digit_splits, base_weights):
     root = D.write_image_folder(tmp_path_factory.mktemp("images"), folders)
     stages = []
     request = ExpansionRequest(
-        ARCH, OLD_LABELS, read_state_dict(base_weights), D.PREP, scan_image_folder(root), ["9"]
+        ARCH, OLD_LABELS, base_weights, D.PREP, scan_image_folder(root), ["9"]
     )
     result = expand_classifier(request, progress=stages.append)
     return result, stages
@@ -48,7 +54,7 @@ def held_out_predictions(model, held: D.Digits) -> tuple[torch.Tensor, torch.Ten
 def test_new_label_is_learnt_and_old_accuracy_barely_moves(expansion, digit_splits, base_weights):
     result, _ = expansion
     _, held = digit_splits
-    base, _ = load_classifier(ARCH, 9, read_state_dict(base_weights))
+    base, _ = load_classifier(ARCH, 9, base_weights)
     before, targets = held_out_predictions(base, held)
     after, _ = held_out_predictions(result.model, held)
     old = targets < 9
@@ -103,7 +109,7 @@ def test_cancellation_stops_the_engine(tmp_path, digit_splits, base_weights):
     request = ExpansionRequest(
         ARCH,
         OLD_LABELS,
-        read_state_dict(base_weights),
+        base_weights,
         D.PREP,
         scan_image_folder(root),
         ["9"],
@@ -145,12 +151,15 @@ def test_a_model_that_transforms_its_logits_is_refused(tmp_path, digit_splits):
 
 
 class TestWeightFiles:
-    def test_a_state_dict_saved_with_torch_save_loads(self, tmp_path, base_weights):
-        path = tmp_path / "w.pt"
+    def test_a_torch_state_dict_is_converted_in_a_sandbox(self, tmp_path, base_weights):
+        path, converted = tmp_path / "w.pt", tmp_path / "w.safetensors"
         torch.save({"state_dict": read_state_dict(base_weights)}, path)
+        convert_to_safetensors(path, converted)
         assert torch.equal(
-            read_state_dict(path)["fc.weight"], read_state_dict(base_weights)["fc.weight"]
+            read_state_dict(converted)["fc.weight"], read_state_dict(base_weights)["fc.weight"]
         )
+        with pytest.raises(WeightsError, match="longer than"):
+            convert_to_safetensors(path, converted, timeout_s=0.05)
 
     def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(self, tmp_path):
         marker = tmp_path / "pwned"
@@ -164,42 +173,58 @@ class TestWeightFiles:
             zf.writestr("evil/data.pkl", pickle.dumps({"w": Exploit()}))
             zf.writestr("evil/version", "3\n")
         with pytest.raises(WeightsError, match="weights_only"):
-            read_state_dict(path)
+            load_pickled_state_dict(path)
+        with pytest.raises(WeightsError, match="weights_only"):
+            convert_to_safetensors(path, tmp_path / "out.safetensors")
         plain = tmp_path / "evil.pkl"
         plain.write_bytes(pickle.dumps(Exploit()))
         with pytest.raises(WeightsError):
-            read_state_dict(plain)
+            load_pickled_state_dict(plain)
         assert not marker.exists()
 
     def test_a_whole_pickled_module_is_refused(self, tmp_path):
         path = tmp_path / "module.pt"
         torch.save(torch.nn.Linear(2, 2), path)
         with pytest.raises(WeightsError, match="weights_only"):
-            read_state_dict(path)
+            load_pickled_state_dict(path)
 
     def test_torchscript_is_refused(self, tmp_path):
         path = tmp_path / "scripted.pt"
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
         with pytest.raises(WeightsError):
-            read_state_dict(path)
+            load_pickled_state_dict(path)
 
     def test_label_count_mismatch_names_both_numbers(self, base_weights):
         with pytest.raises(WeightsError, match="10 labels were given but .* has 9 outputs"):
-            load_classifier(ARCH, 10, read_state_dict(base_weights))
+            load_classifier(ARCH, 10, base_weights)
 
-    def test_missing_and_misshapen_keys_are_listed(self, base_weights, tmp_path):
+    def test_missing_misshapen_and_mistyped_keys_are_listed(self, base_weights, tmp_path):
         state = read_state_dict(base_weights)
         del state["conv1.weight"]
         state["bn1.weight"] = torch.zeros(3)
-        with pytest.raises(WeightsError, match=r"missing keys: \['conv1.weight'\].*bn1.weight"):
-            load_classifier(ARCH, 9, state)
-        path = tmp_path / "other.safetensors"
-        safetensors.torch.save_file({"x": torch.zeros(2)}, str(path))
+        state["layer1.0.bn1.running_mean"] = torch.zeros(64, dtype=torch.int32)
+        path = tmp_path / "edited.safetensors"
+        safetensors.torch.save_file(state, str(path))
+        with pytest.raises(WeightsError) as refused:
+            load_classifier(ARCH, 9, path)
+        message = str(refused.value)
+        assert "missing keys: ['conv1.weight']" in message
+        assert "bn1.weight: expected [64], got [3]" in message
+        assert "layer1.0.bn1.running_mean: expected float, got I32" in message
+        other = tmp_path / "other.safetensors"
+        safetensors.torch.save_file({"x": torch.zeros(2)}, str(other))
         with pytest.raises(WeightsError, match="unexpected keys: \\['x'\\]"):
-            load_classifier(ARCH, 9, read_state_dict(path))
+            load_classifier(ARCH, 9, other)
 
-    def test_garbage_is_refused(self, tmp_path: Path):
-        path = tmp_path / "w.safetensors"
-        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    def test_a_header_that_lies_is_refused_before_any_tensor_is_read(self, tmp_path):
+        header = json.dumps(
+            {"fc.weight": {"dtype": "F32", "shape": [10**6, 1000], "data_offsets": [0, 4 * 10**9]}}
+        ).encode()
+        path = tmp_path / "lying.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+        with pytest.raises(WeightsError, match="unreadable safetensors"):
+            tensor_layout(path)
+        garbage = tmp_path / "garbage.safetensors"
+        garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
         with pytest.raises(WeightsError):
-            read_state_dict(path)
+            tensor_layout(garbage)

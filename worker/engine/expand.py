@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ class ExpansionConfig:
 class ExpansionRequest:
     architecture: str
     labels: list[str]
-    state_dict: Mapping[str, torch.Tensor]
+    weights: Path  # a safetensors file
     preprocessing: Preprocessing
     samples: list[Sample]
     new_labels: list[str]
@@ -91,7 +92,7 @@ def expand_classifier(
     cfg = request.config
     device = pick_device(cfg.device)
     progress(Progress("loading", 0.0, message=f"building {request.architecture}"))
-    model, head = load_classifier(request.architecture, len(request.labels), request.state_dict)
+    model, head = load_classifier(request.architecture, len(request.labels), request.weights)
     model.requires_grad_(False)
     labels = list(request.labels) + list(request.new_labels)
     samples, targets = _targets(request.samples, labels)

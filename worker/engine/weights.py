@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import resource
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,23 +23,22 @@ from worker.engine.heads import Head, find_head
 _SHOW = 5  # how many offending keys an error message lists
 
 
-def _is_safetensors(path: Path) -> bool:
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+def is_safetensors(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a ``weights_only`` torch state dict.
+def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d state dict, loaded with ``weights_only=True``.
 
     Never unpickles arbitrary objects: a checkpoint that needs code, a TorchScript archive or a
-    whole pickled module is refused with :class:`WeightsError`.
+    whole pickled module is refused with :class:`WeightsError`. Run it in a sandbox
+    (:func:`convert_to_safetensors`), not in a server process.
     """
-    if _is_safetensors(path):
-        try:
-            return safetensors.torch.load_file(str(path))
-        except Exception as exc:  # safetensors raises its own and OS errors
-            raise WeightsError(f"unreadable safetensors file: {exc}") from None
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
@@ -45,6 +48,54 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"torch.load(weights_only=True); refused: {first_line}"
         ) from None
     return _as_state_dict(loaded)
+
+
+def convert_to_safetensors(
+    source: Path, target: Path, timeout_s: float = 120, memory_bytes: int | None = None
+) -> None:
+    """Turn a ``.pt``/``.pth`` state dict into safetensors in a short-lived process with an
+    address-space and time limit, so a hostile or enormous pickle cannot hurt the caller."""
+    limit = memory_bytes or 4 * 1024**3 + 3 * source.stat().st_size
+
+    def constrain() -> None:  # runs in the child, before Python starts
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.engine.unpickle", str(source), str(target)],
+            preexec_fn=constrain,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME")},
+        )
+    except subprocess.TimeoutExpired:
+        raise WeightsError(f"reading the weights took longer than {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        reason = lines[-1] if done.returncode == 2 and lines else "it could not be read"
+        if done.returncode < 0 or "MemoryError" in done.stderr:
+            reason = "reading it needed more memory than allowed"
+        raise WeightsError(reason.removeprefix("WeightsError: "))
+
+
+def tensor_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from a safetensors header; no tensor data is read."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {
+                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                for k in f.keys()  # noqa: SIM118
+            }
+    except Exception as exc:  # the parser's own errors: bad header, offsets beyond the file
+        raise WeightsError(f"unreadable safetensors file: {exc}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (Graft stores nothing else)."""
+    tensor_layout(path)
+    return safetensors.torch.load_file(str(path))
 
 
 def _as_state_dict(loaded: object) -> dict[str, torch.Tensor]:
@@ -63,18 +114,33 @@ def _as_state_dict(loaded: object) -> dict[str, torch.Tensor]:
     return {str(k).removeprefix("module."): v for k, v in tensors.items()}
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise :class:`WeightsError` naming the first missing, unexpected or misshapen keys."""
+def _kind(dtype: str) -> str:
+    return "float" if dtype in FLOAT_DTYPES else "integer" if dtype[0] in "IU" else dtype
+
+
+def check_layout(model: nn.Module, layout: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Raise :class:`WeightsError` naming the first missing, unexpected, misshapen or mistyped
+    keys of a weights file against the model."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in layout]
+    unexpected = [k for k in layout if k not in expected]
     misshapen = [
-        f"{k}: expected {list(expected[k].shape)}, got {list(state_dict[k].shape)}"
+        f"{k}: expected {list(expected[k].shape)}, got {list(layout[k][1])}"
         for k in expected
-        if k in state_dict and expected[k].shape != state_dict[k].shape
+        if k in layout and tuple(expected[k].shape) != layout[k][1]
+    ]
+    mistyped = [
+        f"{k}: expected {'float' if v.is_floating_point() else 'integer'}, got {layout[k][0]}"
+        for k, v in expected.items()
+        if k in layout and _kind(layout[k][0]) != ("float" if v.is_floating_point() else "integer")
     ]
     problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", misshapen)):
+    for what, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape", misshapen),
+        ("dtype", mistyped),
+    ):
         if keys:
             more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
             problems.append(f"{what} keys: {keys[:_SHOW]}{more}")
@@ -82,24 +148,24 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         raise WeightsError("weights do not fit the architecture: " + "; ".join(problems))
 
 
-def load_classifier(
-    architecture: str, num_labels: int, state_dict: Mapping[str, torch.Tensor]
-) -> tuple[nn.Module, Head]:
-    """Build ``architecture`` and load ``state_dict`` into it, strictly, in eval mode.
+def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.Module, Head]:
+    """Build ``architecture`` and load the safetensors file at ``path``, strictly, in eval mode.
 
-    The label count is checked against the classifier layer's rows first, so a mismatch says
-    both numbers instead of a shape error.
+    The file's header is checked against the model (names, shapes, dtypes) before any tensor
+    is read; the label count is checked against the classifier layer's rows first, so a
+    mismatch says both numbers instead of a shape error.
     """
     model = build_model(architecture, num_labels)
     head = find_head(model)
-    rows = state_dict.get(head.weight_key)
-    if rows is not None and rows.ndim == 2 and rows.shape[0] != num_labels:
+    layout = tensor_layout(path)
+    rows = layout.get(head.weight_key)
+    if rows is not None and len(rows[1]) == 2 and rows[1][0] != num_labels:
         raise WeightsError(
             f"{num_labels} labels were given but the classifier layer {head.path!r} "
-            f"of the weights has {rows.shape[0]} outputs"
+            f"of the weights has {rows[1][0]} outputs"
         )
-    check_state_dict(model, state_dict)
-    model.load_state_dict(state_dict, strict=True)
+    check_layout(model, layout)
+    model.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
     return model.eval(), find_head(model)
 
 
