@@ -10,6 +10,7 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,12 +21,12 @@ from app.jobs import sweep
 from app.observability import Metrics, MetricsMiddleware
 from app.predict import PredictorCache
 from app.queue import publish_jobs
-from app.routes import datasets, jobs, models, ops
+from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
 from app.settings import Settings, get_settings
 from app.uploads import BodySizeLimit
 
 log = logging.getLogger(__name__)
-PROBLEM = "application/problem+json"
+PROBLEM = PROBLEM_MEDIA_TYPE
 
 
 def problem(
@@ -82,6 +83,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "Internal server error", "an unexpected error occurred")
 
 
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_media_types(
+                get_openapi(
+                    title=app.title, version=app.version, summary=app.summary, routes=app.routes
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 class Sweeper:
     """Periodically re-publishes jobs the broker lost and re-queues jobs of dead workers."""
 
@@ -133,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predictors = PredictorCache()
     app.state.metrics = Metrics(settings.resolved_database_url)
     install_error_handlers(app)
+    install_openapi(app)
     for router in (models.router, datasets.router, jobs.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)

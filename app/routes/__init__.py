@@ -1,0 +1,43 @@
+"""Routers. Every error they may answer is declared, as RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.schemas import Problem
+
+_DESCRIPTIONS = {
+    400: "Malformed request",
+    401: "Missing, unknown or revoked API key",
+    404: "No such resource (or it belongs to another owner)",
+    409: "Conflict with the resource's current state",
+    413: "Request body over the size limit",
+    422: "Invalid input; `errors` names the fields",
+    503: "A dependency is unreachable",
+}
+
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses."""
+    return {
+        code: {
+            "model": Problem,
+            "description": _DESCRIPTIONS[code],
+        }
+        for code in codes
+    }
+
+
+def problem_media_types(spec: dict[str, Any]) -> dict[str, Any]:
+    """Declare error bodies under ``application/problem+json``, the type they are sent with
+    (FastAPI files response models under ``application/json``)."""
+    for path in spec.get("paths", {}).values():
+        for operation in path.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status[0] in "45" and "application/json" in content:
+                    content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+    return spec

@@ -9,10 +9,13 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from app import datasets
 from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import TooLarge
+from app.routes import problems
 from app.schemas import DatasetRead, Page
 from app.uploads import upload_size
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(
+    prefix="/v1/datasets", tags=["datasets"], responses=problems(400, 401, 404, 409, 413, 422)
+)
 
 
 @router.post("", status_code=201, response_model=DatasetRead)

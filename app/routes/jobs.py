@@ -15,9 +15,12 @@ from app.db import session_scope
 from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep
 from app.models import JobStatus
 from app.queue import publish_jobs
+from app.routes import problems
 from app.schemas import JobCreate, JobRead, Page
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=problems(400, 401, 404, 409, 413, 422)
+)
 StatusQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 

@@ -12,10 +12,13 @@ from fastapi.responses import FileResponse
 from app import registry
 from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, NotFound
+from app.routes import problems
 from app.schemas import ModelRead, ModelVersionRead, Page, PredictionsRead
 from app.uploads import save_upload
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422)
+)
 
 
 @router.post("", status_code=201, response_model=ModelVersionRead)
