@@ -34,6 +34,8 @@ from app.schemas import DatasetRead, RejectedFile
 from app.storage import Storage
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
+# Only these decoders ever see uploaded bytes; PIL's other plugins are never tried.
+ALLOWED_DECODERS = list(IMAGE_FORMATS)
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 RATIO_CHECK_AFTER = 16 * 1024 * 1024  # compression ratios of tiny archives say nothing
 
@@ -124,6 +126,10 @@ def safe_parts(name: str) -> tuple[str, ...]:
     return parts
 
 
+def _unprintable(name: str) -> bool:
+    return not name.isprintable()
+
+
 def _ignored(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1] in IGNORED_NAMES
 
@@ -133,20 +139,21 @@ def verify_image(data: bytes, max_pixels: int) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_DECODERS) as im:
                 fmt = im.format
-                if fmt not in IMAGE_FORMATS:
-                    raise ValueError(f"unsupported image format {fmt}")
                 width, height = im.size
                 if width * height > max_pixels:
                     raise ValueError(
                         f"image of {width}x{height} pixels is over the {max_pixels} pixel limit"
                     )
                 im.verify()
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
                 im.load()
+        except UnidentifiedImageError:
+            raise ValueError(
+                f"not an image in an accepted format ({', '.join(IMAGE_FORMATS)})"
+            ) from None
         except (
-            UnidentifiedImageError,
             Image.DecompressionBombError,
             Image.DecompressionBombWarning,
         ) as exc:
@@ -201,6 +208,14 @@ def extract_images(
             raise Invalid("the archive's compression ratio is beyond the limit", "archive")
         if len(parts) < 2:
             rejected.append({"path": shown, "reason": "not inside a label folder"})
+            continue
+        if any(_unprintable(p) or len(p) > 200 for p in parts[:-1]):
+            rejected.append(
+                {
+                    "path": shown.encode("unicode_escape").decode(),
+                    "reason": "folder names must be printable and at most 200 characters",
+                }
+            )
             continue
         try:
             ext = verify_image(data, limits.max_image_pixels)

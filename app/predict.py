@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from app.datasets import ALLOWED_DECODERS
 from app.errors import Invalid
 from app.models import ModelVersion
 from app.registry import SAFETENSORS
@@ -31,7 +32,7 @@ class Predictor:
 
     def _tensor(self, i: int, data: bytes) -> torch.Tensor:
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_DECODERS) as im:
                 return self.transform(im.convert(self.mode))
         except (
             UnidentifiedImageError,

@@ -250,6 +250,13 @@ class TestDatasets:
         )
         assert_problem(client.delete(f"/v1/datasets/{dataset['id']}"), 409, says="used by job")
 
+    def test_too_many_form_parts_is_a_400_problem(self, client):
+        fields = {f"field{i}": "x" for i in range(1001)}
+        response = client.post(
+            "/v1/datasets", data=fields, files={"archive": ("d.zip", b"PK\x05\x06" + b"\0" * 18)}
+        )
+        assert_problem(response, 400, says="Too many fields")
+
     def test_body_over_the_limit_is_413(self, tmp_path, base_weights):
         from fastapi.testclient import TestClient
 
@@ -261,7 +268,19 @@ class TestDatasets:
         db_upgrade(small)
         with TestClient(create_app(small)) as c:
             response = c.post("/v1/datasets", files={"archive": ("d.zip", b"x" * 3_000_000)})
-        assert_problem(response, 413)
+            assert_problem(response, 413)
+
+            def chunks():  # no Content-Length: the limit is counted while the body streams
+                for _ in range(40):
+                    yield b"x" * 100_000
+
+            streamed = c.post(
+                "/v1/datasets",
+                content=chunks(),
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            )
+            assert_problem(streamed, 413)
+            assert list(small.tmp_dir.iterdir()) == []
 
 
 class TestJobs:

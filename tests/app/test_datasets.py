@@ -98,7 +98,7 @@ def test_unsupported_image_format_is_rejected(tmp_path):
     out = io.BytesIO()
     Image.new("RGB", (4, 4)).save(out, format="TIFF")
     result = extract(make_zip({"cat/a.tif": out.getvalue(), "cat/b.png": png()}), tmp_path)
-    assert "unsupported image format TIFF" in result.rejected[0]["reason"]
+    assert "not an image in an accepted format" in result.rejected[0]["reason"]
 
 
 def test_tar_gz_is_read(tmp_path):
@@ -193,3 +193,14 @@ def test_decompression_bomb_image_is_rejected(tmp_path):
 def test_not_an_archive_is_refused(tmp_path):
     with pytest.raises(Invalid, match="zip, .tar or .tar.gz"):
         extract(io.BytesIO(b"just some text"), tmp_path)
+
+
+def test_folder_names_with_control_characters_are_rejected(tmp_path):
+    result = extract(make_zip({"ca\x1bt/a.png": png(), "dog/b.png": png()}), tmp_path)
+    assert result.labels == {"dog": 1}
+    assert result.rejected == [
+        {
+            "path": "ca\\x1bt/a.png",
+            "reason": "folder names must be printable and at most 200 characters",
+        }
+    ]

@@ -224,6 +224,10 @@ class TestWeightFiles:
         path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
         with pytest.raises(WeightsError, match="unreadable safetensors"):
             tensor_layout(path)
+        huge = tmp_path / "huge-header.safetensors"
+        huge.write_bytes((2**40).to_bytes(8, "little") + b"{")
+        with pytest.raises(WeightsError, match="header claims"):
+            tensor_layout(huge)
         garbage = tmp_path / "garbage.safetensors"
         garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
         with pytest.raises(WeightsError):

@@ -23,6 +23,7 @@ from worker.engine.heads import Head, find_head
 _SHOW = 5  # how many offending keys an error message lists
 
 
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header describes tensors; 16 MiB is ~100k of them
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
@@ -82,6 +83,13 @@ def convert_to_safetensors(
 
 def tensor_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` from a safetensors header; no tensor data is read."""
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+    if header_size > MAX_HEADER_BYTES:
+        raise WeightsError(
+            f"the safetensors header claims {header_size} bytes; at most "
+            f"{MAX_HEADER_BYTES} are accepted"
+        )
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             return {
