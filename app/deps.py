@@ -26,7 +26,7 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 def get_storage(request: Request) -> Storage:
-    return open_storage(request.app.state.settings.resolved_storage_url)
+    return open_storage(request.app.state.settings)
 
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `graft keys create`")

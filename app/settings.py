@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = Field(None, description="default: SQLite in data_dir")
     broker_url: str | None = Field(None, description="default: a filesystem queue in data_dir")
-    storage_url: str | None = Field(None, description="default: data_dir/artifacts")
+    storage_url: str | None = Field(None, description="default: data_dir/artifacts; or s3://…")
+    s3_endpoint_url: str | None = Field(None, description="for MinIO and other S3 servers")
+    s3_region: str | None = None
 
     max_upload_bytes: int = 2048 * MiB
     max_archive_members: int = 200_000

@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 CHUNK = 1024 * 1024
 
@@ -89,8 +94,102 @@ class LocalStorage:
         return self._path(key).is_file()
 
 
-def open_storage(url: str) -> Storage:
+class S3Storage:
+    """An S3-compatible bucket (AWS, MinIO, ...). Objects appear whole or not at all (a PUT, or
+    a multipart upload, is atomic); each carries its sha256, checked when it is cached locally.
+
+    Credentials come from the usual AWS variables or instance roles; ``endpoint_url`` points at
+    MinIO or another S3-compatible server.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        cache_dir: Path,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        import boto3
+
+        self.bucket, self.prefix, self.cache_dir = bucket, prefix.strip("/"), cache_dir
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1"
+        )
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, source: Path) -> StoredObject:
+        digest, size = file_sha256(source), source.stat().st_size
+        self.client.upload_file(
+            str(source), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}}
+        )
+        return StoredObject(key, digest, size)
+
+    def open(self, key: str) -> BinaryIO:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+
+    def local_path(self, key: str) -> Path:
+        """A verified local copy, downloaded once into the cache folder."""
+        target = self.cache_dir.joinpath(*PurePosixPath(check_key(key)).parts)
+        head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        expected = head.get("Metadata", {}).get("sha256")
+        if target.is_file() and target.stat().st_size == head["ContentLength"]:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+        os.close(fd)
+        try:
+            self.client.download_file(self.bucket, self._key(key), tmp)
+            if expected and file_sha256(Path(tmp)) != expected:
+                raise OSError(f"checksum mismatch for {key}: the stored object is corrupt")
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return target
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self.cache_dir.joinpath(*PurePosixPath(key).parts).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+
+def iter_chunks(stream: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """Stream an object and close it, for responses that must not hold a file in memory."""
+    try:
+        while chunk := stream.read(chunk_size):
+            yield chunk
+    finally:
+        stream.close()
+
+
+@lru_cache
+def _open(url: str, cache_dir: Path, endpoint_url: str | None, region: str | None) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return LocalStorage(Path(unquote(parsed.path)))
-    raise ValueError(f"unsupported storage URL scheme {parsed.scheme!r} (supported: file)")
+    if parsed.scheme == "s3":
+        return S3Storage(parsed.netloc, parsed.path, cache_dir, endpoint_url, region)
+    raise ValueError(f"unsupported storage URL scheme {parsed.scheme!r} (supported: file, s3)")
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The artifact store of ``settings`` (one client per configuration, reused)."""
+    return _open(
+        settings.resolved_storage_url,
+        settings.data_dir.resolve() / "cache",
+        settings.s3_endpoint_url,
+        settings.s3_region,
+    )

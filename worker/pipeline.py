@@ -134,7 +134,7 @@ def run_job(job_id: str, settings: Settings) -> None:
         return
     log.info("job %s: attempt %d started", job_id, attempt)
     settings.ensure_dirs()
-    storage = open_storage(settings.resolved_storage_url)
+    storage = open_storage(settings)
     stored: list[StoredObject] = []
     with (
         tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"job-{job_id}-") as tmp,

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from app import registry
 from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, NotFound
 from app.routes import problems
 from app.schemas import ModelRead, ModelVersionRead, Page, PredictionsRead
+from app.storage import iter_chunks
 from app.uploads import save_upload
 
 router = APIRouter(
@@ -69,8 +70,8 @@ def get_version(name: str, version: int, session: SessionDep, owner: OwnerDep) -
 
 @router.get(
     "/{name}/versions/{version}/artifact",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "the file"}},
 )
 def download_artifact(
     name: str,
@@ -79,7 +80,8 @@ def download_artifact(
     storage: StorageDep,
     owner: OwnerDep,
     format: Annotated[Literal["safetensors", "onnx", "torchscript"], Query()] = "safetensors",
-) -> FileResponse:
+) -> StreamingResponse:
+    """The artifact, streamed, with its sha256 as ETag."""
     row = registry.get_version(session, owner, name, version)
     artifact = row.artifacts.get(format)
     if artifact is None:
@@ -87,11 +89,14 @@ def download_artifact(
             f"version {version} of {name!r} has no {format} artifact; "
             f"available: {', '.join(row.artifacts)}"
         )
-    return FileResponse(
-        storage.local_path(artifact["key"]),
+    return StreamingResponse(
+        iter_chunks(storage.open(artifact["key"])),
         media_type="application/octet-stream",
-        filename=f"{name}-v{version}.{format}",
-        headers={"ETag": f'"{artifact["sha256"]}"'},
+        headers={
+            "Content-Length": str(artifact["size_bytes"]),
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.{format}"',
+            "ETag": f'"{artifact["sha256"]}"',
+        },
     )
 
 

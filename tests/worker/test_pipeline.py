@@ -126,7 +126,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, clien
 def test_a_job_whose_dataset_vanished_fails_clearly(settings, client, job_id):
     with session_scope(settings.resolved_database_url) as s:
         key = s.get(Job, job_id).dataset.storage_key
-    open_storage(settings.resolved_storage_url).delete(key)
+    open_storage(settings).delete(key)
     pipeline.run_job(job_id, settings)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and "dataset" in job["error"]["message"]

@@ -1,0 +1,127 @@
+"""Artifact stores: a local folder and a real S3-compatible server (moto's, on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from fastapi.testclient import TestClient
+
+from app.cli import db_upgrade
+from app.main import create_app
+from app.settings import Settings
+from app.storage import LocalStorage, S3Storage, open_storage
+from tests.conftest import digits_archive, register_digits
+from worker import pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="graft", AWS_SECRET_ACCESS_KEY="graft-secret")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket="graft-test")
+            break
+        except Exception:
+            time.sleep(0.1)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_local_store_writes_atomically_and_keeps_keys_inside(tmp_path):
+    store = LocalStorage(tmp_path / "store")
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"hello" * 1000)
+    stored = store.put_file("models/m/v/a.bin", source)
+    assert stored.sha256 == hashlib.sha256(b"hello" * 1000).hexdigest()
+    assert store.open("models/m/v/a.bin").read() == b"hello" * 1000
+    assert [p.name for p in (tmp_path / "store/models/m/v").iterdir()] == ["a.bin"]
+    for bad in ("../x", "/etc/passwd", "a/../../b", ""):
+        with pytest.raises(ValueError):
+            store.put_file(bad, source)
+
+
+def test_s3_store_round_trip_with_verified_checksums(s3_endpoint, tmp_path):
+    store = S3Storage("graft-test", "unit", tmp_path / "cache", s3_endpoint)
+    source = tmp_path / "w.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024))
+    stored = store.put_file("models/x/w.bin", source)
+    assert store.exists("models/x/w.bin") and not store.exists("models/x/nope")
+    assert store.open("models/x/w.bin").read() == source.read_bytes()
+    local = store.local_path("models/x/w.bin")
+    assert local.read_bytes() == source.read_bytes()
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == stored.sha256
+
+    # An object whose bytes no longer match its recorded checksum is refused.
+    store.client.put_object(
+        Bucket="graft-test",
+        Key="unit/models/x/bad.bin",
+        Body=b"tampered",
+        Metadata={"sha256": stored.sha256},
+    )
+    with pytest.raises(OSError, match="checksum mismatch"):
+        store.local_path("models/x/bad.bin")
+    assert not list((tmp_path / "cache/models/x").glob(".download-*"))
+
+    store.delete("models/x/w.bin")
+    assert not store.exists("models/x/w.bin") and not local.exists()
+
+
+def test_a_job_keeps_every_artifact_in_s3(s3_endpoint, tmp_path, base_weights, digit_splits):
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        sweep_interval_s=0,
+        storage_url="s3://graft-test/e2e",
+        s3_endpoint_url=s3_endpoint,
+    )
+    db_upgrade(settings)
+    with TestClient(create_app(settings)) as client:
+        assert register_digits(client, base_weights).status_code == 201
+        archive = digits_archive(digit_splits[1], old_per_class=20, new_shots=10)
+        dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+        job = client.post(
+            "/v1/jobs",
+            json={"model": "digits", "dataset_id": dataset["id"], "config": {"epochs": 5}},
+        ).json()
+        pipeline.run_job(job["id"], settings)
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+        version = client.get("/v1/models/digits/versions/2").json()
+        download = client.get("/v1/models/digits/versions/2/artifact")
+        assert hashlib.sha256(download.content).hexdigest() == version["sha256"]
+        assert download.headers["etag"] == f'"{version["sha256"]}"'
+        onnx = client.get("/v1/models/digits/versions/2/artifact?format=onnx")
+        assert onnx.status_code == 200 and len(onnx.content) > 1000
+
+    keys = {
+        o["Key"]
+        for o in boto3.client(
+            "s3", endpoint_url=s3_endpoint, region_name="us-east-1"
+        ).list_objects_v2(Bucket="graft-test", Prefix="e2e/")["Contents"]
+    }
+    assert len(keys) == 4  # dataset, v1 weights, v2 weights, v2 onnx
+    assert not (settings.data_dir / "artifacts").exists()
+    assert isinstance(open_storage(settings), S3Storage)
+    assert not list(Path(settings.tmp_dir).iterdir())
