@@ -234,16 +234,26 @@ def sweep(session: Session, settings: Settings, now: datetime | None = None) -> 
     )
     if republish:
         session.execute(update(Job).where(Job.id.in_(republish)).values(queued_at=now))
+    hard_limit = timedelta(seconds=settings.job_time_limit_s + settings.job_time_grace_s)
     expired = session.execute(
-        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested).where(
+        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.started_at).where(
             Job.status == JobStatus.RUNNING,
             or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
         )
     ).all()
-    for job_id, attempt, max_attempts, cancel_requested in expired:
+    for job_id, attempt, max_attempts, cancel_requested, started_at in expired:
         fence = (Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
         if cancel_requested:
             values = {"status": JobStatus.CANCELLED, "finished_at": now}
+        elif started_at is not None and now - started_at > hard_limit:
+            values = {
+                "status": JobStatus.FAILED,
+                "finished_at": now,
+                "error": {
+                    "code": "timeout",
+                    "message": "the job's worker went silent after its time limit",
+                },
+            }
         elif attempt >= max_attempts:
             values = {
                 "status": JobStatus.FAILED,

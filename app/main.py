@@ -12,11 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.db import session_scope
-from app.errors import ServiceError
+from app.errors import ServiceError, Unavailable
 from app.jobs import sweep
 from app.observability import Metrics, MetricsMiddleware
 from app.predict import PredictorCache
@@ -76,6 +77,21 @@ def install_error_handlers(app: FastAPI) -> None:
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value
         return response
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+            log.warning("database unreachable: %s", exc.orig)
+            response = problem(
+                503,
+                Unavailable.title,
+                "the database is unreachable; retry shortly",
+                Unavailable.type_,
+            )
+            response.headers["Retry-After"] = "2"
+            return response
+        log.exception("database error", exc_info=exc)
+        return problem(500, "Internal server error", "an unexpected error occurred")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import enum
 import logging
+import shutil
 import socket
 import tarfile
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +27,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope, utcnow
 from app.jobs import progress_record
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
+from app.queue import publish_jobs
 from app.registry import SAFETENSORS, add_version, artifact_metadata
 from app.settings import Settings
 from app.storage import Storage, StoredObject, open_storage
@@ -69,13 +73,26 @@ def claim_job(settings: Settings, job_id: str) -> int | None:
         return session.scalar(select(Job.attempt).where(Job.id == job_id))
 
 
+# Set when the worker process is asked to stop (SIGTERM): the running job is handed back.
+shutdown_requested = threading.Event()
+
+
+class StopReason(enum.StrEnum):
+    LOST = "lost"  # another attempt owns the job
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+    TIMEOUT = "timeout"
+
+
 class Heartbeat:
-    """Keeps the lease alive, flushes progress and reads the cancel flag, once a second."""
+    """Keeps the lease alive, flushes progress and reads the cancel flag, once a second; knows
+    why the job should stop, if it should."""
 
     def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
         self.settings, self.job_id, self.attempt = settings, job_id, attempt
         self.cancel_requested = False
         self.lost = False
+        self.deadline = time.monotonic() + settings.job_time_limit_s
         self._pending: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -93,8 +110,20 @@ class Heartbeat:
         with self._lock:
             self._pending = asdict(progress)
 
+    @property
+    def stop_reason(self) -> StopReason | None:
+        if self.lost:
+            return StopReason.LOST
+        if self.cancel_requested:
+            return StopReason.CANCELLED
+        if shutdown_requested.is_set():
+            return StopReason.SHUTDOWN
+        if time.monotonic() > self.deadline:
+            return StopReason.TIMEOUT
+        return None
+
     def should_stop(self) -> bool:
-        return self.cancel_requested or self.lost
+        return self.stop_reason is not None
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
@@ -134,6 +163,8 @@ def run_job(job_id: str, settings: Settings) -> None:
         return
     log.info("job %s: attempt %d started", job_id, attempt)
     settings.ensure_dirs()
+    for stale in settings.tmp_dir.glob(f"job-{job_id}-*"):  # left by a killed attempt
+        shutil.rmtree(stale, ignore_errors=True)
     storage = open_storage(settings)
     stored: list[StoredObject] = []
     with (
@@ -150,10 +181,8 @@ def run_job(job_id: str, settings: Settings) -> None:
             _finish_succeeded(settings, job_id, attempt, spec, version_id, result, stored)
             log.info("job %s: succeeded", job_id)
         except JobCancelled:
-            if heartbeat.lost:
-                _discard(storage, stored, job_id)
-            else:
-                _finish(settings, job_id, attempt, JobStatus.CANCELLED, None)
+            _discard(storage, stored, job_id)
+            _stopped(settings, job_id, attempt, heartbeat.stop_reason)
         except LeaseLost:
             _discard(storage, stored, job_id)
         except EngineError as exc:
@@ -360,6 +389,42 @@ def _finish(
     with session_scope(settings.resolved_database_url) as session:
         _fenced_finish(session, job_id, attempt, status, error=error)
     log.info("job %s: %s %s", job_id, status, error or "")
+
+
+def _stopped(settings: Settings, job_id: str, attempt: int, reason: StopReason | None) -> None:
+    if reason == StopReason.CANCELLED:
+        _finish(settings, job_id, attempt, JobStatus.CANCELLED, None)
+    elif reason == StopReason.TIMEOUT:
+        limit = settings.job_time_limit_s
+        _finish(
+            settings,
+            job_id,
+            attempt,
+            JobStatus.FAILED,
+            {"code": "timeout", "message": f"the job ran longer than {limit:.0f} s"},
+        )
+    elif reason == StopReason.SHUTDOWN:
+        _release(settings, job_id, attempt)
+
+
+def _release(settings: Settings, job_id: str, attempt: int) -> None:
+    """Hand a job back to the queue when this worker is told to stop. A clean hand-back is not
+    a failure, so it does not use up one of the job's attempts."""
+    with session_scope(settings.resolved_database_url) as session:
+        released = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+            .values(
+                status=JobStatus.QUEUED,
+                queued_at=utcnow(),
+                lease_expires_at=None,
+                max_attempts=Job.max_attempts + 1,
+                progress=progress_record("queued", 0.0, "re-queued: its worker shut down"),
+            )
+        ).rowcount
+    if released:
+        publish_jobs(settings, [job_id])
+        log.info("job %s: handed back to the queue (worker shutting down)", job_id)
 
 
 def _discard(storage: Storage, stored: list[StoredObject], job_id: str) -> None:

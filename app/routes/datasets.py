@@ -14,7 +14,7 @@ from app.schemas import DatasetRead, Page
 from app.uploads import upload_size
 
 router = APIRouter(
-    prefix="/v1/datasets", tags=["datasets"], responses=problems(400, 401, 404, 409, 413, 422)
+    prefix="/v1/datasets", tags=["datasets"], responses=problems(400, 401, 404, 409, 413, 422, 503)
 )
 
 

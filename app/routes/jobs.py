@@ -19,7 +19,7 @@ from app.routes import problems
 from app.schemas import JobCreate, JobRead, Page
 
 router = APIRouter(
-    prefix="/v1/jobs", tags=["jobs"], responses=problems(400, 401, 404, 409, 413, 422)
+    prefix="/v1/jobs", tags=["jobs"], responses=problems(400, 401, 404, 409, 413, 422, 503)
 )
 StatusQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

@@ -18,7 +18,7 @@ from app.storage import iter_chunks
 from app.uploads import save_upload
 
 router = APIRouter(
-    prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422)
+    prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422, 503)
 )
 
 
