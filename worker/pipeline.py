@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import shutil
 import socket
 import tarfile
@@ -64,7 +65,7 @@ def claim_job(settings: Settings, job_id: str) -> int | None:
                 attempt=Job.attempt + 1,
                 lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
                 started_at=now,
-                worker=socket.gethostname(),
+                worker=f"{socket.gethostname()}/{os.getpid()}",
                 progress=progress_record("loading", 0.0, "claimed"),
             )
         ).rowcount
