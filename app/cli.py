@@ -48,13 +48,15 @@ def run_api(settings: Settings) -> None:
 def worker_argv(settings: Settings) -> list[str]:
     from worker.celery_app import QUEUE
 
+    # One job per process, in the process itself: a worker is one GPU (CUDA_VISIBLE_DEVICES);
+    # scale by running more workers. Graft enforces time limits and hand-back on SIGTERM itself.
     argv = [
         "worker",
         f"--loglevel={settings.log_level}",
-        f"--pool={settings.worker_pool}",
-        f"--concurrency={settings.worker_concurrency}",
+        "--pool=solo",
+        "--concurrency=1",
         f"--queues={QUEUE}",
-        "--hostname=graft@%h",
+        f"--hostname=graft-{os.getpid()}@%h",
     ]
     if settings.resolved_broker_url.startswith("filesystem"):
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
@@ -146,7 +148,7 @@ def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
                 print(f"{row.prefix}  {row.owner:<20} {row.created_at:%Y-%m-%d}  {state}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="API and a worker together (the embedded default)")
@@ -162,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     db = commands.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
     db.add_argument("revision", nargs="?", default="head")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     settings = get_settings()
     logging.basicConfig(

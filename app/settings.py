@@ -38,8 +38,6 @@ class Settings(BaseSettings):
     job_time_limit_s: float = 24 * 3600.0  # then the job stops and fails with code "timeout"
     job_time_grace_s: float = 600.0  # a worker silent past limit + grace: failed, not retried
     sweep_interval_s: float = 15.0
-    worker_pool: str = "solo"
-    worker_concurrency: int = 1
     device: str = "auto"
     extract_workers: int = 0
     log_level: str = "INFO"

@@ -18,7 +18,10 @@ QUEUE = "graft"
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("graft", broker=settings.resolved_broker_url, include=["worker.tasks"])
-    transport_options: dict = {"visibility_timeout": 24 * 3600}
+    # Redis redelivers an unacknowledged job after this long; keep it beyond the hard limit so
+    # a long job is not handed to a second worker while the first still holds it.
+    visibility = settings.job_time_limit_s + settings.job_time_grace_s + 3600
+    transport_options: dict = {"visibility_timeout": visibility}
     filesystem = settings.resolved_broker_url.startswith("filesystem")
     if filesystem:
         folder = str(settings.queue_dir)
