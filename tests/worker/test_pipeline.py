@@ -131,3 +131,25 @@ def test_a_job_whose_dataset_vanished_fails_clearly(settings, client, job_id):
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and "dataset" in job["error"]["message"]
     assert versions(settings) == 1
+
+
+def test_a_job_past_its_time_limit_fails_with_code_timeout(settings, client, job_id):
+    pipeline.run_job(job_id, settings.model_copy(update={"job_time_limit_s": 0}))
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+    assert versions(settings) == 1
+
+
+def test_a_worker_silent_past_the_hard_limit_is_not_retried(settings, client, job_id):
+    set_job(
+        settings,
+        job_id,
+        status="running",
+        attempt=1,
+        started_at=utcnow() - timedelta(days=2),
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
+    with session_scope(settings.resolved_database_url) as s:
+        assert sweep(s, settings) == []
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout"
