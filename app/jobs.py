@@ -78,6 +78,8 @@ def create_job(
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        notify_url=str(body.notify_url) if body.notify_url else None,
+        notify_state="pending" if body.notify_url else None,
     )
     session.add(job)
     try:
@@ -213,6 +215,7 @@ def job_read(job: Job) -> JobRead:
         ),
         error=job.error,
         attempt=job.attempt,
+        notify_url=job.notify_url,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -25,6 +26,7 @@ from app.queue import publish_jobs
 from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
 from app.settings import Settings, get_settings
 from app.uploads import BodySizeLimit
+from app.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 PROBLEM = PROBLEM_MEDIA_TYPE
@@ -113,7 +115,8 @@ def install_openapi(app: FastAPI) -> None:
 
 
 class Sweeper:
-    """Periodically re-publishes jobs the broker lost and re-queues jobs of dead workers."""
+    """Periodically re-publishes jobs the broker lost, re-queues jobs of dead workers, and
+    (every second) delivers due webhooks."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -133,9 +136,13 @@ class Sweeper:
         return publish_jobs(self.settings, ids)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.sweep_interval_s):
+        next_sweep = time.monotonic() + self.settings.sweep_interval_s
+        while not self._stop.wait(1.0):
             try:
-                self.run_once()
+                deliver_due(self.settings)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.settings.sweep_interval_s
+                    self.run_once()
             except Exception:
                 log.warning("sweep failed", exc_info=True)
 

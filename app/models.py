@@ -123,6 +123,11 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Webhook on the final status, delivered by the API's notifier (an outbox in this row).
+    notify_url: Mapped[str | None] = mapped_column(String(2000))
+    notify_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    notify_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

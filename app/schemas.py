@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 T = TypeVar("T")
@@ -137,6 +137,9 @@ class JobCreate(BaseModel):
     dataset_id: str = Field(min_length=1, max_length=64)
     new_labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
     config: JobConfig = JobConfig()
+    notify_url: HttpUrl | None = Field(
+        None, description="POSTed the job, signed (Graft-Signature), when it ends"
+    )
 
 
 class JobProgress(BaseModel):
@@ -170,6 +173,7 @@ class JobRead(BaseModel):
     result: JobResult | None
     error: JobError | None
     attempt: int
+    notify_url: str | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

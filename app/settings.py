@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     job_time_limit_s: float = 24 * 3600.0  # then the job stops and fails with code "timeout"
     job_time_grace_s: float = 600.0  # a worker silent past limit + grace: failed, not retried
     sweep_interval_s: float = 15.0
+    webhook_secret: str | None = Field(None, description="default: a secret kept in data_dir")
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 5.0  # doubled after every failed delivery
     device: str = "auto"
     extract_workers: int = 0
     log_level: str = "INFO"

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 from fastapi.testclient import TestClient
 
-from app.cli import db_upgrade
 from app.main import create_app
+from app.server import db_upgrade
 from app.settings import Settings
 from tests.support import digits as D
 

@@ -260,8 +260,8 @@ class TestDatasets:
     def test_body_over_the_limit_is_413(self, tmp_path, base_weights):
         from fastapi.testclient import TestClient
 
-        from app.cli import db_upgrade
         from app.main import create_app
+        from app.server import db_upgrade
         from app.settings import Settings
 
         small = Settings(data_dir=tmp_path / "small", sweep_interval_s=0, max_upload_bytes=1000)

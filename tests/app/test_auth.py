@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.auth import create_key, revoke_key
-from app.cli import db_upgrade
 from app.db import session_scope
 from app.main import create_app
 from app.models import ApiKey
+from app.server import db_upgrade
 from app.settings import Settings
 from tests.conftest import digits_archive, register_digits
 
@@ -103,7 +103,7 @@ def test_graft_keys_create_prints_a_working_key_once(client, settings):
 
     env = {**os.environ, "GRAFT_DATA_DIR": str(settings.data_dir), "GRAFT_LOG_LEVEL": "WARNING"}
     run = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--owner", "carol"],
+        [sys.executable, "-m", "graft.cli", "keys", "create", "--owner", "carol"],
         env=env,
         capture_output=True,
         text=True,
@@ -113,7 +113,7 @@ def test_graft_keys_create_prints_a_working_key_once(client, settings):
     assert key.startswith("graft_") and "cannot be shown again" in run.stderr
     assert client.get("/v1/models", headers=bearer(key)).status_code == 200
     listed = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "list"],
+        [sys.executable, "-m", "graft.cli", "keys", "list"],
         env=env,
         capture_output=True,
         text=True,

@@ -18,9 +18,9 @@ from schemathesis.checks import (
 )
 
 from app.auth import create_key
-from app.cli import db_upgrade
 from app.db import session_scope
 from app.main import create_app
+from app.server import db_upgrade
 from app.settings import Settings
 
 # The schema must exist when tests are collected, so the app is built at import.

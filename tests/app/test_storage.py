@@ -14,8 +14,8 @@ import boto3
 import pytest
 from fastapi.testclient import TestClient
 
-from app.cli import db_upgrade
 from app.main import create_app
+from app.server import db_upgrade
 from app.settings import Settings
 from app.storage import LocalStorage, S3Storage, open_storage
 from tests.conftest import digits_archive, register_digits

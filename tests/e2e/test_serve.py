@@ -45,7 +45,7 @@ def server(tmp_path_factory):
     }
     log = (data_dir / "serve.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "graft.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     deadline = time.monotonic() + 90

@@ -18,12 +18,12 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.cli import db_upgrade
 from app.db import session_scope
 from app.jobs import create_job
 from app.main import Sweeper, create_app
 from app.models import Job
 from app.schemas import JobCreate
+from app.server import db_upgrade
 from app.settings import Settings
 from tests.conftest import digits_archive, register_digits
 
@@ -45,7 +45,7 @@ class Cluster:
     def worker(self) -> subprocess.Popen:
         log = (self.logs / f"worker{len(self.workers)}.log").open("w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
+            [sys.executable, "-m", "graft.cli", "worker"],
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -13,8 +13,8 @@ from alembic import command
 from alembic.config import Config
 from fastapi.testclient import TestClient
 
-from app.cli import MIGRATIONS, db_upgrade
 from app.main import create_app
+from app.server import MIGRATIONS, db_upgrade
 from app.settings import Settings
 from tests.conftest import digits_archive, register_digits
 
@@ -50,7 +50,7 @@ def test_a_job_runs_on_a_separate_worker_through_redis_and_postgres(
     )
     db_upgrade(settings)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"], env={**os.environ, **env}
+        [sys.executable, "-m", "graft.cli", "worker"], env={**os.environ, **env}
     )
     try:
         with TestClient(create_app(settings)) as client:

@@ -1,8 +1,7 @@
-"""The ``graft`` command: serve (API and worker together), api, worker, db upgrade."""
+"""Running Graft: migrations, the API, a worker, and both together (what `graft serve` runs)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -12,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.settings import Settings, get_settings
+from app.settings import Settings
 
 log = logging.getLogger("graft")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -99,7 +98,7 @@ def serve(settings: Settings) -> None:
     # SystemExit lets the `finally` below stop the worker.
     _exit_on(signal.SIGINT, signal.SIGTERM)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"],
+        [sys.executable, "-m", "graft.cli", "worker"],
         start_new_session=True,
         env={**os.environ, SERVE_PARENT: str(os.getpid())},
     )
@@ -123,68 +122,3 @@ def serve(settings: Settings) -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-
-
-def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
-    from app import auth
-    from app.db import session_scope
-
-    db_upgrade(settings)
-    with session_scope(settings.resolved_database_url) as session:
-        if args.action == "create":
-            key, row = auth.create_key(session, args.owner)
-            print(key)
-            print(
-                f"owner {row.owner}, prefix {row.prefix}: keep the key now, it is not "
-                "stored and cannot be shown again",
-                file=sys.stderr,
-            )
-        elif args.action == "revoke":
-            row = auth.revoke_key(session, args.prefix)
-            print(f"revoked {row.prefix} ({row.owner})")
-        else:
-            for row in auth.list_keys(session):
-                state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
-                print(f"{row.prefix}  {row.owner:<20} {row.created_at:%Y-%m-%d}  {state}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="API and a worker together (the embedded default)")
-    commands.add_parser("api", help="the HTTP API only")
-    commands.add_parser("worker", help="a Celery worker only")
-    keys = commands.add_parser("keys", help="API keys")
-    key_commands = keys.add_subparsers(dest="action", required=True)
-    create = key_commands.add_parser("create", help="create a key; it is printed once")
-    create.add_argument("--owner", required=True, help="who the key's resources belong to")
-    key_commands.add_parser("list", help="list keys (prefixes only)")
-    revoke = key_commands.add_parser("revoke", help="revoke a key by its prefix")
-    revoke.add_argument("prefix")
-    db = commands.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["upgrade"])
-    db.add_argument("revision", nargs="?", default="head")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-
-    settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    if args.command == "serve":
-        serve(settings)
-    elif args.command == "api":
-        run_api(settings)
-    elif args.command == "worker":
-        run_worker(settings)
-    elif args.command == "keys":
-        manage_keys(settings, args)
-    elif args.command == "db":
-        db_upgrade(settings, args.revision)
-
-
-if __name__ == "__main__":
-    main()

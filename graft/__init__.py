@@ -1,0 +1,1 @@
+"""Graft's Python client and command line. ``from graft.client import Client``."""

@@ -1,0 +1,439 @@
+"""The ``graft`` command: run the service, and use it.
+
+Server:   graft serve | api | worker | db upgrade | keys create/list/revoke
+Client:   graft model push/list/show/pull | dataset push/show | job submit/list/show/watch/cancel
+
+The client commands talk to ``GRAFT_URL`` (default http://127.0.0.1:8000) with
+``GRAFT_API_KEY``. Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad usage,
+3 the API refused the request, 4 the API could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from graft.client import FINAL, Client, GraftError
+
+app = typer.Typer(
+    help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
+model_app = typer.Typer(help="Models and their versions.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Labelled image folders.", no_args_is_help=True)
+job_app = typer.Typer(help="Label-expansion jobs.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+for sub, name in (
+    (model_app, "model"),
+    (dataset_app, "dataset"),
+    (job_app, "job"),
+    (db_app, "db"),
+    (keys_app, "keys"),
+):
+    app.add_typer(sub, name=name)
+
+out = Console()
+err = Console(stderr=True)
+EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3, 4
+# Share of the whole job each stage stands for, to draw one bar with an honest ETA.
+STAGES = {
+    "queued": (0.0, 0.0),
+    "loading": (0.0, 0.05),
+    "extracting": (0.05, 0.6),
+    "training": (0.6, 0.9),
+    "evaluating": (0.9, 0.95),
+    "exporting": (0.95, 1.0),
+    "done": (1.0, 1.0),
+}
+
+
+def client() -> Client:
+    return Client()
+
+
+def fail(exc: GraftError) -> None:
+    err.print(f"[red]error:[/red] {exc.detail}")
+    for problem in exc.problem.get("errors", [])[:10]:
+        err.print(f"  {problem.get('field')}: {problem.get('message')}")
+    raise typer.Exit(EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED)
+
+
+# Server -------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve() -> None:
+    """Migrate, then run the API and a worker together (the embedded default)."""
+    from app.server import serve as run
+
+    run(_settings())
+
+
+@app.command()
+def api() -> None:
+    """Run the HTTP API only."""
+    from app.server import run_api
+
+    run_api(_settings())
+
+
+@app.command()
+def worker() -> None:
+    """Run one worker (one job at a time; one per GPU)."""
+    from app.server import run_worker
+
+    run_worker(_settings())
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply database migrations (safe to repeat)."""
+    from app.server import db_upgrade as upgrade
+
+    upgrade(_settings(), revision)
+
+
+@keys_app.command("create")
+def keys_create(
+    owner: Annotated[str, typer.Option(help="who the key's resources belong to")],
+) -> None:
+    """Create an API key. It is printed once and not stored."""
+    from app import auth
+
+    with _session() as session:
+        key, row = auth.create_key(session, owner)
+    print(key)
+    err.print(
+        f"owner {row.owner}, prefix {row.prefix}: keep the key now, it is not stored "
+        "and cannot be shown again"
+    )
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (prefixes and owners; keys themselves are never stored)."""
+    from app import auth
+
+    with _session() as session:
+        for row in auth.list_keys(session):
+            state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+            print(f"{row.prefix}  {row.owner:<20} {row.created_at:%Y-%m-%d}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: str) -> None:
+    """Revoke a key by its prefix."""
+    from app import auth
+
+    with _session() as session:
+        row = auth.revoke_key(session, prefix)
+    print(f"revoked {row.prefix} ({row.owner})")
+
+
+def _settings() -> Any:
+    import logging
+
+    from app.settings import get_settings
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return settings
+
+
+def _session() -> Any:
+    from app.db import session_scope
+    from app.server import db_upgrade as upgrade
+
+    settings = _settings()
+    upgrade(settings)
+    return session_scope(settings.resolved_database_url)
+
+
+# Models -------------------------------------------------------------------------------------
+
+
+@model_app.command("push")
+def model_push(
+    name: str,
+    weights: Annotated[Path, typer.Option(exists=True, dir_okay=False, help=".safetensors/.pt")],
+    architecture: Annotated[str, typer.Option("--arch", help="timm:NAME or torchvision:NAME")],
+    labels: Annotated[str, typer.Option(help="a JSON file, or labels separated by commas")],
+    preprocessing: Annotated[Path | None, typer.Option(exists=True, help="a JSON file")] = None,
+) -> None:
+    """Register a trained classifier as version 1 of NAME."""
+    label_list = (
+        json.loads(Path(labels).read_text())
+        if Path(labels).is_file()
+        else [x.strip() for x in labels.split(",") if x.strip()]
+    )
+    prep = json.loads(preprocessing.read_text()) if preprocessing else None
+    try:
+        version = client().register_model(name, architecture, label_list, weights, prep)
+    except GraftError as exc:
+        fail(exc)
+    out.print(
+        f"[green]registered[/green] {version.name} v{version.version}: "
+        f"{version.num_classes} labels, {version.architecture}"
+    )
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List models."""
+    try:
+        models = client().list_models()
+    except GraftError as exc:
+        fail(exc)
+    table = Table("name", "latest", "versions", "created")
+    for m in models:
+        table.add_row(
+            m.name, str(m.latest_version), str(len(m.versions)), f"{m.created_at:%Y-%m-%d %H:%M}"
+        )
+    out.print(table)
+
+
+@model_app.command("show")
+def model_show(name: str) -> None:
+    """A model's versions."""
+    try:
+        model = client().get_model(name)
+    except GraftError as exc:
+        fail(exc)
+    table = Table("version", "parent", "status", "classes", "created", title=model.name)
+    for v in model.versions:
+        latest = " (latest)" if v.version == model.latest_version else ""
+        table.add_row(
+            f"{v.version}{latest}",
+            str(v.parent_version or ""),
+            v.status,
+            str(v.num_classes),
+            f"{v.created_at:%Y-%m-%d %H:%M}",
+        )
+    out.print(table)
+
+
+@model_app.command("pull")
+def model_pull(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION, or NAME for the latest version")],
+    format: Annotated[str, typer.Option(help="safetensors or onnx")] = "safetensors",
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+) -> None:
+    """Download a version, checking its sha256."""
+    name, _, version = ref.partition("@")
+    graft = client()
+    try:
+        number = int(version) if version else graft.get_model(name).latest_version
+        dest = output or Path(f"{name}-v{number}.{format}")
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"{name} v{number}", total=None)
+            graft.download(
+                name,
+                number,
+                dest,
+                format,
+                on_bytes=lambda done, total: bar.update(task, completed=done, total=total or None),
+            )
+    except (GraftError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            err.print(f"[red]error:[/red] VERSION must be a number, got {version!r}")
+            raise typer.Exit(2) from None
+        fail(exc)
+    out.print(f"[green]saved[/green] {dest} ({dest.stat().st_size:,} bytes, sha256 verified)")
+
+
+# Datasets -----------------------------------------------------------------------------------
+
+
+@dataset_app.command("push")
+def dataset_push(
+    source: Annotated[Path, typer.Argument(exists=True, help="an ImageFolder, or an archive")],
+    name: str | None = None,
+) -> None:
+    """Upload labelled images: one folder per label."""
+    try:
+        dataset = client().push_dataset(source, name)
+    except GraftError as exc:
+        fail(exc)
+    table = Table("label", "images", title=f"dataset {dataset.id}")
+    for label, count in dataset.labels.items():
+        table.add_row(label, str(count))
+    out.print(table)
+    for rejected in dataset.rejected[:20]:
+        err.print(f"[yellow]skipped[/yellow] {rejected.path}: {rejected.reason}")
+    print(dataset.id)
+
+
+# Jobs ---------------------------------------------------------------------------------------
+
+
+@job_app.command("submit")
+def job_submit(
+    model: Annotated[str, typer.Option(help="the model to grow")],
+    dataset: Annotated[str, typer.Option(help="a dataset id from `graft dataset push`")],
+    new_label: Annotated[
+        list[str] | None, typer.Option(help="default: the dataset's new labels")
+    ] = None,
+    base_version: int | None = None,
+    config: Annotated[str | None, typer.Option(help="JSON, e.g. '{\"epochs\": 50}'")] = None,
+    notify_url: Annotated[str | None, typer.Option(help="POSTed the job when it ends")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="follow it to the end")] = False,
+) -> None:
+    """Teach MODEL the new labels of DATASET."""
+    try:
+        job = client().submit_job(
+            model,
+            dataset,
+            new_labels=new_label or None,
+            base_version=base_version,
+            config=json.loads(config) if config else None,
+            notify_url=notify_url,
+        )
+    except GraftError as exc:
+        fail(exc)
+    err.print(
+        f"submitted job {job.id}: {job.model} v{job.base_version} + {', '.join(job.new_labels)}"
+    )
+    if watch:
+        follow(job.id)
+    else:
+        print(job.id)
+
+
+@job_app.command("watch")
+def job_watch(job_id: str) -> None:
+    """Follow a job with a progress bar, then show its metrics."""
+    follow(job_id)
+
+
+def follow(job_id: str) -> None:
+    columns = (
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(compact=True),
+    )
+    try:
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("queued", total=1.0)
+
+            def show(job: Any) -> None:
+                start, end = STAGES.get(job.progress.stage, (0.0, 1.0))
+                done = start + (end - start) * job.progress.fraction
+                epoch = (
+                    f" epoch {job.progress.epoch}/{job.progress.epochs}"
+                    if job.progress.epoch
+                    else ""
+                )
+                bar.update(task, completed=done, description=f"{job.progress.stage}{epoch}")
+
+            job = client().wait(job_id, on_progress=show)
+    except GraftError as exc:
+        fail(exc)
+    report(job)
+    if job.status != "succeeded":
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+def report(job: Any) -> None:
+    if job.status != "succeeded":
+        detail = f": {job.error.code}: {job.error.message}" if job.error else ""
+        err.print(f"[red]job {job.id} {job.status}[/red]{detail}")
+        return
+    m = job.metrics
+    old, new = m["old_classes"], m["new_classes"]
+    table = Table(
+        "measure",
+        "value",
+        title=f"{job.model} v{job.result.version} ({m['gate']['reason'] if 'gate' in m else ''})",
+    )
+    rows = [
+        ("old-class accuracy before", _pct(old["accuracy_before"])),
+        ("old-class accuracy after", _pct(old["accuracy_after"])),
+        ("retention", _pct(old["retention"])),
+        ("unchanged old predictions", _pct(old["prediction_agreement"])),
+        ("new-class accuracy", _pct(new["accuracy"])),
+        (
+            "overall accuracy / macro F1",
+            f"{_pct(m['overall']['accuracy'])} / {_pct(m['overall']['macro_f1'])}",
+        ),
+        ("validation images (old / new)", f"{old['n']} / {new['n']}"),
+        ("time", f"{m['timing']['total_s']:.1f} s on {m['device']}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+@job_app.command("list")
+def job_list(status: str | None = None, model: str | None = None) -> None:
+    """List jobs, newest first."""
+    try:
+        jobs = client().list_jobs(status, model)
+    except GraftError as exc:
+        fail(exc)
+    table = Table("id", "model", "status", "stage", "new labels", "result", "created")
+    for j in jobs:
+        result = f"v{j.result.version}" if j.result else ""
+        table.add_row(
+            j.id,
+            f"{j.model} v{j.base_version}",
+            j.status,
+            j.progress.stage,
+            ", ".join(j.new_labels),
+            result,
+            f"{j.created_at:%Y-%m-%d %H:%M}",
+        )
+    out.print(table)
+
+
+@job_app.command("show")
+def job_show(job_id: str) -> None:
+    """A job's status and metrics."""
+    try:
+        job = client().get_job(job_id)
+    except GraftError as exc:
+        fail(exc)
+    if job.status in FINAL:
+        report(job)
+    else:
+        out.print(
+            f"{job.id}: {job.status}, {job.progress.stage} "
+            f"{100 * job.progress.fraction:.0f}% {job.progress.message}"
+        )
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str) -> None:
+    """Cancel a queued or running job."""
+    try:
+        job = client().cancel_job(job_id)
+    except GraftError as exc:
+        fail(exc)
+    out.print(f"job {job.id}: {'cancelled' if job.status == 'cancelled' else 'cancelling'}")
+
+
+def main() -> None:
+    app(prog_name="graft")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

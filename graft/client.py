@@ -1,0 +1,283 @@
+"""A typed Python client for the Graft HTTP API.
+
+    from graft.client import Client
+
+    graft = Client()                                   # GRAFT_URL, GRAFT_API_KEY from the env
+    graft.register_model("digits", "timm:resnet18", labels, "digits.safetensors")
+    dataset = graft.push_dataset("images/")            # an ImageFolder, zipped on the fly
+    job = graft.submit_job("digits", dataset.id)
+    job = graft.wait(job.id, on_progress=lambda j: print(j.progress.stage, j.progress.fraction))
+    graft.download("digits", job.result.version, "digits-v2.onnx", format="onnx")
+
+Results are the API's own pydantic schemas; errors are :class:`GraftError` carrying the
+problem+json body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.schemas import DatasetRead, JobRead, ModelRead, ModelVersionRead
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+FINAL = ("succeeded", "failed", "cancelled")
+ProgressCallback = Callable[[JobRead], None]
+
+
+def verify_signature(body: bytes, header: str, secret: str, tolerance_s: float = 300) -> bool:
+    """Check a webhook's ``Graft-Signature`` header: the HMAC matches and it is recent."""
+    import hmac
+
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    expected = hmac.new(
+        secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
+    ).hexdigest()
+    fresh = abs(time.time() - timestamp) <= tolerance_s
+    return fresh and hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+class GraftError(Exception):
+    """The API answered with an error (``status`` and the problem+json body), or could not be
+    reached (``status`` 0)."""
+
+    def __init__(self, status: int, detail: str, problem: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{status}: {detail}" if status else detail)
+        self.status, self.detail, self.problem = status, detail, problem or {}
+
+
+class Client:
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, timeout: float = 120.0
+    ) -> None:
+        self.url = (url or os.environ.get("GRAFT_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key or os.environ.get("GRAFT_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise GraftError(0, f"cannot reach Graft at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+                detail = problem.get("detail") or response.reason_phrase
+            except ValueError:
+                problem, detail = None, response.text[:200] or response.reason_phrase
+            raise GraftError(response.status_code, detail, problem)
+        return response
+
+    # Models ---------------------------------------------------------------------------------
+
+    def register_model(
+        self,
+        name: str,
+        architecture: str,
+        labels: list[str],
+        weights: str | Path,
+        preprocessing: dict | None = None,
+    ) -> ModelVersionRead:
+        data = {"name": name, "architecture": architecture, "labels": json.dumps(labels)}
+        if preprocessing:
+            data["preprocessing"] = json.dumps(preprocessing)
+        with Path(weights).open("rb") as f:
+            response = self._request(
+                "POST", "/v1/models", data=data, files={"weights": (Path(weights).name, f)}
+            )
+        return ModelVersionRead.model_validate(response.json())
+
+    def get_model(self, name: str) -> ModelRead:
+        return ModelRead.model_validate(self._request("GET", f"/v1/models/{name}").json())
+
+    def get_version(self, name: str, version: int) -> ModelVersionRead:
+        response = self._request("GET", f"/v1/models/{name}/versions/{version}")
+        return ModelVersionRead.model_validate(response.json())
+
+    def list_models(self) -> list[ModelRead]:
+        return [ModelRead.model_validate(m) for m in self._pages("/v1/models", {})]
+
+    def download(
+        self,
+        name: str,
+        version: int,
+        dest: str | Path,
+        format: str = "safetensors",
+        on_bytes: Callable[[int, int], None] | None = None,
+    ) -> Path:
+        """Stream an artifact to ``dest`` and check its sha256 against the server's ETag; a
+        partial or corrupt download leaves no file behind."""
+        dest = Path(dest)
+        path = f"/v1/models/{name}/versions/{version}/artifact"
+        digest = hashlib.sha256()
+        tmp = dest.with_name(f".{dest.name}.part")
+        try:
+            with self.http.stream("GET", path, params={"format": format}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise(response)
+                total = int(response.headers.get("content-length", 0))
+                done = 0
+                with tmp.open("wb") as out:
+                    for chunk in response.iter_bytes(1024 * 1024):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        if on_bytes:
+                            on_bytes(done, total)
+                expected = response.headers.get("etag", "").strip('"')
+            if expected and digest.hexdigest() != expected:
+                raise GraftError(0, f"checksum mismatch downloading {name} v{version}")
+            tmp.replace(dest)
+        except httpx.TransportError as exc:
+            raise GraftError(0, f"download interrupted: {exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    # Datasets -------------------------------------------------------------------------------
+
+    def push_dataset(self, source: str | Path, name: str | None = None) -> DatasetRead:
+        """Upload an archive, or a local ImageFolder zipped on the fly into a temporary file
+        (the upload streams from disk; memory use stays flat)."""
+        source = Path(source)
+        data = {"name": name} if name else {}
+        if source.is_file():
+            with source.open("rb") as f:
+                response = self._request(
+                    "POST", "/v1/datasets", data=data, files={"archive": (source.name, f)}
+                )
+            return DatasetRead.model_validate(response.json())
+        with tempfile.TemporaryFile() as archive:
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+                for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                    zf.write(path, path.relative_to(source).as_posix())
+            archive.seek(0)
+            response = self._request(
+                "POST",
+                "/v1/datasets",
+                data=data,
+                files={"archive": (f"{source.name or 'dataset'}.zip", archive)},
+            )
+        return DatasetRead.model_validate(response.json())
+
+    def get_dataset(self, dataset_id: str) -> DatasetRead:
+        return DatasetRead.model_validate(self._request("GET", f"/v1/datasets/{dataset_id}").json())
+
+    # Jobs -----------------------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        model: str,
+        dataset_id: str,
+        *,
+        new_labels: list[str] | None = None,
+        base_version: int | None = None,
+        config: dict | None = None,
+        notify_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobRead:
+        body: dict[str, Any] = {"model": model, "dataset_id": dataset_id}
+        for key, value in (
+            ("new_labels", new_labels),
+            ("base_version", base_version),
+            ("config", config),
+            ("notify_url", notify_url),
+        ):
+            if value is not None:
+                body[key] = value
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self._request("POST", "/v1/jobs", json=body, headers=headers)
+        return JobRead.model_validate(response.json())
+
+    def get_job(self, job_id: str) -> JobRead:
+        return JobRead.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def list_jobs(self, status: str | None = None, model: str | None = None) -> list[JobRead]:
+        params = {k: v for k, v in (("status", status), ("model", model)) if v}
+        return [JobRead.model_validate(j) for j in self._pages("/v1/jobs", params)]
+
+    def cancel_job(self, job_id: str) -> JobRead:
+        return JobRead.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+    ) -> JobRead:
+        """Follow the job until its final status, calling ``on_progress`` on every change.
+        Uses the server-sent event stream, and polling when the stream is unavailable."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for job in self._events(job_id):
+                if on_progress:
+                    on_progress(job)
+                if job.status in FINAL:
+                    return job
+        except (httpx.TransportError, GraftError) as exc:
+            if isinstance(exc, GraftError) and exc.status == 404:
+                raise
+        while True:  # the stream broke off or is unsupported: poll
+            job = self.get_job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job.status in FINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise GraftError(0, f"job {job_id} did not finish within {timeout} s")
+            time.sleep(poll_interval)
+
+    def _events(self, job_id: str) -> Iterator[JobRead]:
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._raise(response)
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    yield JobRead.model_validate_json(line.removeprefix("data: "))
+
+    # Helpers --------------------------------------------------------------------------------
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict]:
+        cursor = None
+        while True:
+            page = self._request(
+                "GET",
+                path,
+                params={**params, "limit": 500, **({"cursor": cursor} if cursor else {})},
+            )
+            body = page.json()
+            yield from body["items"]
+            cursor = body["next_cursor"]
+            if not cursor:
+                return
+
+    def _raise(self, response: httpx.Response) -> None:
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = {"detail": response.text[:200]}
+        raise GraftError(response.status_code, problem.get("detail", ""), problem)
