@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 import typer.main
+import yaml
 
 from graft.cli import app as cli
 
