@@ -1,7 +1,7 @@
 """The ``graft`` command: run the service, and use it.
 
 Server:   graft serve | api | worker | db upgrade | keys create/list/revoke
-Client:   graft model push/list/show/pull | dataset push/show | job submit/list/show/watch/cancel
+Client:   graft model push/list/show/pull | dataset push | job submit/list/show/watch/cancel
 
 The client commands talk to ``GRAFT_URL`` (default http://127.0.0.1:8000) with
 ``GRAFT_API_KEY``. Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad usage,

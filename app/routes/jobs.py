@@ -8,11 +8,13 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
-from app import jobs
+from app import jobs, reports
 from app.db import session_scope
 from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep
+from app.errors import Conflict
 from app.models import JobStatus
 from app.queue import publish_jobs
 from app.routes import problems
@@ -65,6 +67,34 @@ def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     return jobs.job_read(jobs.cancel_job(session, owner, job_id))
+
+
+def _finished(session: Session, owner: str, job_id: str) -> JobRead:
+    job = jobs.job_read(jobs.get_job(session, owner, job_id))
+    if job.status != "succeeded" or not job.metrics:
+        raise Conflict(f"job {job_id} is {job.status}; reports exist for succeeded jobs")
+    return job
+
+
+@router.get(
+    "/{job_id}/report",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "the report"}},
+)
+def job_report(job_id: str, session: SessionDep, owner: OwnerDep) -> HTMLResponse:
+    """A self-contained HTML page: old classes before/after, new classes, confusion matrix,
+    training curve."""
+    return HTMLResponse(reports.render_html(_finished(session, owner, job_id)))
+
+
+@router.get(
+    "/{job_id}/report.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "the charts"}},
+)
+def job_report_png(job_id: str, session: SessionDep, owner: OwnerDep) -> Response:
+    """The report's charts as a PNG."""
+    return Response(reports.render_png(_finished(session, owner, job_id)), media_type="image/png")
 
 
 @router.get(

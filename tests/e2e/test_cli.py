@@ -19,8 +19,13 @@ pytestmark = pytest.mark.slow
 def graft(server_client, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "GRAFT_URL": url or str(server_client.base_url), "COLUMNS": "120"}
     env.pop("GRAFT_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "graft.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "graft.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
@@ -32,28 +37,51 @@ def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
     labels.write_text(json.dumps([str(d) for d in OLD]))
     prep = tmp_path / "prep.json"
     prep.write_text(json.dumps(D.PREP.to_dict()))
-    pushed = graft(client, "model", "push", "digits", "--weights", str(base_weights),
-                   "--arch", "timm:resnet18", "--labels", str(labels),
-                   "--preprocessing", str(prep))
+    pushed = graft(
+        client,
+        "model",
+        "push",
+        "digits",
+        "--weights",
+        str(base_weights),
+        "--arch",
+        "timm:resnet18",
+        "--labels",
+        str(labels),
+        "--preprocessing",
+        str(prep),
+    )
     assert pushed.returncode == 0, pushed.stderr
     assert "registered digits v1" in pushed.stdout
 
-    folder = D.write_image_folder(tmp_path / "images",
-                                  {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:15]})
+    folder = D.write_image_folder(
+        tmp_path / "images", {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:15]}
+    )
     (folder / "9" / "notes.txt").write_text("not an image")
     dataset = graft(client, "dataset", "push", str(folder))
     assert dataset.returncode == 0, dataset.stderr
     dataset_id = dataset.stdout.strip().splitlines()[-1]
     assert "skipped 9/notes.txt" in dataset.stderr
 
-    watched = graft(client, "job", "submit", "--model", "digits", "--dataset", dataset_id,
-                    "--config", '{"augmentation": {"views": 4}}', "--watch")
+    watched = graft(
+        client,
+        "job",
+        "submit",
+        "--model",
+        "digits",
+        "--dataset",
+        dataset_id,
+        "--config",
+        '{"augmentation": {"views": 4}}',
+        "--watch",
+    )
     assert watched.returncode == 0, watched.stderr
     assert "old-class accuracy after" in watched.stdout and "new-class accuracy" in watched.stdout
     assert "digits v2" in watched.stdout
 
-    pulled = graft(client, "model", "pull", "digits@2", "--format", "onnx",
-                   "-o", str(tmp_path / "d.onnx"))
+    pulled = graft(
+        client, "model", "pull", "digits@2", "--format", "onnx", "-o", str(tmp_path / "d.onnx")
+    )
     assert pulled.returncode == 0, pulled.stderr
     assert (tmp_path / "d.onnx").stat().st_size > 1000 and "sha256 verified" in pulled.stdout
     latest = graft(client, "model", "pull", "digits", "-o", str(tmp_path / "d.safetensors"))
@@ -71,8 +99,18 @@ def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
 
 def test_exit_codes_scripts_can_rely_on(server, tmp_path, base_weights):
     client, _, _ = server
-    refused = graft(client, "model", "push", "x", "--weights", str(base_weights),
-                    "--arch", "timm:resnet81", "--labels", "a,b")
+    refused = graft(
+        client,
+        "model",
+        "push",
+        "x",
+        "--weights",
+        str(base_weights),
+        "--arch",
+        "timm:resnet81",
+        "--labels",
+        "a,b",
+    )
     assert refused.returncode == 3 and "close matches" in refused.stderr
     missing = graft(client, "job", "show", "nope")
     assert missing.returncode == 3

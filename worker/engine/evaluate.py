@@ -63,12 +63,17 @@ def expansion_metrics(
     acc_before = _ratio((before[old] == y_true[old]).sum().item(), old.sum().item())
     acc_after = _ratio((after[old] == y_true[old]).sum().item(), old.sum().item())
     metrics = classification_metrics(y_true, after, labels)
+    per_class_before = {
+        labels[c]: _ratio((before[y_true == c] == c).sum().item(), (y_true == c).sum().item())
+        for c in range(num_old)
+    }
     metrics["old_classes"] = {
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
         "retention": _ratio(acc_after, acc_before) if acc_after is not None else None,
         "prediction_agreement": _ratio((after[old] == before[old]).sum().item(), old.sum().item()),
         "n": int(old.sum().item()),
+        "recall_before": per_class_before,
     }
     metrics["new_classes"] = {
         "accuracy": _ratio((after[new] == y_true[new]).sum().item(), new.sum().item()),

@@ -1,0 +1,222 @@
+"""Reports to look at: a self-contained HTML page and a PNG of a finished job.
+
+Both show the same four things: what happened to each old class (accuracy before and after),
+how well the new classes are recognised (precision and recall), the confusion matrix, and the
+training curve. Everything is measured on the job's held-out validation split.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+from app.schemas import JobRead
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _curve_svg(history: list[dict[str, Any]], width: int = 560, height: int = 200) -> str:
+    if not history:
+        return "<p>No gradient training: the new rows were imprinted only.</p>"
+    pad = 30
+    epochs = [h["epoch"] for h in history]
+    losses = [h["train_loss"] for h in history]
+    accs = [h["val_accuracy"] for h in history if h["val_accuracy"] is not None]
+    top = max(losses) or 1.0
+
+    def x(epoch: float) -> float:
+        span = max(epochs[-1] - epochs[0], 1)
+        return pad + (width - 2 * pad) * (epoch - epochs[0]) / span
+
+    def y(value: float, scale: float) -> float:
+        return height - pad - (height - 2 * pad) * value / scale
+
+    loss_points = " ".join(
+        f"{x(e):.1f},{y(v, top):.1f}" for e, v in zip(epochs, losses, strict=True)
+    )
+    acc_points = " ".join(
+        f"{x(h['epoch']):.1f},{y(h['val_accuracy'], 1.0):.1f}"
+        for h in history
+        if h["val_accuracy"] is not None
+    )
+    last = f"{100 * accs[-1]:.1f}%" if accs else "–"
+    return (
+        f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="training curve">'
+        f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+        f'fill="#fafafa" stroke="#ccc"/>'
+        f'<polyline points="{loss_points}" fill="none" stroke="#d9480f" stroke-width="2"/>'
+        f'<polyline points="{acc_points}" fill="none" stroke="#1c7ed6" stroke-width="2"/>'
+        f'<text x="{pad}" y="18" font-size="12" fill="#d9480f">training loss '
+        f"(max {top:.3f})</text>"
+        f'<text x="{width // 2}" y="18" font-size="12" fill="#1c7ed6">validation accuracy '
+        f"(last {last})</text>"
+        f'<text x="{width - pad}" y="{height - 8}" font-size="11" text-anchor="end">'
+        f"epoch {epochs[-1]}</text></svg>"
+    )
+
+
+def _confusion_html(confusion: dict[str, Any]) -> str:
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    rows = []
+    for label, row in zip(labels, matrix, strict=True):
+        total = sum(row) or 1
+        cells = []
+        for j, count in enumerate(row):
+            share = count / total
+            correct = labels[j] == label
+            color = f"rgba(28,126,214,{share:.2f})" if correct else f"rgba(224,49,49,{share:.2f})"
+            cells.append(f'<td style="background:{color}">{count or ""}</td>')
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    return (
+        f'<table class="confusion"><tr><th>true \\ predicted</th>{head}</tr>{"".join(rows)}</table>'
+    )
+
+
+def render_html(job: JobRead) -> str:
+    m = job.metrics or {}
+    old, new = m.get("old_classes", {}), m.get("new_classes", {})
+    per_class = m.get("per_class", {})
+    before = old.get("recall_before", {})
+    gate = m.get("gate", {})
+    verdict = "promoted" if gate.get("passed", True) else "rejected"
+    title = (
+        f"{job.model} v{job.base_version} → v{job.result.version if job.result else '?'} "
+        f"+ {', '.join(job.new_labels)}"
+    )
+    old_rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_pct(before.get(label))}</td>"
+        f"<td>{_pct(per_class.get(label, {}).get('recall'))}</td>"
+        f"<td>{per_class.get(label, {}).get('support', 0)}</td></tr>"
+        for label in before
+    )
+    new_rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_pct(per_class.get(label, {}).get('precision'))}"
+        f"</td><td>{_pct(per_class.get(label, {}).get('recall'))}</td>"
+        f"<td>{per_class.get(label, {}).get('support', 0)}</td></tr>"
+        for label in job.new_labels
+    )
+    timing = m.get("timing", {})
+    summary = [
+        (
+            "Old-class accuracy",
+            f"{_pct(old.get('accuracy_before'))} → {_pct(old.get('accuracy_after'))}",
+        ),
+        ("Retention", _pct(old.get("retention"))),
+        ("Old predictions unchanged", _pct(old.get("prediction_agreement"))),
+        ("New-class accuracy", _pct(new.get("accuracy"))),
+        (
+            "Overall accuracy / macro F1",
+            f"{_pct(m.get('overall', {}).get('accuracy'))} / "
+            f"{_pct(m.get('overall', {}).get('macro_f1'))}",
+        ),
+        ("Validation images (old / new)", f"{old.get('n', 0)} / {new.get('n', 0)}"),
+        ("Time", f"{timing.get('total_s', 0):.1f} s on {html.escape(str(m.get('device')))}"),
+    ]
+    summary_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Graft report: {html.escape(title)}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }}
+h1 {{ font-size: 1.4rem; }} h2 {{ font-size: 1.1rem; margin-top: 2rem; }}
+table {{ border-collapse: collapse; margin: .5rem 0; }}
+td, th {{ border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }}
+th {{ background: #f5f5f5; text-align: left; }}
+.badge {{ display: inline-block; padding: .15rem .6rem; border-radius: 1rem; color: #fff; }}
+.promoted {{ background: #2b8a3e; }} .rejected {{ background: #c92a2a; }}
+.confusion td {{ min-width: 2rem; text-align: center; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p><span class="badge {verdict}" id="verdict">{verdict}</span>
+{html.escape(gate.get("reason", ""))}</p>
+<table id="summary">{summary_rows}</table>
+<h2>Old classes: accuracy before and after</h2>
+<table id="old-classes"><tr><th>label</th><th>before</th><th>after</th><th>images</th></tr>
+{old_rows}</table>
+<h2>New classes</h2>
+<table id="new-classes"><tr><th>label</th><th>precision</th><th>recall</th><th>images</th></tr>
+{new_rows}</table>
+<h2>Confusion matrix (validation split)</h2>
+{_confusion_html(m["confusion_matrix"]) if "confusion_matrix" in m else ""}
+<h2>Training</h2>
+{_curve_svg(m.get("history", []))}
+<p><small>Job {html.escape(job.id)} · all figures on the held-out validation split.</small></p>
+</body></html>
+"""
+
+
+def render_png(job: JobRead) -> bytes:
+    """The report's charts as one PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = job.metrics or {}
+    per_class = m.get("per_class", {})
+    before = m.get("old_classes", {}).get("recall_before", {})
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), dpi=100)
+    (ax_old, ax_new), (ax_cm, ax_curve) = axes
+
+    labels = list(before)
+    xs = np.arange(len(labels))
+    ax_old.bar(xs - 0.2, [before[k] or 0 for k in labels], 0.4, label="before")
+    ax_old.bar(
+        xs + 0.2, [per_class.get(k, {}).get("recall") or 0 for k in labels], 0.4, label="after"
+    )
+    ax_old.set_xticks(xs, labels, rotation=45, ha="right")
+    ax_old.set_ylim(0, 1.05)
+    ax_old.set_title("Old classes: accuracy before / after")
+    ax_old.legend(loc="lower right")
+
+    new = job.new_labels
+    xs = np.arange(len(new))
+    ax_new.bar(
+        xs - 0.2, [per_class.get(k, {}).get("precision") or 0 for k in new], 0.4, label="precision"
+    )
+    ax_new.bar(
+        xs + 0.2, [per_class.get(k, {}).get("recall") or 0 for k in new], 0.4, label="recall"
+    )
+    ax_new.set_xticks(xs, new, rotation=45, ha="right")
+    ax_new.set_ylim(0, 1.05)
+    ax_new.set_title("New classes")
+    ax_new.legend(loc="lower right")
+
+    if "confusion_matrix" in m:
+        cm = np.array(m["confusion_matrix"]["matrix"], dtype=float)
+        shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax_cm.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        ticks = m["confusion_matrix"]["labels"]
+        ax_cm.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right")
+        ax_cm.set_yticks(range(len(ticks)), ticks)
+        ax_cm.set_xlabel("predicted")
+        ax_cm.set_ylabel("true")
+        ax_cm.set_title("Confusion matrix (validation)")
+
+    history = m.get("history", [])
+    if history:
+        epochs = [h["epoch"] for h in history]
+        ax_curve.plot(epochs, [h["train_loss"] for h in history], label="training loss")
+        twin = ax_curve.twinx()
+        twin.plot(
+            epochs,
+            [h["val_accuracy"] or 0 for h in history],
+            color="tab:orange",
+            label="validation accuracy",
+        )
+        twin.set_ylim(0, 1.05)
+        ax_curve.set_xlabel("epoch")
+        ax_curve.legend(loc="upper left")
+        twin.legend(loc="lower left")
+    ax_curve.set_title("Training")
+    fig.suptitle(f"{job.model} v{job.base_version} + {', '.join(job.new_labels)}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
