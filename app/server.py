@@ -40,6 +40,7 @@ def run_api(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers go through Graft's handler (text or JSON)
         proxy_headers=True,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     extract_workers: int = 0
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def resolved_database_url(self) -> str:

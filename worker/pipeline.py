@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
 from app.jobs import progress_record
+from app.logs import current_job
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.queue import publish_jobs
 from app.registry import SAFETENSORS, add_version, artifact_metadata
@@ -127,6 +128,7 @@ class Heartbeat:
         return self.stop_reason is not None
 
     def _run(self) -> None:
+        current_job.set(self.job_id)  # threads do not inherit the context
         while not self._stop.wait(1.0):
             try:
                 self.beat()
@@ -158,6 +160,14 @@ class Heartbeat:
 
 
 def run_job(job_id: str, settings: Settings) -> None:
+    token = current_job.set(job_id)
+    try:
+        _run_job(job_id, settings)
+    finally:
+        current_job.reset(token)
+
+
+def _run_job(job_id: str, settings: Settings) -> None:
     attempt = claim_job(settings, job_id)
     if attempt is None:
         log.info("job %s is not claimable (taken, finished or cancelled)", job_id)
