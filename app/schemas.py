@@ -17,6 +17,25 @@ class Page(BaseModel, Generic[T]):
 
 
 class Problem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "https://graft.dev/problems/invalid",
+                    "title": "Unprocessable content",
+                    "status": 422,
+                    "detail": "new label '9' has 0 images in the dataset; at least 1 needed",
+                    "errors": [
+                        {
+                            "field": "new_labels",
+                            "message": "new label '9' has 0 images; at least 1 needed",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     type: str = "about:blank"
     title: str
     status: int
@@ -53,6 +72,41 @@ class VersionSummary(BaseModel):
 
 
 class ModelVersionRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits",
+                    "version": 2,
+                    "parent_version": 1,
+                    "job_id": "01M8G41ZYBDX8JCQC4XS2JXW29",
+                    "architecture": "timm:resnet18",
+                    "labels": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                    "num_classes": 10,
+                    "preprocessing": {
+                        "input_size": [3, 32, 32],
+                        "mean": [0.5, 0.5, 0.5],
+                        "std": [0.5, 0.5, 0.5],
+                        "interpolation": "bilinear",
+                    },
+                    "status": "promoted",
+                    "metrics": {
+                        "old_classes": {
+                            "accuracy_before": 0.993,
+                            "accuracy_after": 0.987,
+                            "retention": 0.993,
+                        },
+                        "new_classes": {"accuracy": 0.88, "n": 3},
+                    },
+                    "formats": ["safetensors", "onnx"],
+                    "sha256": "b698bec7f71c34a146f582df99d3d755da190f0b310ac2b215411aa6a48b0ba3",
+                    "size_bytes": 44776216,
+                    "created_at": "2026-11-28T03:44:22Z",
+                }
+            ]
+        }
+    )
+
     name: str
     version: int
     parent_version: int | None
@@ -70,6 +124,34 @@ class ModelVersionRead(BaseModel):
 
 
 class ModelRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits",
+                    "created_at": "2026-11-28T03:44:22Z",
+                    "latest_version": 2,
+                    "versions": [
+                        {
+                            "version": 1,
+                            "parent_version": None,
+                            "status": "promoted",
+                            "num_classes": 9,
+                            "created_at": "2026-11-28T03:44:22Z",
+                        },
+                        {
+                            "version": 2,
+                            "parent_version": 1,
+                            "status": "promoted",
+                            "num_classes": 10,
+                            "created_at": "2026-11-28T03:44:22Z",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     name: str
     created_at: datetime
     latest_version: int | None
@@ -82,6 +164,27 @@ class RejectedFile(BaseModel):
 
 
 class DatasetRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "01M8G41ZV3798EK5RW4W3Z1BS8",
+                    "name": "digits",
+                    "labels": {"0": 20, "8": 20, "9": 15},
+                    "num_images": 55,
+                    "rejected": [
+                        {
+                            "path": "9/notes.txt",
+                            "reason": "not an image in an accepted format",
+                        }
+                    ],
+                    "sha256": "009b61d7052244177a80e8e376ad0d6b9caad700a59928c1253face443097ac5",
+                    "created_at": "2026-11-28T03:44:22Z",
+                }
+            ]
+        }
+    )
+
     id: str
     name: str | None
     labels: dict[str, int]
@@ -130,7 +233,20 @@ class JobConfig(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "digits",
+                    "dataset_id": "01M8G41ZV3798EK5RW4W3Z1BS8",
+                    "new_labels": ["9"],
+                    "config": {"epochs": 30, "augmentation": {"views": 4, "rotation_degrees": 8}},
+                    "notify_url": "https://ci.example.com/graft-hook",
+                }
+            ]
+        },
+    )
 
     model: str = Field(pattern=NAME_PATTERN)
     base_version: int | None = Field(None, ge=1)
@@ -161,6 +277,37 @@ class JobError(BaseModel):
 
 
 class JobRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "01M8G41ZYBDX8JCQC4XS2JXW29",
+                    "status": "running",
+                    "model": "digits",
+                    "base_version": 1,
+                    "dataset_id": "01M8G41ZV3798EK5RW4W3Z1BS8",
+                    "new_labels": ["9"],
+                    "config": {"freeze": "head", "old_rows": "frozen", "epochs": 30},
+                    "progress": {
+                        "stage": "training",
+                        "fraction": 0.4,
+                        "epoch": 12,
+                        "epochs": 30,
+                        "message": "loss 0.1412",
+                    },
+                    "metrics": None,
+                    "result": None,
+                    "error": None,
+                    "attempt": 1,
+                    "notify_url": None,
+                    "created_at": "2026-11-28T03:44:22Z",
+                    "started_at": "2026-11-28T03:44:22Z",
+                    "finished_at": None,
+                }
+            ]
+        }
+    )
+
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str
@@ -185,4 +332,12 @@ class Prediction(BaseModel):
 
 
 class PredictionsRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"predictions": [[{"label": "9", "score": 0.91}, {"label": "4", "score": 0.05}]]}
+            ]
+        }
+    )
+
     predictions: list[list[Prediction]]

@@ -33,11 +33,19 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def problem_media_types(spec: dict[str, Any]) -> dict[str, Any]:
     """Declare error bodies under ``application/problem+json``, the type they are sent with
-    (FastAPI files response models under ``application/json``)."""
+    (FastAPI files them under the route's own media type)."""
     for path in spec.get("paths", {}).values():
         for operation in path.values():
             for status, response in operation.get("responses", {}).items():
                 content = response.get("content", {})
-                if status[0] in "45" and "application/json" in content:
-                    content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+                problem = next(
+                    (
+                        c
+                        for c in content.values()
+                        if c.get("schema", {}).get("$ref", "").endswith("/Problem")
+                    ),
+                    None,
+                )
+                if status[0] in "45" and problem is not None:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: problem}
     return spec

@@ -16,7 +16,14 @@ from app.queue import broker_reachable
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={
+        200: {
+            "content": {"application/json": {"example": {"status": "ok", "version": __version__}}}
+        }
+    },
+)
 def healthz() -> dict:
     return {"status": "ok", "version": __version__}
 
@@ -30,7 +37,20 @@ def _database_reachable(url: str) -> bool:
         return False
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
+READY = {"status": "ready", "checks": {"database": True, "broker": True}}
+NOT_READY = {"status": "unavailable", "checks": {"database": True, "broker": False}}
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: {"content": {"application/json": {"example": READY}}},
+        503: {
+            "description": "a dependency is unreachable",
+            "content": {"application/json": {"example": NOT_READY}},
+        },
+    },
+)
 async def readyz(settings: SettingsDep) -> JSONResponse:
     checks = {
         "database": await run_in_threadpool(_database_reachable, settings.resolved_database_url),
@@ -43,7 +63,19 @@ async def readyz(settings: SettingsDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {
+                "text/plain": {
+                    "example": 'graft_jobs{status="queued"} 0.0\ngraft_queue_depth 0.0\n'
+                }
+            }
+        }
+    },
+)
 def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
