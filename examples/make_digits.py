@@ -6,7 +6,7 @@ writes, in about 15 seconds on a laptop CPU:
   digits-0-8.safetensors   a resnet18 trained from scratch on the digits 0-8
   labels.json              its labels, one per output unit
   preprocessing.json       how its inputs were prepared (32x32 RGB, mean/std 0.5)
-  digits.zip               an ImageFolder archive: 20 images of each known digit, 15 of "9"
+  digits.zip               an ImageFolder archive: 60 images of each known digit, 15 of "9"
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(out: Path) -> None:
     )
     (out / "labels.json").write_text(json.dumps([str(d) for d in range(9)]))
     (out / "preprocessing.json").write_text(json.dumps(D.PREP.to_dict()))
-    folders = {str(d): held.of(d)[:20] for d in range(9)} | {"9": held.of(9)[:15]}
+    folders = {str(d): held.of(d)[:60] for d in range(9)} | {"9": held.of(9)[:15]}
     (out / "digits.zip").write_bytes(D.zip_image_folder(folders))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
 
