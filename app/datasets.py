@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import paginate, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, Job, JobStatus, new_id
 from app.schemas import DatasetRead, RejectedFile
@@ -304,15 +304,8 @@ def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
 def list_datasets(
     session: Session, owner: str, limit: int, cursor: str | None
 ) -> tuple[list[Dataset], str | None]:
-    query = (
-        select(Dataset)
-        .where(Dataset.owner == owner, Dataset.deleted_at.is_(None))
-        .order_by(Dataset.id.desc())
-    )
-    if cursor:
-        query = query.where(Dataset.id < cursor)
-    rows = list(session.scalars(query.limit(limit + 1)))
-    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+    query = select(Dataset).where(Dataset.owner == owner, Dataset.deleted_at.is_(None))
+    return paginate(session, query, Dataset.id, limit, cursor, descending=True)
 
 
 def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: str) -> None:

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy import DateTime, Engine, MetaData, Select, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 NAMING = {
@@ -68,6 +68,24 @@ def get_engine(url: str) -> Engine:
 @lru_cache
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+def paginate(
+    session: Session,
+    query: Select,
+    key: InstrumentedAttribute,
+    limit: int,
+    cursor: str | None,
+    descending: bool = False,
+) -> tuple[list, str | None]:
+    """One page of ``query`` ordered by the unique ``key``, and the cursor of the next page
+    (the last key shown), or None on the last page."""
+    if cursor:
+        query = query.where(key < cursor if descending else key > cursor)
+    query = query.order_by(key.desc() if descending else key).limit(limit + 1)
+    rows = list(session.scalars(query))
+    more = len(rows) > limit
+    return rows[:limit], getattr(rows[limit - 1], key.key) if more else None
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.datasets import get_dataset
-from app.db import utcnow
+from app.db import paginate, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Job, JobStatus, Model, ModelVersion
 from app.registry import find_model
@@ -160,15 +160,12 @@ def list_jobs(
     limit: int,
     cursor: str | None,
 ) -> tuple[list[Job], str | None]:
-    query = select(Job).where(Job.owner == owner).order_by(Job.id.desc())
+    query = select(Job).where(Job.owner == owner)
     if status:
         query = query.where(Job.status == status)
     if model:
         query = query.join(Model, Model.id == Job.model_id).where(Model.name == model)
-    if cursor:
-        query = query.where(Job.id < cursor)
-    rows = list(session.scalars(query.limit(limit + 1)))
-    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+    return paginate(session, query, Job.id, limit, cursor, descending=True)
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:

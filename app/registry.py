@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import __version__
+from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Model, ModelVersion, VersionStatus, new_id
 from app.schemas import NAME_PATTERN, ModelRead, ModelVersionRead, PreprocessingSpec, VersionSummary
@@ -175,11 +176,8 @@ def get_version(session: Session, owner: str, name: str, version: int) -> ModelV
 def list_models(
     session: Session, owner: str, limit: int, cursor: str | None
 ) -> tuple[list[Model], str | None]:
-    query = select(Model).where(Model.owner == owner).order_by(Model.name).limit(limit + 1)
-    if cursor:
-        query = query.where(Model.name > cursor)
-    rows = list(session.scalars(query))
-    return rows[:limit], rows[limit - 1].name if len(rows) > limit else None
+    query = select(Model).where(Model.owner == owner)
+    return paginate(session, query, Model.name, limit, cursor)
 
 
 def version_read(model: Model, version: ModelVersion) -> ModelVersionRead:

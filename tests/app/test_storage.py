@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,8 @@ from app.server import db_upgrade
 from app.settings import Settings
 from app.storage import LocalStorage, S3Storage, open_storage
 from tests.conftest import digits_archive, register_digits
+from tests.support.net import free_port
 from worker import pipeline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
