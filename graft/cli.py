@@ -39,8 +39,8 @@ for sub, name in (
 ):
     app.add_typer(sub, name=name)
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3, 4
 # Share of the whole job each stage stands for, to draw one bar with an honest ETA.
 STAGES = {
