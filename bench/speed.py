@@ -1,0 +1,151 @@
+"""Speed of a Graft job against the physical limit and against the seed-style loop.
+
+For each architecture, at 224 px, over the same N images (digit scans, upscaled):
+
+  graft       a whole Graft job in head mode with K views per training image (extract once,
+              train the classifier layer on cached features, evaluate)
+  inference   one plain inference pass over the same images x views: the least any method
+              that looks at every view once can spend
+  seed-style  the article's loop: 10 epochs, each running the frozen backbone over every image
+              and training the head (Adam, lr 1e-3)
+
+Prints seconds and the ratios graft/inference and seed-style/graft, measured in one run.
+`.venv/bin/python bench/speed.py [--images N] [--views K] [--arch timm:resnet18 ...]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import digits as D  # noqa: E402
+from worker.engine.architectures import Preprocessing, build_model  # noqa: E402
+from worker.engine.data import (  # noqa: E402
+    Augmentation,  # noqa: E402
+    ImageDataset,
+    eval_transform,
+    scan_image_folder,
+)
+from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
+from worker.engine.features import autocast_for, pick_device  # noqa: E402
+from worker.engine.heads import expand_head, find_head  # noqa: E402
+
+PREP = Preprocessing(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
+OLD = [str(d) for d in range(9)]
+
+
+def images(root: Path, n: int) -> list:
+    _, held = D.load()
+    per_label = max(1, n // 10)
+    folders = {str(d): [im.resize((64, 64)) for im in held.of(d)[:per_label]] for d in range(10)}
+    return scan_image_folder(D.write_image_folder(root, folders))
+
+
+def extracted_by_graft(samples: list, views: int) -> list:
+    """Exactly what a job runs the backbone on: every training image `views` times, and every
+    validation image once."""
+    labels = OLD + ["9"]
+    train, val = stratified_split([labels.index(s.label) for s in samples], 0.2, seed=0)
+    return [samples[i] for i in train] * views + [samples[i] for i in val]
+
+
+def graft_job(arch: str, weights: Path, samples: list, views: int, device: str) -> float:
+    aug = Augmentation(views=views, rotation_degrees=5, scale=(0.9, 1.1))
+    config = ExpansionConfig(augmentation=aug, device=device, num_workers=2)
+    request = ExpansionRequest(arch, OLD, weights, PREP, samples, ["9"], config)
+    started = time.perf_counter()
+    expand_classifier(request)
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def inference_pass(model: torch.nn.Module, samples: list, views: int, device: str) -> float:
+    dev = torch.device(device)
+    loader = DataLoader(
+        ImageDataset(samples, PREP, eval_transform(PREP), views), batch_size=64, num_workers=2
+    )
+    model.to(dev).eval()
+    started = time.perf_counter()
+    for batch, _ in loader:
+        with autocast_for(dev):
+            model(batch.to(dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def seed_style(arch: str, model: torch.nn.Module, samples: list, device: str) -> float:
+    dev = torch.device(device)
+    head = expand_head(model, find_head(model), 1)
+    model.requires_grad_(False).to(dev).eval()
+    head.module.requires_grad_(True)
+    labels = OLD + ["9"]
+    targets = torch.tensor([labels.index(s.label) for s in samples])
+    loader = DataLoader(
+        ImageDataset(samples, PREP, eval_transform(PREP)),
+        batch_size=32,
+        shuffle=True,
+        num_workers=2,
+    )
+    optimizer = torch.optim.Adam(head.module.parameters(), lr=1e-3)
+    started = time.perf_counter()
+    for _ in range(10):
+        for batch, index in loader:
+            loss = F.cross_entropy(model(batch.to(dev)), targets[index].to(dev))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument(
+        "--arch", nargs="+", default=["timm:resnet18", "timm:mobilenetv3_large_100"]
+    )
+    parser.add_argument("--device", default=str(pick_device()))
+    args = parser.parse_args()
+    print(
+        f"{args.images} images at 224 px, {args.views} views per training image, "
+        f"device {args.device}, torch {torch.__version__}"
+    )
+    print(
+        f"{'architecture':<28} {'graft s':>8} {'infer s':>8} {'seed s':>8} "
+        f"{'graft/infer':>11} {'seed/graft':>10}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = images(Path(tmp) / "images", args.images)
+        for arch in args.arch:
+            torch.manual_seed(0)
+            model = build_model(arch, len(OLD))
+            weights = Path(tmp) / "weights.safetensors"
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, str(weights)
+            )
+            inference_pass(model, samples[:8], 1, args.device)  # warm-up
+            graft_s = graft_job(arch, weights, samples, args.views, args.device)
+            infer_s = inference_pass(model, extracted_by_graft(samples, args.views), 1, args.device)
+            seed_s = seed_style(arch, model, samples, args.device)
+            print(
+                f"{arch:<28} {graft_s:>8.2f} {infer_s:>8.2f} {seed_s:>8.2f} "
+                f"{graft_s / infer_s:>11.2f} {seed_s / graft_s:>10.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
