@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support import digits as D  # noqa: E402
 from worker.engine.architectures import Preprocessing, build_model  # noqa: E402
 from worker.engine.data import (  # noqa: E402
-    Augmentation,  # noqa: E402
+    Augmentation,
     ImageDataset,
     eval_transform,
     scan_image_folder,
+    stratified_split,
 )
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
 from worker.engine.features import autocast_for, pick_device  # noqa: E402
