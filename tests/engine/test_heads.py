@@ -1,15 +1,19 @@
-"""Head expansion across architectures: old rows and old logits stay exactly as they were."""
+"""Head expansion across 32 architectures: old rows and old logits stay exactly as they were,
+and the expanded model exports to ONNX with onnxruntime agreeing with torch."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import timm
 import torch
 import torchvision.models
 from torch import nn
 
-from worker.engine.architectures import build_model
+from worker.engine.architectures import Preprocessing, build_model
 from worker.engine.errors import UnsupportedHead
+from worker.engine.export import export_onnx
 from worker.engine.heads import expand_head, find_head
 
 # (family, name, builder kwargs, input size); small inputs keep each case well under a second.
@@ -35,6 +39,17 @@ ARCHITECTURES = [
     ("torchvision", "convnext_tiny", {}, 32),
     ("torchvision", "swin_t", {}, 32),
     ("torchvision", "vit_b_16", {"image_size": 32}, 32),
+    ("timm", "mobilevit_xxs", {}, 64),
+    ("timm", "rexnet_100", {}, 32),
+    ("timm", "mixnet_s", {}, 32),
+    ("timm", "tf_efficientnet_lite0", {}, 32),
+    ("timm", "efficientvit_b0", {}, 64),
+    ("timm", "regnety_002", {}, 32),
+    ("timm", "resnet50d", {}, 32),
+    ("torchvision", "mobilenet_v3_large", {}, 32),
+    ("torchvision", "regnet_x_400mf", {}, 32),
+    ("torchvision", "googlenet", {"aux_logits": False, "init_weights": True}, 32),
+    ("torchvision", "resnext50_32x4d", {}, 32),
 ]
 
 
@@ -52,8 +67,10 @@ def make(family: str, name: str, kwargs: dict, num_classes: int = 7) -> nn.Modul
     ARCHITECTURES,
     ids=[f"{a}:{b}" for a, b, *_ in ARCHITECTURES],
 )
-def test_expanding_the_head_keeps_old_logits_exact(family, name, kwargs, size):
+def test_expanding_the_head_keeps_old_logits_exact(family, name, kwargs, size, tmp_path):
     model = make(family, name, kwargs)
+    with torch.no_grad():  # some builders zero their heads; random rows make the check bite
+        find_head(model).module.weight.normal_(std=0.05)
     x = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         before = model(x)
@@ -68,6 +85,13 @@ def test_expanding_the_head_keeps_old_logits_exact(family, name, kwargs, size):
         after = model(x)
     assert after.shape == (2, 10)
     torch.testing.assert_close(after[:, :7], before, rtol=0, atol=1e-5)
+
+    # The expanded model exports to ONNX and onnxruntime agrees with torch.
+    path = tmp_path / "model.onnx"
+    export_onnx(model, Preprocessing(input_size=(3, size, size)), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (exported,) = session.run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(exported, after.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_heads_without_bias_are_expanded_without_bias():
