@@ -17,6 +17,7 @@ from app.datasets import get_dataset
 from app.db import paginate, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Job, JobStatus, Model, ModelVersion
+from app.outbound import refused_destination
 from app.registry import find_model
 from app.schemas import JobCreate, JobRead
 from app.settings import Settings
@@ -64,6 +65,8 @@ def create_job(
     except NotFound:
         raise Invalid(f"no dataset {body.dataset_id!r}", "dataset_id") from None
     new_labels = _new_labels(body, base.labels, dataset.labels)
+    if body.notify_url and (refused := refused_destination(str(body.notify_url), settings)):
+        raise Invalid(f"notify_url refused: {refused}", "notify_url")
     config = _resolve_config(body)
 
     job = Job(

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(None, description="default: a secret kept in data_dir")
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 5.0  # doubled after every failed delivery
+    # Webhooks to private, loopback or link-local addresses (SSRF): allowed by default only
+    # when the API itself listens on loopback (the single-user embedded mode).
+    webhook_allow_private: bool | None = None
     device: str = "auto"
     extract_workers: int = 0
     log_level: str = "INFO"

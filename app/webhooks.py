@@ -25,6 +25,7 @@ from sqlalchemy import or_, select, update
 from app.db import session_scope, utcnow
 from app.jobs import job_read
 from app.models import Job, JobStatus
+from app.outbound import refused_destination
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ def _deliver(settings: Settings, job_id: str, due: tuple) -> bool:
 def _post(
     settings: Settings, url: str, body: bytes, job_id: str, attempt: int, status: str
 ) -> bool:
+    refused = refused_destination(url, settings)
+    if refused:
+        log.warning("webhook for job %s not sent: %s", job_id, refused)
+        return False
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "graft-webhooks",

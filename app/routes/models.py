@@ -11,12 +11,13 @@ from fastapi.responses import StreamingResponse
 
 from app import registry
 from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
-from app.errors import Invalid, NotFound
+from app.errors import Invalid, NotFound, TooLarge
 from app.routes import problems
 from app.schemas import ModelRead, ModelVersionRead, Page, PredictionsRead
 from app.storage import iter_chunks
 from app.uploads import save_upload
 
+MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024
 router = APIRouter(
     prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422, 503)
 )
@@ -115,4 +116,7 @@ def predict_images(
     if len(image) > 64:
         raise Invalid("at most 64 images per request", "image")
     predictor = request.app.state.predictors.get(row, storage)
-    return PredictionsRead(predictions=predictor.predict([f.file.read() for f in image], top_k))
+    images = [f.file.read(MAX_PREDICT_IMAGE_BYTES + 1) for f in image]
+    if any(len(data) > MAX_PREDICT_IMAGE_BYTES for data in images):
+        raise TooLarge(f"each image may be at most {MAX_PREDICT_IMAGE_BYTES} bytes")
+    return PredictionsRead(predictions=predictor.predict(images, top_k))

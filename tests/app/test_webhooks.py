@@ -101,3 +101,36 @@ def test_jobs_without_a_url_send_nothing_and_bad_urls_are_422(
     )
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "notify_url"
+
+
+def test_webhooks_to_internal_addresses_are_refused_when_not_on_loopback(
+    client, settings, receiver, base_weights, digit_splits
+):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    job = finished_job(client, base_weights, digit_splits, receiver.url)
+    guarded = settings.model_copy(
+        update={"webhook_allow_private": False, "webhook_backoff_s": 0.01}
+    )
+    assert deliver_due(guarded) == 0 and receiver.requests == []  # checked at delivery too
+
+    with TestClient(create_app(guarded)) as c:
+        for url in (
+            "http://127.0.0.1:9/hook",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/x",
+            "http://10.0.0.8/x",
+        ):
+            response = c.post(
+                "/v1/jobs",
+                json={
+                    "model": "digits",
+                    "base_version": 1,
+                    "dataset_id": job["dataset_id"],
+                    "notify_url": url,
+                },
+            )
+            assert response.status_code == 422, url
+            assert "non-public" in response.json()["detail"]
