@@ -141,8 +141,6 @@ def _new_labels(
 
 def _resolve_config(body: JobCreate) -> dict:
     config = body.config.model_dump(mode="json")
-    if config["freeze"] != "head":
-        raise Invalid("only freeze 'head' is available in this release", "config.freeze")
     config["old_rows"] = config["old_rows"] or "frozen"
     return config
 

@@ -269,6 +269,7 @@ def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionCon
         augmentation=Augmentation(**aug),
         num_workers=settings.extract_workers,
         device=settings.device,
+        freeze=config.get("freeze", "head"),
     )
 
 

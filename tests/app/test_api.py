@@ -303,6 +303,12 @@ class TestJobs:
         ]
         assert client.get("/v1/jobs?model=other").json()["items"] == []
 
+    def test_freeze_policies_are_accepted_and_echoed(self, model, dataset, client):
+        for policy in ("last_block", "none"):
+            response = self.submit(client, dataset, config={"freeze": policy})
+            assert response.status_code == 202, response.text
+            assert response.json()["config"]["freeze"] == policy
+
     def test_idempotency_key_returns_the_same_job(self, model, dataset, client):
         headers = {"Idempotency-Key": "abc"}
         body = {"model": "digits", "dataset_id": dataset["id"]}

@@ -232,3 +232,36 @@ class TestWeightFiles:
         garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
         with pytest.raises(WeightsError):
             tensor_layout(garbage)
+
+
+@pytest.mark.parametrize("policy", ["last_block", "none"])
+def test_unfreezing_trains_what_the_policy_says_and_keeps_old_rows(
+    policy, tmp_path, digit_splits, base_weights
+):
+    from worker.engine.train import HeadTraining
+
+    _, held = digit_splits
+    folders = {str(d): held.of(d)[:8] for d in OLD} | {"9": held.of(9)[:8]}
+    root = D.write_image_folder(tmp_path, folders)
+    config = ExpansionConfig(freeze=policy, training=HeadTraining(epochs=2, learning_rate=1e-3))
+    request = ExpansionRequest(
+        ARCH, OLD_LABELS, base_weights, D.PREP, scan_image_folder(root), ["9"], config
+    )
+    result = expand_classifier(request)
+    base = read_state_dict(base_weights)
+    grown = result.model.state_dict()
+
+    assert torch.equal(grown["fc.weight"][:9], base["fc.weight"])
+    assert torch.equal(grown["fc.bias"][:9], base["fc.bias"])
+    changed = {
+        k for k, v in base.items() if not k.startswith("fc.") and not torch.equal(grown[k], v)
+    }
+    assert changed, "the unfrozen backbone did not learn"
+    assert all("running_" not in k and "num_batches" not in k for k in changed)  # BN stats kept
+    if policy == "last_block":
+        assert all(k.startswith("layer4.1.") for k in changed), sorted(changed)[:5]
+    else:
+        assert any(k.startswith("conv1.") for k in changed)
+    assert result.metrics["method"].endswith(f"finetune:{policy}")
+    assert len(result.metrics["history"]) == 4  # 2 head epochs on cached features, 2 end to end
+    assert result.metrics["old_classes"]["n"] == 18

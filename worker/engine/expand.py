@@ -10,6 +10,7 @@ features. Old rows are copied bit-exactly and, by default, never trained.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from worker.engine.data import (
 from worker.engine.errors import DataError
 from worker.engine.evaluate import expansion_metrics
 from worker.engine.features import extract_features, pick_device
+from worker.engine.finetune import Finetuning, finetune, predict
 from worker.engine.heads import Head, expand_head
 from worker.engine.train import HeadTraining, calibrate_new_bias, imprint_rows, train_head
 from worker.engine.weights import load_classifier
@@ -58,6 +60,7 @@ class ExpansionConfig:
     batch_size: int = 64  # for feature extraction
     num_workers: int = 0
     device: str = "auto"
+    freeze: str = "head"  # head | last_block | none
 
 
 @dataclass
@@ -94,6 +97,7 @@ def expand_classifier(
     progress(Progress("loading", 0.0, message=f"building {request.architecture}"))
     model, head = load_classifier(request.architecture, len(request.labels), request.weights)
     model.requires_grad_(False)
+    teacher = copy.deepcopy(model) if cfg.freeze != "head" else None
     labels = list(request.labels) + list(request.new_labels)
     samples, targets = _targets(request.samples, labels)
     num_old = len(request.labels)
@@ -165,6 +169,22 @@ def expand_classifier(
         grown.module.weight.copy_(weight.to(grown.module.weight.dtype))
         if grown.module.bias is not None:
             grown.module.bias.copy_(bias.to(grown.module.bias.dtype))
+    if teacher is not None:  # the head is warm; now the unfrozen backbone learns too
+        history, metrics = _finetune(
+            request,
+            model,
+            grown,
+            teacher,
+            samples,
+            targets,
+            train_idx,
+            val_idx,
+            device,
+            progress,
+            should_stop,
+            history,
+        )
+        train_s = time.perf_counter() - started - extract_s
     total_s = time.perf_counter() - started
     images = len(train_idx) * cfg.augmentation.views + len(val_idx)
     metrics |= {
@@ -176,11 +196,74 @@ def expand_classifier(
             "images_per_s": round(images / extract_s, 1) if extract_s else None,
         },
         "device": str(device),
-        "method": "imprint+train" if history else cfg.init,
+        "method": ("imprint+train" if history else cfg.init)
+        + (f"+finetune:{cfg.freeze}" if teacher is not None else ""),
         "split": {"train": len(train_idx), "validation": len(val_idx)},
     }
     progress(Progress("evaluating", 1.0))
     return ExpansionResult(model.cpu().eval(), labels, metrics)
+
+
+def _finetune(
+    request: ExpansionRequest,
+    model: nn.Module,
+    head: Head,
+    teacher: nn.Module,
+    samples: list[Sample],
+    targets: torch.Tensor,
+    train_idx: list[int],
+    val_idx: list[int],
+    device: torch.device,
+    progress: ProgressFn,
+    should_stop: Callable[[], bool],
+    history: list[dict],
+) -> tuple[list[dict], dict]:
+    cfg, prep = request.config, request.preprocessing
+    num_old = len(request.labels)
+    clean = eval_transform(prep)
+    transform = clean if cfg.augmentation.is_identity else augment_transform(prep, cfg.augmentation)
+    epochs = cfg.training.epochs
+
+    def on_epoch(record: dict) -> None:
+        e = record["epoch"]
+        progress(
+            Progress(
+                "training",
+                e / max(epochs, 1),
+                e,
+                epochs,
+                f"{cfg.freeze}: loss {record['train_loss']:.4f}",
+            )
+        )
+
+    tuned = finetune(
+        model,
+        head,
+        teacher,
+        [samples[i] for i in train_idx],
+        targets[train_idx],
+        num_old,
+        Finetuning(
+            policy=cfg.freeze,
+            epochs=epochs,
+            learning_rate=cfg.training.learning_rate,
+            batch_size=cfg.training.batch_size,
+            weight_decay=cfg.training.weight_decay,
+            old_rows_frozen=cfg.training.old_rows_frozen,
+            seed=cfg.training.seed,
+        ),
+        prep,
+        transform,
+        device,
+        on_epoch,
+        should_stop,
+    )
+    progress(Progress("evaluating", 0.0))
+    val_samples = [samples[i] for i in val_idx]
+    before = predict(teacher, val_samples, prep, clean, device)
+    after = predict(model, val_samples, prep, clean, device)
+    labels = list(request.labels) + list(request.new_labels)
+    return history + tuned, expansion_metrics(targets[val_idx], before, after, labels, num_old)
 
 
 def _bias(head: Head) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""Unfreezing more than the classifier layer: ``last_block`` or ``none``.
+
+The backbone then learns too, at a tenth of the head's learning rate, and a frozen copy of the
+original model (the teacher) keeps it honest: the old-class logits are distilled towards the
+teacher's (learning without forgetting, LwF). Everything stays in eval mode, so BatchNorm
+statistics and dropout do not move on a few images; only gradients flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from worker.engine.architectures import Preprocessing
+from worker.engine.data import ImageDataset, Sample
+from worker.engine.errors import JobCancelled, UnsupportedHead
+from worker.engine.features import autocast_for
+from worker.engine.heads import Head
+from worker.engine.train import balanced_class_weights
+
+
+@dataclass(frozen=True)
+class Finetuning:
+    policy: str  # last_block | none
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    weight_decay: float
+    old_rows_frozen: bool = True
+    backbone_lr_scale: float = 0.1
+    distillation_weight: float = 1.0
+    temperature: float = 2.0
+    seed: int = 0
+
+
+def trainable_backbone(model: nn.Module, head: Head, policy: str) -> list[nn.Parameter]:
+    """The backbone parameters a policy unfreezes: all of them (``none``), or those of the last
+    parameterised block before the classifier layer (``last_block``)."""
+    head_params = {id(p) for p in head.module.parameters()}
+    if policy == "none":
+        return [p for p in model.parameters() if id(p) not in head_params]
+    top = head.path.split(".")[0]
+    blocks = [
+        (name, m)
+        for name, m in model.named_children()
+        if name != top and any(True for _ in m.parameters())
+    ]
+    names = [name for name, _ in model.named_children()]
+    earlier = (
+        [m for name, m in blocks if names.index(name) < names.index(top)]
+        if top in names
+        else [m for _, m in blocks]
+    )
+    if not earlier:
+        raise UnsupportedHead("no block before the classifier layer to unfreeze")
+    block = earlier[-1]
+    if isinstance(block, nn.Sequential | nn.ModuleList) and len(block):
+        block = block[-1]
+    return [p for p in block.parameters() if id(p) not in head_params]
+
+
+def finetune(
+    model: nn.Module,
+    head: Head,
+    teacher: nn.Module,
+    samples: Sequence[Sample],
+    targets: torch.Tensor,
+    num_old: int,
+    cfg: Finetuning,
+    prep: Preprocessing,
+    transform: Callable,
+    device: torch.device,
+    on_epoch: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[dict]:
+    """Train the unfrozen block and the classifier layer end to end; returns the history.
+
+    With ``old_rows_frozen`` the old rows of the classifier layer are put back after every
+    step, so they stay bit-identical (their logits still move with the features, which the
+    distillation term holds near the teacher's).
+    """
+    model.requires_grad_(False).to(device).eval()
+    teacher.requires_grad_(False).to(device).eval()
+    backbone = trainable_backbone(model, head, cfg.policy)
+    head_params = list(head.module.parameters())
+    for p in backbone + head_params:
+        p.requires_grad_(True)
+    old_weight = head.module.weight.detach()[:num_old].clone()
+    old_bias = head.module.bias.detach()[:num_old].clone() if head.module.bias is not None else None
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": backbone, "lr": cfg.learning_rate * cfg.backbone_lr_scale},
+            {"params": head_params, "lr": cfg.learning_rate},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    class_weights = balanced_class_weights(targets, head.module.out_features).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        ImageDataset(samples, prep, transform),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+    )
+    history = []
+    t = cfg.temperature
+    for epoch in range(1, cfg.epochs + 1):
+        total, seen = 0.0, 0
+        for batch, index in loader:
+            if should_stop():
+                raise JobCancelled()
+            batch, y = batch.to(device), targets[index].to(device)
+            with autocast_for(device):
+                logits = model(batch).float()
+                with torch.no_grad():
+                    taught = teacher(batch).float()
+            loss = F.cross_entropy(logits, y, weight=class_weights)
+            if num_old and cfg.distillation_weight:
+                loss = loss + cfg.distillation_weight * t * t * F.kl_div(
+                    F.log_softmax(logits[:, :num_old] / t, dim=1),
+                    F.softmax(taught / t, dim=1),
+                    reduction="batchmean",
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if cfg.old_rows_frozen:
+                with torch.no_grad():
+                    head.module.weight[:num_old] = old_weight
+                    if old_bias is not None:
+                        head.module.bias[:num_old] = old_bias
+            total += loss.item() * len(index)
+            seen += len(index)
+        record = {
+            "epoch": epoch,
+            "train_loss": total / max(seen, 1),
+            "val_accuracy": None,
+            "stage": "finetune",
+        }
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+    model.requires_grad_(False)
+    return history
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    prep: Preprocessing,
+    transform: Callable,
+    device: torch.device,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    loader = DataLoader(ImageDataset(samples, prep, transform), batch_size=batch_size)
+    model.to(device).eval()
+    out = []
+    for batch, _ in loader:
+        with autocast_for(device):
+            out.append(model(batch.to(device)).float().argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
