@@ -5,6 +5,8 @@ images (plus 20 images of each old digit), by:
 
   graft        Graft's engine with its defaults (imprint + calibrated bias, new rows trained)
   imprint      the imprinted, calibrated rows alone (no gradient steps)
+  last_block   Graft with freeze=last_block, 10 epochs (head warm-up, then the last block too)
+  none+lwf     Graft with freeze=none, 10 epochs: the whole backbone, old logits distilled
   seed-style   expand the head, train the whole head with cross-entropy, Adam lr 1e-3,
                10 epochs, backbone frozen (the approach of the article Graft grew from)
   full-ft      expand the head and fine-tune every layer, Adam lr 1e-4, 10 epochs
@@ -40,9 +42,9 @@ OLD_PER_CLASS = 20
 HOLDOUT_FROM = 60  # per digit, images from this index on are never uploaded
 
 
-def graft(base, folders, root, training: HeadTraining | None = None):
+def graft(base, folders, root, training: HeadTraining | None = None, freeze: str = "head"):
     samples = scan_image_folder(D.write_image_folder(root, folders))
-    config = ExpansionConfig(training=training) if training else ExpansionConfig()
+    config = ExpansionConfig(training=training or HeadTraining(), freeze=freeze)
     weights = root / "base.safetensors"
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in base.state_dict().items()}, str(weights)
@@ -117,6 +119,8 @@ def main() -> None:
     methods = {
         "graft": graft,
         "imprint": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=0)),
+        "last_block": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=10), "last_block"),
+        "none+lwf": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=10), "none"),
         "seed-style": seed_style,
         "full-ft": full_finetune,
     }
