@@ -163,29 +163,22 @@ def render_png(job: JobRead) -> bytes:
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), dpi=100)
     (ax_old, ax_new), (ax_cm, ax_curve) = axes
 
-    labels = list(before)
-    xs = np.arange(len(labels))
-    ax_old.bar(xs - 0.2, [before[k] or 0 for k in labels], 0.4, label="before")
-    ax_old.bar(
-        xs + 0.2, [per_class.get(k, {}).get("recall") or 0 for k in labels], 0.4, label="after"
+    old = list(before)
+    _paired_bars(
+        ax_old,
+        old,
+        ("before", [before[k] for k in old]),
+        ("after", [per_class.get(k, {}).get("recall") for k in old]),
+        "Old classes: accuracy before / after",
     )
-    ax_old.set_xticks(xs, labels, rotation=45, ha="right")
-    ax_old.set_ylim(0, 1.05)
-    ax_old.set_title("Old classes: accuracy before / after")
-    ax_old.legend(loc="lower right")
-
     new = job.new_labels
-    xs = np.arange(len(new))
-    ax_new.bar(
-        xs - 0.2, [per_class.get(k, {}).get("precision") or 0 for k in new], 0.4, label="precision"
+    _paired_bars(
+        ax_new,
+        new,
+        ("precision", [per_class.get(k, {}).get("precision") for k in new]),
+        ("recall", [per_class.get(k, {}).get("recall") for k in new]),
+        "New classes",
     )
-    ax_new.bar(
-        xs + 0.2, [per_class.get(k, {}).get("recall") or 0 for k in new], 0.4, label="recall"
-    )
-    ax_new.set_xticks(xs, new, rotation=45, ha="right")
-    ax_new.set_ylim(0, 1.05)
-    ax_new.set_title("New classes")
-    ax_new.legend(loc="lower right")
 
     if "confusion_matrix" in m:
         cm = np.array(m["confusion_matrix"]["matrix"], dtype=float)
@@ -220,3 +213,18 @@ def render_png(job: JobRead) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _paired_bars(
+    axis: Any, labels: list[str], left: tuple[str, list], right: tuple[str, list], title: str
+) -> None:
+    """Two bars per label, values in [0, 1] (None drawn as 0)."""
+    import numpy as np
+
+    xs = np.arange(len(labels))
+    for offset, (name, values) in ((-0.2, left), (0.2, right)):
+        axis.bar(xs + offset, [v or 0 for v in values], 0.4, label=name)
+    axis.set_xticks(xs, labels, rotation=45, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_title(title)
+    axis.legend(loc="lower right")

@@ -182,8 +182,3 @@ def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     safetensors.torch.save_file(tensors, str(path), metadata=meta)
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
