@@ -44,7 +44,9 @@ def get_owner(
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# "function" scope: the commit happens before the response is sent, so a 2xx is never answered
+# for a write that then fails to commit.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 OwnerDep = Annotated[str, Depends(get_owner)]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="page size")]
