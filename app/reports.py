@@ -18,6 +18,22 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def calibration_summary(metrics: dict[str, Any]) -> str:
+    """One line on how the new logits were corrected, e.g. ``bias correction: 0.75 z - 1.20``."""
+    cal = metrics.get("calibration")
+    if not cal:
+        return "–"
+    if cal["method"] == "none":
+        return "none (the layer as trained)"
+    alpha, beta = cal["alpha"], cal["beta"]
+    sign = "-" if beta < 0 else "+"
+    pool = cal.get("pool", {})
+    return (
+        f"{cal['method'].replace('_', ' ')}: {alpha:.2f} z {sign} {abs(beta):.2f}"
+        f" (chosen on {pool.get('old', 0)} old / {pool.get('new', 0)} new held-out images)"
+    )
+
+
 def _curve_svg(history: list[dict[str, Any]], width: int = 560, height: int = 200) -> str:
     if not history:
         return "<p>No gradient training: the new rows were imprinted only.</p>"
@@ -115,6 +131,7 @@ def render_html(job: JobRead) -> str:
             f"{_pct(m.get('overall', {}).get('macro_f1'))}",
         ),
         ("Validation images (old / new)", f"{old.get('n', 0)} / {new.get('n', 0)}"),
+        ("New-class calibration", html.escape(calibration_summary(m))),
         ("Time", f"{timing.get('total_s', 0):.1f} s on {html.escape(str(m.get('device')))}"),
     ]
     summary_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)

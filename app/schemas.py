@@ -221,12 +221,14 @@ class JobConfig(BaseModel):
     old_rows: Literal["frozen", "trainable"] | None = None
     init: Literal["imprint", "random"] = "imprint"
     epochs: int = Field(30, ge=0, le=1000)
-    learning_rate: float = Field(1e-3, gt=0, le=10)
+    learning_rate: float = Field(1e-2, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=4096)
     weight_decay: float = Field(1e-4, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     validation_split: float = Field(0.2, ge=0, lt=1)
     augmentation: AugmentationConfig = AugmentationConfig()
+    calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = "auto"
+    max_old_accuracy_drop: float = Field(0.01, ge=0, le=1)
     min_old_accuracy_retention: float = Field(0.98, ge=0, le=1)
     min_images_per_label: int = Field(1, ge=1)
     export: list[Literal["onnx"]] = ["onnx"]

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     webhook_allow_private: bool | None = None
     device: str = "auto"
     extract_workers: int = 0
+    # Cached features of a job beyond this many MiB are memory-mapped from files under tmp/.
+    feature_memory_mb: int = Field(2048, ge=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

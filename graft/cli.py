@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from app.reports import calibration_summary
 from graft.client import FINAL, Client, GraftError
 
 app = typer.Typer(
@@ -372,6 +373,7 @@ def report(job: Any) -> None:
             f"{_pct(m['overall']['accuracy'])} / {_pct(m['overall']['macro_f1'])}",
         ),
         ("validation images (old / new)", f"{old['n']} / {new['n']}"),
+        ("new-class calibration", calibration_summary(m)),
         ("time", f"{m['timing']['total_s']:.1f} s on {m['device']}"),
     ]
     for row in rows:

@@ -34,6 +34,7 @@ from app.registry import SAFETENSORS, add_version, artifact_metadata
 from app.settings import Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
+from worker.engine.calibrate import Calibration
 from worker.engine.data import Augmentation, scan_image_folder
 from worker.engine.errors import EngineError, JobCancelled
 from worker.engine.expand import (
@@ -270,6 +271,12 @@ def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionCon
         num_workers=settings.extract_workers,
         device=settings.device,
         freeze=config.get("freeze", "head"),
+        calibration=Calibration(
+            method=config.get("calibration", "auto"),
+            max_old_drop=config.get("max_old_accuracy_drop", 0.01),
+        ),
+        feature_memory_bytes=settings.feature_memory_mb << 20,
+        spill_dir=settings.tmp_dir,
     )
 
 

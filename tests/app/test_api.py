@@ -297,6 +297,8 @@ class TestJobs:
         assert job["status"] == "queued" and job["new_labels"] == ["9"]
         assert job["base_version"] == 1
         assert job["config"]["old_rows"] == "frozen" and job["config"]["epochs"] == 30
+        assert job["config"]["calibration"] == "auto"
+        assert job["config"]["max_old_accuracy_drop"] == 0.01
         assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
         assert [j["id"] for j in client.get("/v1/jobs?status=queued").json()["items"]] == [
             job["id"]
@@ -330,6 +332,8 @@ class TestJobs:
             ({"dataset_id": "nope"}, "dataset_id", "no dataset"),
             ({"config": {"epochs": -1}}, "config.epochs", ""),
             ({"config": {"freeze": "everything"}}, "config.freeze", ""),
+            ({"config": {"calibration": "magic"}}, "config.calibration", ""),
+            ({"config": {"max_old_accuracy_drop": 2}}, "config.max_old_accuracy_drop", ""),
             ({"config": {"unknown": 1}}, "config.unknown", ""),
             ({"config": {"augmentation": {"scale": [2, 1]}}}, "config.augmentation.scale", ""),
         ],

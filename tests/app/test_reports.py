@@ -59,6 +59,7 @@ def test_the_html_report_shows_what_happened(client, finished, tmp_path):
     verdict = "promoted" if finished["metrics"]["gate"]["passed"] else "rejected"
     assert f'id="verdict">{verdict}</span>' in dom
     assert "Old classes: accuracy before and after" in dom and "<svg" in dom
+    assert "New-class calibration</th><td>" in dom and "held-out images" in dom
     assert dom.count("<tr>") >= 9 + 1 + 10  # every old class, the new one, the matrix rows
     shot = tmp_path / "report.png"
     subprocess.run(

@@ -77,6 +77,7 @@ def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
     )
     assert watched.returncode == 0, watched.stderr
     assert "old-class accuracy after" in watched.stdout and "new-class accuracy" in watched.stdout
+    assert "new-class calibration" in watched.stdout
     assert "digits v2" in watched.stdout
 
     pulled = graft(

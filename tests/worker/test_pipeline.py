@@ -59,6 +59,18 @@ def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
     assert list(settings.tmp_dir.iterdir()) == []
 
 
+def test_a_job_over_the_feature_memory_budget_spills_and_cleans_up(settings, client, job_id):
+    config = client.get(f"/v1/jobs/{job_id}").json()["config"]
+    set_job(settings, job_id, config={**config, "calibration": "weight_aligning"})
+    pipeline.run_job(job_id, settings.model_copy(update={"feature_memory_mb": 0}))
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["feature_cache"]["disk_bytes"] > 0
+    assert job["metrics"]["feature_cache"]["memory_bytes"] == 0
+    assert job["metrics"]["calibration"]["method"] == "weight_aligning"
+    assert list(settings.tmp_dir.iterdir()) == []
+
+
 def test_a_version_below_the_retention_gate_is_stored_as_rejected(settings, client, job_id):
     set_job(
         settings,
@@ -67,6 +79,7 @@ def test_a_version_below_the_retention_gate_is_stored_as_rejected(settings, clie
             **client.get(f"/v1/jobs/{job_id}").json()["config"],
             "min_old_accuracy_retention": 1.0,
             "epochs": 0,
+            "calibration": "none",  # imprinted rows, uncorrected, take some old images
         },
     )
     pipeline.run_job(job_id, settings)

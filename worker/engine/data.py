@@ -140,12 +140,18 @@ def open_image(path: Path, prep: Preprocessing) -> Image.Image:
 
 @dataclass
 class ImageDataset(Dataset):
-    """``(tensor, index)`` pairs; ``views`` copies of every image, each through ``transform``."""
+    """``(tensor, index)`` pairs; ``views`` copies of every image, each through ``transform``
+    (the first copy through ``first_view`` when given: the clean image among its augmentations).
+    With a ``seed`` every item's random transform is seeded by the seed and the item's index,
+    so a job's views are the same whatever the number of loader workers, run after run.
+    """
 
     samples: Sequence[Sample]
     prep: Preprocessing
     transform: v2.Compose
     views: int = 1
+    first_view: v2.Compose | None = None
+    seed: int | None = None
     _len: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,4 +162,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         index = i % len(self.samples)
-        return self.transform(open_image(self.samples[index].path, self.prep)), index
+        transform = self.first_view if self.first_view and i < len(self.samples) else self.transform
+        image = open_image(self.samples[index].path, self.prep)
+        if self.seed is None:
+            return transform(image), index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            return transform(image), index

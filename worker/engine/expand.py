@@ -11,7 +11,6 @@ features. Old rows are copied bit-exactly and, by default, never trained.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from worker.engine.architectures import Preprocessing
+from worker.engine.calibrate import Calibration, Pool, calibrate, fold_into_layer
 from worker.engine.data import (
     Augmentation,
     ImageDataset,
@@ -32,10 +32,16 @@ from worker.engine.data import (
 )
 from worker.engine.errors import DataError
 from worker.engine.evaluate import expansion_metrics
-from worker.engine.features import extract_features, pick_device
+from worker.engine.features import FeatureCache, extract_features, pick_device
 from worker.engine.finetune import Finetuning, finetune, predict
 from worker.engine.heads import Head, expand_head
-from worker.engine.train import HeadTraining, calibrate_new_bias, imprint_rows, train_head
+from worker.engine.train import (
+    HeadTraining,
+    calibrate_new_bias,
+    imprint_rows,
+    linear_logits,
+    train_head,
+)
 from worker.engine.weights import load_classifier
 
 
@@ -61,6 +67,9 @@ class ExpansionConfig:
     num_workers: int = 0
     device: str = "auto"
     freeze: str = "head"  # head | last_block | none
+    calibration: Calibration = field(default_factory=Calibration)
+    feature_memory_bytes: int = 2 << 30  # cached features beyond this spill to disk
+    spill_dir: Path | None = None  # where they spill (default: the system's temp folder)
 
 
 @dataclass
@@ -91,6 +100,17 @@ def expand_classifier(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ExpansionResult:
     """Return the model with ``len(labels) + len(new_labels)`` outputs and its metrics."""
+    cfg = request.config
+    with FeatureCache(cfg.feature_memory_bytes, cfg.spill_dir) as cache:
+        return _expand(request, cache, progress, should_stop)
+
+
+def _expand(
+    request: ExpansionRequest,
+    cache: FeatureCache,
+    progress: ProgressFn,
+    should_stop: Callable[[], bool],
+) -> ExpansionResult:
     started = time.perf_counter()
     cfg = request.config
     device = pick_device(cfg.device)
@@ -104,7 +124,7 @@ def expand_classifier(
     new_classes = list(range(num_old, len(labels)))
 
     train_idx, val_idx = stratified_split(targets.tolist(), cfg.validation_split, cfg.training.seed)
-    train_x, train_y, val_x, val_y = _extract(
+    train_x, train_y, groups, val_x, val_y = _extract(
         model,
         head,
         samples,
@@ -114,54 +134,40 @@ def expand_classifier(
         request.preprocessing,
         cfg,
         device,
+        cache,
         progress,
         should_stop,
     )
     extract_s = time.perf_counter() - started
 
     progress(Progress("training", 0.0, 0, cfg.training.epochs))
-    weight = torch.cat(
-        [head.module.weight.detach().float().cpu(), torch.zeros(len(new_classes), head.in_features)]
-    )
+    old_weight = head.module.weight.detach().float().cpu()
     old_bias = _bias(head)
-    bias = torch.cat([old_bias, torch.zeros(len(new_classes))])
-    if cfg.init == "imprint":
-        weight[num_old:] = imprint_rows(train_x, train_y, new_classes, weight[:num_old])
-        bias[num_old:] = calibrate_new_bias(train_x, train_y, weight, bias, num_old, new_classes)
-    else:
-        torch.nn.init.normal_(weight[num_old:], std=weight[:num_old].std().item())
-    has_negatives = bool((train_y < num_old).any())
-    history: list[dict] = []
-    if has_negatives and cfg.training.epochs > 0:
 
-        def on_epoch(record: dict) -> None:
-            e = record["epoch"]
-            progress(
-                Progress(
-                    "training",
-                    e / cfg.training.epochs,
-                    e,
-                    cfg.training.epochs,
-                    f"loss {record['train_loss']:.4f}",
-                )
+    def on_epoch(record: dict) -> None:
+        e = record["epoch"]
+        progress(
+            Progress(
+                "training",
+                e / cfg.training.epochs,
+                e,
+                cfg.training.epochs,
+                f"loss {record['train_loss']:.4f}",
             )
-
-        weight, bias, history = train_head(
-            weight,
-            bias,
-            train_x,
-            train_y,
-            num_old,
-            cfg.training,
-            validation=(val_x, val_y),
-            on_epoch=on_epoch,
-            should_stop=should_stop,
         )
+
+    has_bias = head.module.bias is not None
+    rows = RowFitter(old_weight, old_bias, new_classes, cfg, should_stop, has_bias)
+    weight, bias, history = rows.fit(train_x, train_y, on_epoch=on_epoch, validation=(val_x, val_y))
+    progress(Progress("training", 1.0, message="calibrating the new classes"))
+    pool = _calibration_pool(rows, weight, bias, train_x, train_y, groups, val_x, val_y)
+    choice = calibrate(weight, num_old, pool, cfg.calibration, shift=has_bias)
+    weight, bias = fold_into_layer(weight, bias, num_old, choice.alpha, choice.beta)
     train_s = time.perf_counter() - started - extract_s
 
     progress(Progress("evaluating", 0.0))
-    before = (val_x @ head.module.weight.detach().float().cpu().T + old_bias).argmax(dim=1)
-    after = (val_x @ weight.T + bias).argmax(dim=1)
+    before = linear_logits(val_x, old_weight, old_bias).argmax(dim=1)
+    after = linear_logits(val_x, weight, bias).argmax(dim=1)
     metrics = expansion_metrics(val_y, before, after, labels, num_old)
 
     grown = expand_head(model, head, len(new_classes))
@@ -195,7 +201,9 @@ def expand_classifier(
             "total_s": round(total_s, 3),
             "images_per_s": round(images / extract_s, 1) if extract_s else None,
         },
+        "feature_cache": {"memory_bytes": cache.in_memory, "disk_bytes": cache.spilled_bytes},
         "device": str(device),
+        "calibration": choice.as_metrics(),
         "method": ("imprint+train" if history else cfg.init)
         + (f"+finetune:{cfg.freeze}" if teacher is not None else ""),
         "split": {"train": len(train_idx), "validation": len(val_idx)},
@@ -266,6 +274,141 @@ def _finetune(
     return history + tuned, expansion_metrics(targets[val_idx], before, after, labels, num_old)
 
 
+FEW_SHOT = 2  # a new label with at most this many training images is imprinted, not trained
+
+
+class RowFitter:
+    """The recipe for the classifier layer, reusable on any subset of the cached features:
+    imprinted new rows with a calibrated bias, then (unless a new label has only a few shots)
+    trained with the old rows fixed. Cross-fitting refits it on folds."""
+
+    def __init__(
+        self,
+        old_weight: torch.Tensor,
+        old_bias: torch.Tensor,
+        new_classes: list[int],
+        cfg: ExpansionConfig,
+        should_stop: Callable[[], bool],
+        has_bias: bool = True,
+    ) -> None:
+        self.old_weight, self.old_bias, self.has_bias = old_weight, old_bias, has_bias
+        self.num_old, self.new_classes = len(old_bias), new_classes
+        self.cfg, self.should_stop = cfg, should_stop
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Rows fitted on ``x[index]`` (every row when None), labelled ``y``."""
+        num_old, new = self.num_old, self.new_classes
+        zeros = torch.zeros(len(new), self.old_weight.shape[1])
+        weight = torch.cat([self.old_weight, zeros])
+        bias = torch.cat([self.old_bias, torch.zeros(len(new))])
+        if self.cfg.init == "imprint":
+            weight[num_old:] = imprint_rows(x, y, new, weight[:num_old], index)
+            if self.has_bias:
+                bias[num_old:] = calibrate_new_bias(x, y, weight, bias, num_old, new, index)
+        else:
+            generator = torch.Generator().manual_seed(self.cfg.training.seed)
+            std = weight[:num_old].std().item()
+            weight[num_old:] = torch.randn(zeros.shape, generator=generator) * std
+        if not self.trains(y):
+            return weight, bias, []
+        return train_head(
+            weight,
+            bias,
+            x,
+            y,
+            num_old,
+            self.cfg.training,
+            validation=validation,
+            on_epoch=on_epoch,
+            should_stop=self.should_stop,
+            index=index,
+            train_bias=self.has_bias,
+        )
+
+    def trains(self, y: torch.Tensor) -> bool:
+        """Gradient steps need negatives, epochs, and (when imprinting) more than a few shots:
+        on one or two images training only memorises them."""
+        if self.cfg.training.epochs <= 0 or not bool((y < self.num_old).any()):
+            return False
+        if self.cfg.init != "imprint":
+            return True
+        counts = torch.bincount(y, minlength=self.num_old + len(self.new_classes))
+        return bool(counts[self.num_old :].min() > FEW_SHOT)
+
+
+def _calibration_pool(
+    rows: RowFitter,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    groups: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+) -> Pool:
+    """Held-out logits to calibrate on: the validation split and, when it holds fewer than
+    ``min_validation_images`` of some new label, training images scored by rows refitted
+    without them (cross-fitting, views of an image held out together). A new label with no
+    held-out image at all is represented by its training images, scored in-sample."""
+    cal = rows.cfg.calibration
+    num_classes = weight.shape[0]
+    pools = [Pool(linear_logits(val_x, weight, bias), val_y)] if len(val_y) else []
+    val_counts = torch.bincount(val_y, minlength=num_classes)[rows.num_old :]
+    first = _first_views(groups)
+    if cal.method != "none" and cal.folds > 1 and val_counts.min() < cal.min_validation_images:
+        fold_of = _folds(train_y[first], groups[first], cal.folds, rows.cfg.training.seed)[groups]
+        for fold in range(cal.folds):
+            held = fold_of == fold
+            if not held.any() or rows.trains(train_y[~held]) != rows.trains(train_y):
+                continue
+            kept = (~held).nonzero().flatten()
+            w, b, _ = rows.fit(train_x, train_y[kept], kept)
+            clean = (held & first).nonzero().flatten()
+            pools.append(Pool(linear_logits(train_x, w, b, clean), train_y[clean]))
+    pool = Pool.concat(pools, num_classes)
+    missing = [c for c in rows.new_classes if not bool((pool.targets == c).any())]
+    if missing:
+        mask = first & torch.isin(train_y, torch.tensor(missing))
+        pool = Pool.concat(
+            [pool, Pool(train_x[mask] @ weight.T + bias, train_y[mask])], num_classes
+        )
+    return pool
+
+
+def _first_views(groups: torch.Tensor) -> torch.Tensor:
+    """True for the first row of every image (its clean, unaugmented view)."""
+    if not len(groups):
+        return torch.zeros(0, dtype=torch.bool)
+    rows = torch.arange(len(groups))
+    first = torch.full((int(groups.max()) + 1,), len(groups))
+    first = first.scatter_reduce(0, groups, rows, reduce="amin")
+    return first[groups] == rows
+
+
+def _folds(targets: torch.Tensor, groups: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Fold of every image (indexed by group), -1 for never held out: dealt round-robin within
+    each class so that every fold holds every class; a class keeps a training image in every
+    fold (its row needs one)."""
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.full((int(groups.max()) + 1,), -1)
+    for c in targets.unique().tolist():
+        members = groups[targets == c]
+        members = members[torch.randperm(len(members), generator=generator)]
+        for i, g in enumerate(members.tolist()):
+            if len(members) > folds:
+                fold_of[g] = i % folds
+            elif i < len(members) - 1:
+                fold_of[g] = i
+    return fold_of
+
+
 def _bias(head: Head) -> torch.Tensor:
     if head.module.bias is None:
         return torch.zeros(head.num_classes)
@@ -290,33 +433,28 @@ def _extract(
     prep: Preprocessing,
     cfg: ExpansionConfig,
     device: torch.device,
+    cache: FeatureCache,
     progress: ProgressFn,
     should_stop: Callable[[], bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features for the training views and the validation images, in one progress bar."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, targets and image indices of the training views (the clean view of every
+    image first, then its augmented ones); features and targets of the validation images; in
+    one progress bar."""
     views = max(1, cfg.augmentation.views)
     clean = eval_transform(prep)
     augmented = clean if cfg.augmentation.is_identity else augment_transform(prep, cfg.augmentation)
     train_samples = [samples[i] for i in train_idx]
     val_samples = [samples[i] for i in val_idx]
-    jobs = [(train_samples, clean, 1), (val_samples, clean, 1)]
-    if views > 1:
-        jobs.insert(1, (train_samples, augmented, views - 1))
-    total = sum(len(s) * v for s, _, v in jobs)
-    done_before = 0
+    datasets = [
+        ImageDataset(
+            train_samples, prep, augmented, views, first_view=clean, seed=cfg.training.seed
+        ),
+        ImageDataset(val_samples, prep, clean),
+    ]
+    total = sum(len(d) for d in datasets)
     outputs = []
-    for subset, transform, n_views in jobs:
-        if not subset:
-            outputs.append((torch.empty(0, head.in_features), torch.empty(0, dtype=torch.long)))
-            continue
-        loader = DataLoader(
-            ImageDataset(subset, prep, transform, n_views),
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        offset = done_before
+    for dataset in datasets:
+        offset = sum(len(d) for d in datasets[: len(outputs)])
 
         def on_batch(done: int, _total: int, offset: int = offset) -> None:
             progress(
@@ -325,15 +463,15 @@ def _extract(
                 )
             )
 
-        feats, local = extract_features(model, head, loader, device, on_batch, should_stop)
-        outputs.append((feats, local))
-        done_before += len(subset) * n_views
-    train_t = targets[train_idx]
-    val_t = targets[val_idx]
-    parts_x = [outputs[0][0]] + ([outputs[1][0]] if views > 1 else [])
-    parts_y = [train_t[outputs[0][1]]] + ([train_t[outputs[1][1]]] if views > 1 else [])
-    val_x, val_local = outputs[-1]
-    val_y = val_t[val_local] if len(val_local) else val_t[:0]
-    if not math.isfinite(float(torch.cat(parts_x).abs().sum())):
-        raise DataError("the model produced non-finite features for these images")
-    return torch.cat(parts_x), torch.cat(parts_y), val_x, val_y
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        outputs.append(
+            extract_features(model, head, loader, device, on_batch, should_stop, cache.allocate)
+        )
+    (train_x, groups), (val_x, val_local) = outputs
+    return train_x, targets[train_idx][groups], groups, val_x, targets[val_idx][val_local]

@@ -3,16 +3,64 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from worker.engine.errors import JobCancelled, UnsupportedHead
+from worker.engine.errors import DataError, JobCancelled, UnsupportedHead
 from worker.engine.heads import Head
 
 BatchDone = Callable[[int, int], None]  # (images done, images total)
+
+
+class FeatureCache:
+    """Allocates the tensors cached features go to: in memory up to ``memory_bytes`` in all,
+    beyond it as files memory-mapped from ``directory``, so a dataset whose features do not fit
+    in RAM still trains (from the page cache, at disk speed). ``close()`` deletes the files."""
+
+    def __init__(self, memory_bytes: int, directory: Path | None = None) -> None:
+        self.memory_bytes = memory_bytes
+        self.directory = directory
+        self.in_memory = 0
+        self.files: list[Path] = []
+
+    def allocate(self, rows: int, dim: int) -> torch.Tensor:
+        size = rows * dim * 4
+        if self.in_memory + size <= self.memory_bytes:
+            self.in_memory += size
+            return torch.empty(rows, dim)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="features-", suffix=".f32", dir=self.directory)
+        os.close(fd)
+        self.files.append(Path(name))
+        mapped = np.memmap(name, dtype=np.float32, mode="w+", shape=(max(rows, 1), dim))
+        return torch.from_numpy(mapped)[:rows]
+
+    @property
+    def spilled_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files if p.exists())
+
+    def close(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _in_memory(rows: int, dim: int) -> torch.Tensor:
+    return torch.empty(rows, dim)
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -37,8 +85,10 @@ def extract_features(
     device: torch.device,
     on_batch: BatchDone | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    allocate: Callable[[int, int], torch.Tensor] = _in_memory,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features, indices)``: the classifier layer's float32 inputs, one row per loader item.
+    """``(features, indices)``: the classifier layer's float32 inputs, one row per loader item,
+    written into a tensor from ``allocate(rows, dim)`` (see :class:`FeatureCache`).
 
     On the first batch it checks that the classifier layer's output *is* the model's output;
     otherwise training the layer on cached features would not be training the model.
@@ -49,7 +99,8 @@ def extract_features(
         captured["input"], captured["output"] = args[0], output
 
     hook = head.module.register_forward_hook(keep)
-    feats, indices = [], []
+    feats: torch.Tensor | None = None
+    indices = []
     total, done = len(loader.dataset), 0
     try:
         model.to(device).eval()
@@ -61,16 +112,22 @@ def extract_features(
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast_for(device):
                 logits = model(batch)
-            if not feats:
+            rows = captured["input"].float().flatten(1).cpu()
+            if feats is None:
                 _check_head_is_output(captured, logits)
-            feats.append(captured["input"].float().flatten(1).cpu())
+                feats = allocate(total, rows.shape[1])
+            if not torch.isfinite(rows).all():
+                raise DataError("the model produced non-finite features for these images")
+            feats[done : done + len(rows)] = rows
             indices.append(index)
             done += len(index)
             if on_batch:
                 on_batch(done, total)
     finally:
         hook.remove()
-    return torch.cat(feats), torch.cat(indices)
+    if feats is None:
+        return torch.empty(0, head.in_features), torch.empty(0, dtype=torch.long)
+    return feats, torch.cat(indices)
 
 
 def _check_head_is_output(captured: dict[str, torch.Tensor], logits: object) -> None:

@@ -1,6 +1,6 @@
 """Unfreezing more than the classifier layer: ``last_block`` or ``none``.
 
-The backbone then learns too, at a tenth of the head's learning rate, and a frozen copy of the
+The backbone then learns too, at a hundredth of the head's learning rate, and a frozen copy of the
 original model (the teacher) keeps it honest: the old-class logits are distilled towards the
 teacher's (learning without forgetting, LwF). Everything stays in eval mode, so BatchNorm
 statistics and dropout do not move on a few images; only gradients flow.
@@ -32,7 +32,7 @@ class Finetuning:
     batch_size: int
     weight_decay: float
     old_rows_frozen: bool = True
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float = 0.01
     distillation_weight: float = 1.0
     temperature: float = 2.0
     seed: int = 0

@@ -20,22 +20,46 @@ EpochDone = Callable[[dict], None]
 @dataclass(frozen=True)
 class HeadTraining:
     epochs: int = 30
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     batch_size: int = 64
     weight_decay: float = 1e-4
     seed: int = 0
     old_rows_frozen: bool = True
 
 
+CHUNK = 65536  # rows per matrix product over cached features (they may be memory-mapped)
+
+
+def linear_logits(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``features[index] @ weight.T + bias``, a chunk at a time."""
+    rows = torch.arange(len(features)) if index is None else index
+    if not len(rows):
+        return torch.empty(0, weight.shape[0])
+    return torch.cat(
+        [features[rows[i : i + CHUNK]] @ weight.T + bias for i in range(0, len(rows), CHUNK)]
+    )
+
+
 def imprint_rows(
-    features: torch.Tensor, targets: torch.Tensor, classes: list[int], old_weight: torch.Tensor
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    classes: list[int],
+    old_weight: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One row per class: the normalised mean of its normalised features, scaled to the mean
-    norm of the old rows so that new logits live on the old logits' scale."""
+    norm of the old rows so that new logits live on the old logits' scale. ``targets`` label
+    ``features[index]`` (every row when ``index`` is None)."""
+    rows_of = torch.arange(len(features)) if index is None else index
     scale = old_weight.norm(dim=1).mean()
     rows = []
     for c in classes:
-        mean = F.normalize(features[targets == c], dim=1).mean(dim=0)
+        mean = F.normalize(features[rows_of[targets == c]], dim=1).mean(dim=0)
         rows.append(F.normalize(mean, dim=0) * scale)
     return torch.stack(rows)
 
@@ -47,6 +71,7 @@ def calibrate_new_bias(
     bias: torch.Tensor,
     num_old: int,
     classes: list[int],
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A bias per new class that puts its decision boundary against the best old class halfway
     between its own images and the old-class images (medians of the logit margin).
@@ -57,12 +82,13 @@ def calibrate_new_bias(
     old_mask = targets < num_old
     base = bias[:num_old].mean() if num_old else torch.tensor(0.0)
     with torch.no_grad():
-        best_old = (features @ weight[:num_old].T + bias[:num_old]).max(dim=1).values
+        logits = linear_logits(features, weight, bias, index)
+        best_old = logits[:, :num_old].max(dim=1).values
         for j, c in enumerate(classes):
             if not old_mask.any():
                 calibrated[j] = base
                 continue
-            margin = features @ weight[c] - best_old
+            margin = logits[:, c] - best_old
             calibrated[j] = -(margin[targets == c].median() + margin[old_mask].median()) / 2
     return calibrated
 
@@ -86,16 +112,21 @@ def train_head(
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_epoch: EpochDone | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    index: torch.Tensor | None = None,
+    train_bias: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Train the classifier layer ``(weight, bias)`` with a class-balanced cross-entropy.
+    """Train the classifier layer ``(weight, bias)`` with a class-balanced cross-entropy on
+    ``features[index]`` (every row when ``index`` is None), labelled ``targets``. A layer
+    without a bias (``train_bias=False``) keeps ``bias`` as given.
 
     Returns new tensors and the per-epoch history ``[{epoch, train_loss, val_accuracy}]``.
     """
     first = num_old if cfg.old_rows_frozen else 0
     fixed_w, fixed_b = weight[:first].detach(), bias[:first].detach()
     w = weight[first:].detach().clone().requires_grad_(True)
-    b = bias[first:].detach().clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([w, b], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    b = bias[first:].detach().clone().requires_grad_(train_bias)
+    parameters = [w, b] if train_bias else [w]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     class_weights = balanced_class_weights(targets, weight.shape[0])
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
@@ -110,7 +141,8 @@ def train_head(
             if should_stop():
                 raise JobCancelled()
             idx = order[start : start + cfg.batch_size]
-            loss = F.cross_entropy(logits(features[idx]), targets[idx], weight=class_weights)
+            x = features[idx if index is None else index[idx]]
+            loss = F.cross_entropy(logits(x), targets[idx], weight=class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,172 @@
+"""Calibration of the new labels, the few-shot rule, and features that spill to disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ARCH, OLD
+from tests.support import digits as D
+from worker.engine.calibrate import (
+    Calibration,
+    Pool,
+    calibrate,
+    fold_into_layer,
+    weight_aligning_scale,
+)
+from worker.engine.data import Augmentation, scan_image_folder
+from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
+from worker.engine.weights import load_classifier
+
+OLD_LABELS = [str(d) for d in OLD]
+
+
+def _request(tmp_path, held: D.Digits, base_weights, shots: int, **config) -> ExpansionRequest:
+    folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:shots]}
+    root = D.write_image_folder(tmp_path / f"images-{shots}", folders)
+    return ExpansionRequest(
+        ARCH,
+        OLD_LABELS,
+        base_weights,
+        D.PREP,
+        scan_image_folder(root),
+        ["9"],
+        ExpansionConfig(**config),
+    )
+
+
+def _held_out(model, held: D.Digits) -> tuple[float, float]:
+    """(old-class accuracy, recall of 9) on images from index 40 on: in no upload."""
+    images = [im for d in range(10) for im in held.of(d)[40:]]
+    targets = torch.tensor([d for d in range(10) for _ in held.of(d)[40:]])
+    with torch.inference_mode():
+        predicted = model(D.tensors(images)).argmax(1)
+    old = targets < 9
+    return (
+        (predicted[old] == targets[old]).float().mean().item(),
+        (predicted[~old] == 9).float().mean().item(),
+    )
+
+
+def _biased_pool(shift: float) -> Pool:
+    """Three old classes and one new: its logits ``shift`` too high on held-out images."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.arange(4).repeat_interleave(50)
+    logits = torch.randn(200, 4, generator=generator)
+    logits[torch.arange(200), targets] += 3.0
+    logits[:, 3] += shift
+    return Pool(logits, targets)
+
+
+def test_bias_correction_undoes_a_new_label_that_swallows_old_images():
+    pool = _biased_pool(shift=4.0)
+    weight = torch.ones(4, 8)
+    old_before = (pool.logits[pool.targets < 3].argmax(1) == pool.targets[pool.targets < 3]).float()
+    assert old_before.mean() < 0.5  # uncorrected, the new label takes most old images
+
+    choice = calibrate(weight, 3, pool, Calibration("bias_correction"))
+    assert choice.method == "bias_correction"
+    assert choice.beta < -2.0
+    assert choice.old_accuracy > 0.9 and choice.new_accuracy > 0.9
+
+    uncorrected = calibrate(weight, 3, pool, Calibration("none"))
+    assert (uncorrected.alpha, uncorrected.beta) == (1.0, 0.0)
+    assert uncorrected.old_accuracy < 0.5
+
+
+def test_no_correction_may_cost_the_old_labels_more_than_the_budget():
+    pool = _biased_pool(shift=-3.0)  # a timid new label: recall bought with old images
+    weight = torch.ones(4, 8)
+    ceiling = (pool.logits[:150, :3].argmax(1) == pool.targets[:150]).float().mean().item()
+    for budget in (0.0, 0.02, 0.1):
+        choice = calibrate(weight, 3, pool, Calibration(max_old_drop=budget))
+        assert choice.old_accuracy >= ceiling - budget - 1e-9
+    strict = calibrate(weight, 3, pool, Calibration(max_old_drop=0.0))
+    loose = calibrate(weight, 3, pool, Calibration(max_old_drop=0.1))
+    assert loose.new_accuracy > strict.new_accuracy
+
+
+def test_the_correction_folds_into_a_plain_linear_layer():
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(5, 16, generator=generator), torch.randn(5, generator=generator)
+    x = torch.randn(32, 16, generator=generator)
+    folded_w, folded_b = fold_into_layer(weight, bias, 3, alpha=0.7, beta=-1.5)
+    logits, folded = x @ weight.T + bias, x @ folded_w.T + folded_b
+    assert torch.equal(folded[:, :3], logits[:, :3])
+    torch.testing.assert_close(folded[:, 3:], 0.7 * logits[:, 3:] - 1.5)
+    aligned = fold_into_layer(weight, bias, 3, weight_aligning_scale(weight, 3), 0.0)[0]
+    torch.testing.assert_close(aligned[3:].norm(dim=1).mean(), weight[:3].norm(dim=1).mean())
+
+
+def test_one_shot_is_imprinted_not_trained_and_keeps_the_old_labels(
+    tmp_path, digit_splits, base_weights
+):
+    _, held = digit_splits
+    result = expand_classifier(_request(tmp_path, held, base_weights, shots=1))
+    m = result.metrics
+    assert m["history"] == [] and m["method"] == "imprint"
+    assert m["calibration"]["pool"]["new"] == 1  # its one image, scored in-sample
+    base, _ = load_classifier(ARCH, 9, base_weights)
+    old_before, _ = _held_out(base, held)
+    old_after, _ = _held_out(result.model, held)
+    assert old_before - old_after <= 0.015
+
+
+def test_calibration_is_reported_and_is_what_the_model_computes(
+    tmp_path, digit_splits, base_weights
+):
+    _, held = digit_splits
+    result = expand_classifier(_request(tmp_path, held, base_weights, shots=10))
+    cal = result.metrics["calibration"]
+    assert cal["method"] in {"none", "weight_aligning", "bias_correction"}
+    # 2 validation images of "9" are too few: 8 training images were cross-fitted as well
+    assert cal["pool"]["new"] > result.metrics["new_classes"]["n"]
+    assert cal["pool_old_accuracy"] >= 0.9
+    uncalibrated = expand_classifier(
+        _request(tmp_path, held, base_weights, shots=10, calibration=Calibration("none"))
+    )
+    assert uncalibrated.metrics["calibration"]["method"] == "none"
+    head = result.model.get_classifier()
+    raw = uncalibrated.model.get_classifier()
+    assert torch.equal(head.weight[:9], raw.weight[:9])
+    torch.testing.assert_close(head.weight[9], raw.weight[9] * cal["alpha"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_features_beyond_the_memory_budget_spill_to_disk_with_the_same_result(
+    tmp_path, digit_splits, base_weights, views
+):
+    _, held = digit_splits
+    spill = tmp_path / "spill"
+    aug = {"views": views, "rotation_degrees": 5.0} if views > 1 else {}
+
+    def run(memory_bytes: int):
+        return expand_classifier(
+            _request(
+                tmp_path,
+                held,
+                base_weights,
+                shots=10,
+                feature_memory_bytes=memory_bytes,
+                spill_dir=spill,
+                augmentation=Augmentation(**aug),
+            )
+        )
+
+    in_memory, spilled = run(1 << 30), run(0)
+    assert in_memory.metrics["feature_cache"]["disk_bytes"] == 0
+    n_train = spilled.metrics["split"]["train"] * views + spilled.metrics["split"]["validation"]
+    assert spilled.metrics["feature_cache"]["disk_bytes"] >= n_train * 512 * 4
+    assert spilled.metrics["feature_cache"]["memory_bytes"] == 0
+    pairs = zip(
+        in_memory.model.state_dict().values(), spilled.model.state_dict().values(), strict=True
+    )
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    assert list(spill.iterdir()) == []  # the files went with the job
+
+
+def test_a_layer_without_bias_is_corrected_by_scale_alone():
+    pool = _biased_pool(shift=4.0)
+    choice = calibrate(torch.ones(4, 8), 3, pool, Calibration("bias_correction"), shift=False)
+    assert choice.beta == 0.0 and choice.alpha < 1.0  # the only correction it can hold

@@ -1,0 +1,166 @@
+"""Correct the new classes' bias against the old ones, on images the new rows never saw.
+
+New rows trained on a handful of images score those images far higher than fresh ones, so a
+classifier layer used as trained is biased: towards the new classes when the new rows were
+imprinted generously, against them when they overfit a few shots. Two published corrections:
+
+* weight aligning (WA, Zhao et al. 2020): rescale the new rows to the old rows' mean norm;
+* bias correction (BiC, Wu et al. 2019): ``alpha * z + beta`` on every new logit ``z``, with
+  ``alpha`` and ``beta`` fitted on held-out images.
+
+Both fold into the layer (``w' = alpha * w``, ``b' = alpha * b + beta``), so the exported model
+is a plain linear layer. Each candidate is scored on a *pool* of held-out logits (the validation
+split plus out-of-fold training images) by the harmonic mean of old-class and new-class
+accuracy; candidates that cost the old classes more than ``max_old_drop`` of pooled accuracy are
+discarded, and ties go to the candidate that predicts the new classes least often.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("auto", "none", "weight_aligning", "bias_correction")
+_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    method: str = "auto"  # auto | none | weight_aligning | bias_correction
+    max_old_drop: float = 0.01  # largest loss of pooled old-class accuracy a correction may cost
+    folds: int = 3  # out-of-fold rounds when the validation split is too small to fit on
+    min_validation_images: int = 20  # per new class; below it, training images are cross-fitted
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Logits of held-out images, each from a classifier layer that never trained on them."""
+
+    logits: torch.Tensor  # (n, num_classes)
+    targets: torch.Tensor  # (n,)
+
+    @staticmethod
+    def concat(pools: list[Pool], num_classes: int) -> Pool:
+        if not pools:
+            return Pool(torch.empty(0, num_classes), torch.empty(0, dtype=torch.long))
+        return Pool(torch.cat([p.logits for p in pools]), torch.cat([p.targets for p in pools]))
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str
+    alpha: float
+    beta: float
+    old_accuracy: float | None  # on the pool
+    new_accuracy: float | None
+    pool_old: int
+    pool_new: int
+
+    def as_metrics(self) -> dict:
+        return {
+            "method": self.method,
+            "alpha": round(self.alpha, 6),
+            "beta": round(self.beta, 6),
+            "pool": {"old": self.pool_old, "new": self.pool_new},
+            "pool_old_accuracy": self.old_accuracy,
+            "pool_new_accuracy": self.new_accuracy,
+        }
+
+
+def weight_aligning_scale(weight: torch.Tensor, num_old: int) -> float:
+    """WA's ``alpha``: the old rows' mean norm over the new rows' mean norm."""
+    new_norm = weight[num_old:].norm(dim=1).mean()
+    if not num_old or new_norm == 0:
+        return 1.0
+    return float(weight[:num_old].norm(dim=1).mean() / new_norm)
+
+
+def fold_into_layer(
+    weight: torch.Tensor, bias: torch.Tensor, num_old: int, alpha: float, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer whose new logits are ``alpha * z + beta``; old rows untouched."""
+    weight, bias = weight.clone(), bias.clone()
+    weight[num_old:] *= alpha
+    bias[num_old:] = bias[num_old:] * alpha + beta
+    return weight, bias
+
+
+def calibrate(
+    weight: torch.Tensor, num_old: int, pool: Pool, cfg: Calibration, shift: bool = True
+) -> Choice:
+    """Choose ``(alpha, beta)`` for the new logits of ``pool`` (computed with ``weight``).
+    Without ``shift`` (a classifier layer with no bias to hold it) ``beta`` stays 0."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown calibration {cfg.method!r}; expected one of {METHODS}")
+    wa = weight_aligning_scale(weight, num_old)
+    fixed = {"none": [("none", 1.0)], "weight_aligning": [("weight_aligning", wa)]}
+    fitted = [("bias_correction", a) for a in sorted({*_ALPHAS, round(wa, 6)})]
+    plan = {
+        "none": fixed["none"],
+        "weight_aligning": fixed["weight_aligning"],
+        "bias_correction": fitted,
+        "auto": fixed["none"] + fixed["weight_aligning"] + fitted,
+    }[cfg.method]
+    old = pool.targets < num_old
+    n_old, n_new = int(old.sum()), int((~old).sum())
+    best_old = pool.logits[:, :num_old].max(dim=1)
+    best_new = pool.logits[:, num_old:].max(dim=1)
+    right_if_old = best_old.indices == pool.targets
+    right_if_new = best_new.indices + num_old == pool.targets
+    ceiling = right_if_old[old].float().mean().item() if n_old else None
+    scored: list[tuple[tuple, Choice]] = []
+    for method, alpha in plan:
+        critical = best_old.values - alpha * best_new.values  # a new label wins iff beta > it
+        fits_beta = method == "bias_correction" and shift
+        betas = _cuts(critical) if fits_beta else torch.zeros(1)
+        old_acc, new_acc, predicted_new = _sweep(critical, betas, old, right_if_old, right_if_new)
+        for i, beta in enumerate(betas.tolist()):
+            o = old_acc[i].item() if n_old else None
+            n = new_acc[i].item() if n_new else None
+            within = o is None or ceiling is None or o >= ceiling - cfg.max_old_drop - 1e-9
+            hm = _harmonic(o, n) if within else -(ceiling - o)
+            key = (within, round(hm, 9), -int(predicted_new[i]), -abs(alpha - 1.0) - abs(beta))
+            scored.append((key, Choice(method, alpha, beta, o, n, n_old, n_new)))
+    return max(scored, key=lambda s: s[0])[1]
+
+
+def _sweep(
+    critical: torch.Tensor,
+    betas: torch.Tensor,
+    old: torch.Tensor,
+    right_if_old: torch.Tensor,
+    right_if_new: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Old accuracy, new accuracy and the number of new predictions at every beta, in
+    O(n log n): sorted by critical value, the images predicted new are a prefix."""
+    order = torch.argsort(critical)
+    sorted_critical = critical[order]
+    k = torch.searchsorted(sorted_critical, betas)  # images whose critical value is < beta
+    is_old = old[order].double()
+    gain = right_if_new[order].double() - right_if_old[order].double()
+    zero = torch.zeros(1, dtype=torch.float64)
+    old_gain = torch.cat([zero, torch.cumsum(gain * is_old, 0)])[k]
+    new_gain = torch.cat([zero, torch.cumsum(gain * (1 - is_old), 0)])[k]
+    n_old, n_new = is_old.sum(), (1 - is_old).sum()
+    old_base = (right_if_old & old).sum().double()
+    new_base = (right_if_old & ~old).sum().double()
+    old_acc = (old_base + old_gain) / n_old.clamp(min=1)
+    new_acc = (new_base + new_gain) / n_new.clamp(min=1)
+    return old_acc, new_acc, k
+
+
+def _cuts(critical: torch.Tensor) -> torch.Tensor:
+    """Every shift at which some pooled image changes between an old and a new prediction:
+    one beta between each pair of neighbouring critical values, and one beyond each end."""
+    if not len(critical):
+        return torch.zeros(1)
+    values = torch.sort(critical.unique()).values
+    mids = values[:-1] + torch.diff(values) / 2
+    return torch.cat([values[:1] - 1.0, mids, values[-1:] + 1.0])
+
+
+def _harmonic(old: float | None, new: float | None) -> float:
+    if old is None or new is None:
+        return old if old is not None else (new or 0.0)
+    return 2 * old * new / (old + new) if old + new else 0.0
