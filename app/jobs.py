@@ -67,7 +67,7 @@ def create_job(
     new_labels = _new_labels(body, base.labels, dataset.labels)
     if body.notify_url and (refused := refused_destination(str(body.notify_url), settings)):
         raise Invalid(f"notify_url refused: {refused}", "notify_url")
-    config = _resolve_config(body)
+    config = _resolve_config(body, has_old_images=bool(set(dataset.labels) & set(base.labels)))
 
     job = Job(
         owner=owner,
@@ -139,9 +139,11 @@ def _new_labels(
     return labels
 
 
-def _resolve_config(body: JobCreate) -> dict:
+def _resolve_config(body: JobCreate, has_old_images: bool) -> dict:
+    """The job's config with every default filled in. Old rows adapt (slowly, distilled towards
+    the original) when the dataset has images of old labels to adapt to; else they are frozen."""
     config = body.config.model_dump(mode="json")
-    config["old_rows"] = config["old_rows"] or "frozen"
+    config["old_rows"] = config["old_rows"] or ("trainable" if has_old_images else "frozen")
     return config
 
 

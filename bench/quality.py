@@ -59,7 +59,7 @@ def graft(
 ):
     samples = scan_image_folder(D.write_image_folder(root, folders))
     config = ExpansionConfig(
-        training=training or HeadTraining(),
+        training=training or HeadTraining(old_rows_frozen=False),  # the service's default
         freeze=freeze,
         calibration=calibration or Calibration(),
     )
@@ -157,8 +157,12 @@ def main() -> None:
         "graft": graft,
         "uncalibrated": lambda b, f, r: graft(b, f, r, calibration=Calibration("none")),
         "imprint": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=0)),
-        "last_block": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=10), "last_block"),
-        "none+lwf": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=10), "none"),
+        "last_block": lambda b, f, r: graft(
+            b, f, r, HeadTraining(epochs=10, old_rows_frozen=False), "last_block"
+        ),
+        "none+lwf": lambda b, f, r: graft(
+            b, f, r, HeadTraining(epochs=10, old_rows_frozen=False), "none"
+        ),
         "seed-style": seed_style,
         "full-ft": full_finetune,
     }

@@ -296,7 +296,7 @@ class TestJobs:
         assert response.headers["location"] == f"/v1/jobs/{job['id']}"
         assert job["status"] == "queued" and job["new_labels"] == ["9"]
         assert job["base_version"] == 1
-        assert job["config"]["old_rows"] == "frozen" and job["config"]["epochs"] == 30
+        assert job["config"]["old_rows"] == "trainable" and job["config"]["epochs"] == 30
         assert job["config"]["calibration"] == "auto"
         assert job["config"]["max_old_accuracy_drop"] == 0.01
         assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
@@ -304,6 +304,18 @@ class TestJobs:
             job["id"]
         ]
         assert client.get("/v1/jobs?model=other").json()["items"] == []
+
+    def test_old_rows_are_frozen_when_the_dataset_has_no_old_label(
+        self, model, client, digit_splits
+    ):
+        from tests.support.digits import zip_image_folder
+
+        archive = zip_image_folder({"9": digit_splits[1].of(9)[:3]})
+        only_new = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+        job = self.submit(client, only_new).json()
+        assert job["config"]["old_rows"] == "frozen"
+        explicit = self.submit(client, only_new, config={"old_rows": "trainable"}).json()
+        assert explicit["config"]["old_rows"] == "trainable"
 
     def test_freeze_policies_are_accepted_and_echoed(self, model, dataset, client):
         for policy in ("last_block", "none"):

@@ -170,3 +170,27 @@ def test_a_layer_without_bias_is_corrected_by_scale_alone():
     pool = _biased_pool(shift=4.0)
     choice = calibrate(torch.ones(4, 8), 3, pool, Calibration("bias_correction"), shift=False)
     assert choice.beta == 0.0 and choice.alpha < 1.0  # the only correction it can hold
+
+
+def test_trainable_old_rows_adapt_slowly_and_distillation_holds_them(
+    tmp_path, digit_splits, base_weights
+):
+    from worker.engine.train import HeadTraining
+
+    _, held = digit_splits
+    base, _ = load_classifier(ARCH, 9, base_weights)
+    original = base.get_classifier().weight.detach()
+
+    def old_rows(**training):
+        config = {"training": HeadTraining(old_rows_frozen=False, **training)}
+        result = expand_classifier(_request(tmp_path, held, base_weights, shots=10, **config))
+        return result, result.model.get_classifier().weight.detach()[:9]
+
+    distilled, rows = old_rows()
+    drift = (rows - original).norm() / original.norm()
+    assert 0 < drift < 0.1  # they moved, a little
+    old_before, _ = _held_out(base, held)
+    old_after, recall = _held_out(distilled.model, held)
+    assert old_before - old_after <= 0.015 and recall > 0.5
+    _, free = old_rows(distillation_weight=0.0, old_rows_lr_scale=1.0, epochs=100)
+    assert (free - original).norm() / original.norm() > 2 * drift

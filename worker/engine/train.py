@@ -1,7 +1,9 @@
 """Initialise and train the classifier layer on cached features.
 
 With ``old_rows_frozen`` only the new rows move, so every old row stays bit-identical and the
-old classes can only lose images to the new ones, never to each other.
+old classes can only lose images to the new ones, never to each other. Trainable old rows
+learn at a hundredth of the new rows' rate, their logits distilled towards the original layer's
+(LwF) so that they adapt to the new labels without forgetting.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class HeadTraining:
     weight_decay: float = 1e-4
     seed: int = 0
     old_rows_frozen: bool = True
+    # trainable old rows: a slower rate, and their logits distilled towards the original (LwF)
+    old_rows_lr_scale: float = 0.01
+    distillation_weight: float = 1.0
+    temperature: float = 2.0
 
 
 CHUNK = 65536  # rows per matrix product over cached features (they may be memory-mapped)
@@ -121,18 +127,36 @@ def train_head(
 
     Returns new tensors and the per-epoch history ``[{epoch, train_loss, val_accuracy}]``.
     """
-    first = num_old if cfg.old_rows_frozen else 0
-    fixed_w, fixed_b = weight[:first].detach(), bias[:first].detach()
-    w = weight[first:].detach().clone().requires_grad_(True)
-    b = bias[first:].detach().clone().requires_grad_(train_bias)
-    parameters = [w, b] if train_bias else [w]
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    frozen = cfg.old_rows_frozen
+    teacher_w, teacher_b = weight[:num_old].detach().clone(), bias[:num_old].detach().clone()
+    w_old = teacher_w.clone().requires_grad_(not frozen)
+    b_old = teacher_b.clone().requires_grad_(not frozen and train_bias)
+    w = weight[num_old:].detach().clone().requires_grad_(True)
+    b = bias[num_old:].detach().clone().requires_grad_(train_bias)
+    groups = [{"params": [w, b] if train_bias else [w], "lr": cfg.learning_rate}]
+    if not frozen:
+        old_params = [w_old, b_old] if train_bias else [w_old]
+        groups.append({"params": old_params, "lr": cfg.learning_rate * cfg.old_rows_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     class_weights = balanced_class_weights(targets, weight.shape[0])
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
+    distil = not frozen and cfg.distillation_weight > 0 and num_old > 0
+    t = cfg.temperature
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        return x @ torch.cat([fixed_w, w]).T + torch.cat([fixed_b, b])
+        return x @ torch.cat([w_old, w]).T + torch.cat([b_old, b])
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = logits(x)
+        loss = F.cross_entropy(out, y, weight=class_weights)
+        if distil:
+            with torch.no_grad():
+                teacher = F.softmax((x @ teacher_w.T + teacher_b) / t, dim=1)
+            student = F.log_softmax(out[:, :num_old] / t, dim=1)
+            kl = F.kl_div(student, teacher, reduction="batchmean")
+            loss = loss + cfg.distillation_weight * t * t * kl
+        return loss
 
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(targets), generator=generator)
@@ -142,7 +166,7 @@ def train_head(
                 raise JobCancelled()
             idx = order[start : start + cfg.batch_size]
             x = features[idx if index is None else index[idx]]
-            loss = F.cross_entropy(logits(x), targets[idx], weight=class_weights)
+            loss = loss_of(x, targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -156,4 +180,4 @@ def train_head(
         if on_epoch:
             on_epoch(record)
     with torch.no_grad():
-        return torch.cat([fixed_w, w]).detach(), torch.cat([fixed_b, b]).detach(), history
+        return torch.cat([w_old, w]).detach(), torch.cat([b_old, b]).detach(), history
