@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from worker.engine.architectures import Preprocessing
 from worker.engine.calibrate import Calibration, Pool, calibrate, fold_into_layer
@@ -445,33 +445,25 @@ def _extract(
     augmented = clean if cfg.augmentation.is_identity else augment_transform(prep, cfg.augmentation)
     train_samples = [samples[i] for i in train_idx]
     val_samples = [samples[i] for i in val_idx]
-    datasets = [
-        ImageDataset(
-            train_samples, prep, augmented, views, first_view=clean, seed=cfg.training.seed
-        ),
-        ImageDataset(val_samples, prep, clean),
-    ]
-    total = sum(len(d) for d in datasets)
-    outputs = []
-    for dataset in datasets:
-        offset = sum(len(d) for d in datasets[: len(outputs)])
+    train_views = ImageDataset(
+        train_samples, prep, augmented, views, first_view=clean, seed=cfg.training.seed
+    )
+    dataset = ConcatDataset([train_views, ImageDataset(val_samples, prep, clean)])
+    total = len(dataset)
 
-        def on_batch(done: int, _total: int, offset: int = offset) -> None:
-            progress(
-                Progress(
-                    "extracting", (offset + done) / total, message=f"{offset + done}/{total} images"
-                )
-            )
+    def on_batch(done: int, _total: int) -> None:
+        progress(Progress("extracting", done / total, message=f"{done}/{total} images"))
 
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        outputs.append(
-            extract_features(model, head, loader, device, on_batch, should_stop, cache.allocate)
-        )
-    (train_x, groups), (val_x, val_local) = outputs
+    loader = DataLoader(  # one loader (one set of workers) for training views and validation
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    feats, local = extract_features(
+        model, head, loader, device, on_batch, should_stop, cache.allocate
+    )
+    n = len(train_views)
+    train_x, groups, val_x, val_local = feats[:n], local[:n], feats[n:], local[n:]
     return train_x, targets[train_idx][groups], groups, val_x, targets[val_idx][val_local]
