@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/speed.py --views 1
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

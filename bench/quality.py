@@ -45,7 +45,6 @@ from worker.engine.train import HeadTraining  # noqa: E402
 
 ARCH = "timm:resnet18"
 OLD = list(range(9))
-OLD_PER_CLASS = 20
 HOLDOUT_FROM = 60  # per digit, images from this index on are never uploaded
 
 
@@ -143,6 +142,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10, 50])
     parser.add_argument("--methods", nargs="+", help="a subset of the methods to run")
+    parser.add_argument("--old-per-class", type=int, default=20, choices=range(1, HOLDOUT_FROM + 1))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     base_digits, held = D.load()
@@ -171,7 +171,7 @@ def main() -> None:
     print(
         f"digits, {ARCH} trained on 0-8: held-out old-class accuracy {base_old:.4f} "
         f"({int((y < 9).sum())} old, {int((y == 9).sum())} new held-out images); "
-        f"{OLD_PER_CLASS} old images per class uploaded; mean of {args.seeds} seeds"
+        f"{args.old_per_class} old images per class uploaded; mean of {args.seeds} seeds"
     )
     print(
         f"{'shots':>5} {'method':<12} {'old drop (pts)':>14} {'new recall':>10} "
@@ -185,7 +185,7 @@ def main() -> None:
                 g = torch.Generator().manual_seed(seed)
                 new = held.of(9)[:HOLDOUT_FROM]
                 pick = torch.randperm(len(new), generator=g)[:shots].tolist()
-                folders = {str(d): held.of(d)[:OLD_PER_CLASS] for d in OLD}
+                folders = {str(d): held.of(d)[: args.old_per_class] for d in OLD}
                 folders["9"] = [new[i] for i in pick]
                 with tempfile.TemporaryDirectory() as tmp:
                     started = time.perf_counter()

@@ -252,7 +252,9 @@ def _load_spec(settings: Settings, job_id: str) -> JobSpec:
         )
 
 
-def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionConfig:
+def expansion_config(
+    config: dict[str, Any], settings: Settings, spill_dir: Path | None = None
+) -> ExpansionConfig:
     aug = dict(config.get("augmentation") or {})
     if "scale" in aug:
         aug["scale"] = tuple(aug["scale"])
@@ -276,7 +278,7 @@ def expansion_config(config: dict[str, Any], settings: Settings) -> ExpansionCon
             max_old_drop=config.get("max_old_accuracy_drop", 0.01),
         ),
         feature_memory_bytes=settings.feature_memory_mb << 20,
-        spill_dir=settings.tmp_dir,
+        spill_dir=spill_dir,  # the job's own folder: a killed attempt's files go with it
     )
 
 
@@ -295,7 +297,7 @@ def _request(spec: JobSpec, storage: Storage, settings: Settings, tmp: Path) -> 
         preprocessing=Preprocessing.from_dict(spec.preprocessing),
         samples=samples,
         new_labels=spec.new_labels,
-        config=expansion_config(spec.config, settings),
+        config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
     )
 
 
