@@ -28,9 +28,10 @@ def calibration_summary(metrics: dict[str, Any]) -> str:
     alpha, beta = cal["alpha"], cal["beta"]
     sign = "-" if beta < 0 else "+"
     pool = cal.get("pool", {})
+    after = ", before fine-tuning" if cal.get("before_finetune") else ""
     return (
         f"{cal['method'].replace('_', ' ')}: {alpha:.2f} z {sign} {abs(beta):.2f}"
-        f" (chosen on {pool.get('old', 0)} old / {pool.get('new', 0)} new held-out images)"
+        f" (chosen on {pool.get('old', 0)} old / {pool.get('new', 0)} new held-out images{after})"
     )
 
 

@@ -112,6 +112,50 @@ def test_one_shot_is_imprinted_not_trained_and_keeps_the_old_labels(
     assert old_before - old_after <= 0.015
 
 
+@pytest.mark.parametrize("views", [1, 3])
+def test_a_two_image_label_keeps_its_imprint_while_a_label_with_many_is_trained(
+    tmp_path, digit_splits, base_weights, views
+):
+    from PIL import ImageOps
+
+    from worker.engine.train import HeadTraining
+
+    _, held = digit_splits
+    mirrored = [ImageOps.mirror(im) for im in held.of(3)[:2]]  # "ε": a second new label
+    new = {"9": held.of(9)[:15], "mirrored-3": mirrored}
+    folders = {str(d): held.of(d)[:20] for d in OLD} | new
+    root = D.write_image_folder(tmp_path / "images", folders)
+    aug = Augmentation(views=views, rotation_degrees=10.0) if views > 1 else Augmentation()
+
+    def run(epochs: int) -> torch.Tensor:
+        config = ExpansionConfig(augmentation=aug, training=HeadTraining(epochs=epochs))
+        request = ExpansionRequest(
+            ARCH,
+            OLD_LABELS,
+            base_weights,
+            D.PREP,
+            scan_image_folder(root),
+            list(new),
+            config,
+        )
+        result = expand_classifier(request)
+        assert bool(result.metrics["history"]) == (epochs > 0)
+        return result.model.get_classifier().weight.detach()
+
+    trained, imprinted = run(30), run(0)
+    cosine = torch.nn.functional.cosine_similarity(trained[9:], imprinted[9:])
+    assert cosine[1] > 0.9999  # two images (however many views): the imprint, only rescaled
+    assert cosine[0] < 0.999  # fifteen images: trained
+
+
+def test_without_old_label_images_the_new_logits_are_left_as_trained():
+    pool = _biased_pool(shift=-3.0)  # a shift up would only gain
+    new_only = pool.targets >= 3
+    new_pool = Pool(pool.logits[new_only], pool.targets[new_only])
+    choice = calibrate(torch.ones(4, 8), 3, new_pool, Calibration())
+    assert (choice.method, choice.alpha, choice.beta) == ("none", 1.0, 0.0)
+
+
 def test_calibration_is_reported_and_is_what_the_model_computes(
     tmp_path, digit_splits, base_weights
 ):

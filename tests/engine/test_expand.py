@@ -265,3 +265,28 @@ def test_unfreezing_trains_what_the_policy_says_and_keeps_old_rows(
     assert result.metrics["method"].endswith(f"finetune:{policy}")
     assert len(result.metrics["history"]) == 4  # 2 head epochs on cached features, 2 end to end
     assert result.metrics["old_classes"]["n"] == 18
+
+
+def test_trainable_old_rows_move_slowly_when_the_backbone_is_unfrozen(
+    tmp_path, digit_splits, base_weights
+):
+    from worker.engine.train import HeadTraining
+
+    _, held = digit_splits
+    folders = {str(d): held.of(d)[:8] for d in OLD} | {"9": held.of(9)[:8]}
+    root = D.write_image_folder(tmp_path, folders)
+    original = read_state_dict(base_weights)["fc.weight"]
+
+    def drift(scale: float) -> float:
+        training = HeadTraining(
+            epochs=2, learning_rate=1e-3, old_rows_frozen=False, old_rows_lr_scale=scale
+        )
+        config = ExpansionConfig(freeze="last_block", training=training)
+        request = ExpansionRequest(
+            ARCH, OLD_LABELS, base_weights, D.PREP, scan_image_folder(root), ["9"], config
+        )
+        rows = expand_classifier(request).model.state_dict()["fc.weight"][:9]
+        return ((rows - original).norm() / original.norm()).item()
+
+    slow, full = drift(0.01), drift(1.0)
+    assert 0 < slow < full / 5

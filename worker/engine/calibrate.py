@@ -12,7 +12,8 @@ Both fold into the layer (``w' = alpha * w``, ``b' = alpha * b + beta``), so the
 is a plain linear layer. Each candidate is scored on a *pool* of held-out logits (the validation
 split plus out-of-fold training images) by the harmonic mean of old-class and new-class
 accuracy; candidates that cost the old classes more than ``max_old_drop`` of pooled accuracy are
-discarded, and ties go to the candidate that predicts the new classes least often.
+discarded, and ties go to the candidate that predicts the new classes least often. A pool
+without old-class images cannot show what a correction costs, so the layer stays as trained.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def calibrate(
     }[cfg.method]
     old = pool.targets < num_old
     n_old, n_new = int(old.sum()), int((~old).sum())
+    if not n_old and cfg.method != "weight_aligning":
+        plan = fixed["none"]  # nothing shows what a shift would cost the old labels
     best_old = pool.logits[:, :num_old].max(dim=1)
     best_new = pool.logits[:, num_old:].max(dim=1)
     right_if_old = best_old.indices == pool.targets

@@ -5,7 +5,8 @@
 
 Every layer but the classifier is frozen (eval mode, so BatchNorm statistics stay put); the
 backbone runs once per image and view, and the classifier layer is trained on those cached
-features. Old rows are copied bit-exactly and, by default, never trained.
+features. Old rows are copied bit-exactly; they stay so unless the dataset holds old-label
+images to adapt them on (then slowly, distilled towards the original: see ``train``).
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def _expand(
         )
 
     has_bias = head.module.bias is not None
-    rows = RowFitter(old_weight, old_bias, new_classes, cfg, should_stop, has_bias)
+    images = torch.bincount(train_y[_first_views(groups)], minlength=len(labels))
+    rows = RowFitter(old_weight, old_bias, new_classes, cfg, should_stop, has_bias, images)
     weight, bias, history = rows.fit(train_x, train_y, on_epoch=on_epoch, validation=(val_x, val_y))
     progress(Progress("training", 1.0, message="calibrating the new classes"))
     pool = _calibration_pool(rows, weight, bias, train_x, train_y, groups, val_x, val_y)
@@ -203,7 +205,8 @@ def _expand(
         },
         "feature_cache": {"memory_bytes": cache.in_memory, "disk_bytes": cache.spilled_bytes},
         "device": str(device),
-        "calibration": choice.as_metrics(),
+        # with a backbone fine-tuned afterwards, the correction was chosen on the warm head
+        "calibration": choice.as_metrics() | {"before_finetune": teacher is not None},
         "method": ("imprint+train" if history else cfg.init)
         + (f"+finetune:{cfg.freeze}" if teacher is not None else ""),
         "split": {"train": len(train_idx), "validation": len(val_idx)},
@@ -258,6 +261,7 @@ def _finetune(
             batch_size=cfg.training.batch_size,
             weight_decay=cfg.training.weight_decay,
             old_rows_frozen=cfg.training.old_rows_frozen,
+            old_rows_lr_scale=cfg.training.old_rows_lr_scale,
             seed=cfg.training.seed,
         ),
         prep,
@@ -279,8 +283,10 @@ FEW_SHOT = 2  # a new label with at most this many training images is imprinted,
 
 class RowFitter:
     """The recipe for the classifier layer, reusable on any subset of the cached features:
-    imprinted new rows with a calibrated bias, then (unless a new label has only a few shots)
-    trained with the old rows fixed. Cross-fitting refits it on folds."""
+    imprinted new rows with a calibrated bias, then trained (old rows fixed unless configured
+    otherwise). A new label with only ``FEW_SHOT`` training images or fewer keeps its imprinted
+    row: on one or two images gradient steps only memorise them. Which labels those are is
+    decided once, on the whole training set, so that cross-fitting refits the same recipe."""
 
     def __init__(
         self,
@@ -290,10 +296,14 @@ class RowFitter:
         cfg: ExpansionConfig,
         should_stop: Callable[[], bool],
         has_bias: bool = True,
+        images: torch.Tensor | None = None,
     ) -> None:
+        """``images``: training images per class (all labels); None leaves every row trainable."""
         self.old_weight, self.old_bias, self.has_bias = old_weight, old_bias, has_bias
         self.num_old, self.new_classes = len(old_bias), new_classes
         self.cfg, self.should_stop = cfg, should_stop
+        few = cfg.init == "imprint" and images is not None
+        self.imprinted = [c for c in new_classes if few and int(images[c]) <= FEW_SHOT]
 
     def fit(
         self,
@@ -330,17 +340,15 @@ class RowFitter:
             should_stop=self.should_stop,
             index=index,
             train_bias=self.has_bias,
+            fixed=self.imprinted,
         )
 
     def trains(self, y: torch.Tensor) -> bool:
-        """Gradient steps need negatives, epochs, and (when imprinting) more than a few shots:
-        on one or two images training only memorises them."""
+        """Gradient steps need epochs, negatives (old-class images) and a label with more
+        than a few shots."""
         if self.cfg.training.epochs <= 0 or not bool((y < self.num_old).any()):
             return False
-        if self.cfg.init != "imprint":
-            return True
-        counts = torch.bincount(y, minlength=self.num_old + len(self.new_classes))
-        return bool(counts[self.num_old :].min() > FEW_SHOT)
+        return len(self.imprinted) < len(self.new_classes)
 
 
 def _calibration_pool(
@@ -362,11 +370,12 @@ def _calibration_pool(
     pools = [Pool(linear_logits(val_x, weight, bias), val_y)] if len(val_y) else []
     val_counts = torch.bincount(val_y, minlength=num_classes)[rows.num_old :]
     first = _first_views(groups)
-    if cal.method != "none" and cal.folds > 1 and val_counts.min() < cal.min_validation_images:
+    fitted = cal.method in ("auto", "bias_correction")  # the others fit nothing on the pool
+    if fitted and cal.folds > 1 and val_counts.min() < cal.min_validation_images:
         fold_of = _folds(train_y[first], groups[first], cal.folds, rows.cfg.training.seed)[groups]
         for fold in range(cal.folds):
             held = fold_of == fold
-            if not held.any() or rows.trains(train_y[~held]) != rows.trains(train_y):
+            if not held.any():
                 continue
             kept = (~held).nonzero().flatten()
             w, b, _ = rows.fit(train_x, train_y[kept], kept)
@@ -377,7 +386,11 @@ def _calibration_pool(
     if missing:
         mask = first & torch.isin(train_y, torch.tensor(missing))
         pool = Pool.concat(
-            [pool, Pool(train_x[mask] @ weight.T + bias, train_y[mask])], num_classes
+            [
+                pool,
+                Pool(linear_logits(train_x, weight, bias, mask.nonzero().flatten()), train_y[mask]),
+            ],
+            num_classes,
         )
     return pool
 

@@ -32,6 +32,7 @@ class Finetuning:
     batch_size: int
     weight_decay: float
     old_rows_frozen: bool = True
+    old_rows_lr_scale: float = 0.01  # trainable old rows move this fraction of a step
     backbone_lr_scale: float = 0.01
     distillation_weight: float = 1.0
     temperature: float = 2.0
@@ -82,7 +83,8 @@ def finetune(
 
     With ``old_rows_frozen`` the old rows of the classifier layer are put back after every
     step, so they stay bit-identical (their logits still move with the features, which the
-    distillation term holds near the teacher's).
+    distillation term holds near the teacher's); trainable, they keep ``old_rows_lr_scale``
+    of each step, as on the cached-feature path.
     """
     model.requires_grad_(False).to(device).eval()
     teacher.requires_grad_(False).to(device).eval()
@@ -90,8 +92,9 @@ def finetune(
     head_params = list(head.module.parameters())
     for p in backbone + head_params:
         p.requires_grad_(True)
-    old_weight = head.module.weight.detach()[:num_old].clone()
-    old_bias = head.module.bias.detach()[:num_old].clone() if head.module.bias is not None else None
+    layer = head.module
+    old_rows = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    keep = 0.0 if cfg.old_rows_frozen else cfg.old_rows_lr_scale
     optimizer = torch.optim.AdamW(
         [
             {"params": backbone, "lr": cfg.learning_rate * cfg.backbone_lr_scale},
@@ -128,12 +131,11 @@ def finetune(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            before = [p.detach()[:num_old].clone() for p in old_rows]
             optimizer.step()
-            if cfg.old_rows_frozen:
-                with torch.no_grad():
-                    head.module.weight[:num_old] = old_weight
-                    if old_bias is not None:
-                        head.module.bias[:num_old] = old_bias
+            with torch.no_grad():
+                for p, was in zip(old_rows, before, strict=True):
+                    p[:num_old] = was + keep * (p[:num_old] - was)
             total += loss.item() * len(index)
             seen += len(index)
         record = {

@@ -8,7 +8,7 @@ learn at a hundredth of the new rows' rate, their logits distilled towards the o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,10 +120,12 @@ def train_head(
     should_stop: Callable[[], bool] = lambda: False,
     index: torch.Tensor | None = None,
     train_bias: bool = True,
+    fixed: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Train the classifier layer ``(weight, bias)`` with a class-balanced cross-entropy on
     ``features[index]`` (every row when ``index`` is None), labelled ``targets``. A layer
-    without a bias (``train_bias=False``) keeps ``bias`` as given.
+    without a bias (``train_bias=False``) keeps ``bias`` as given; the new rows listed in
+    ``fixed`` (class indices) keep their values while their images still train the others.
 
     Returns new tensors and the per-epoch history ``[{epoch, train_loss, val_accuracy}]``.
     """
@@ -133,6 +135,12 @@ def train_head(
     b_old = teacher_b.clone().requires_grad_(not frozen and train_bias)
     w = weight[num_old:].detach().clone().requires_grad_(True)
     b = bias[num_old:].detach().clone().requires_grad_(train_bias)
+    if fixed:  # no gradient reaches them (weight decay may; they are restored at the end)
+        moving = torch.ones(len(w), 1)
+        moving[[c - num_old for c in fixed]] = 0
+        w.register_hook(lambda g: g * moving)
+        if train_bias:
+            b.register_hook(lambda g: g * moving[:, 0])
     groups = [{"params": [w, b] if train_bias else [w], "lr": cfg.learning_rate}]
     if not frozen:
         old_params = [w_old, b_old] if train_bias else [w_old]
@@ -180,4 +188,6 @@ def train_head(
         if on_epoch:
             on_epoch(record)
     with torch.no_grad():
+        keep = torch.tensor([c - num_old for c in fixed], dtype=torch.long)
+        w[keep], b[keep] = weight[num_old:][keep], bias[num_old:][keep]
         return torch.cat([w_old, w]).detach(), torch.cat([b_old, b]).detach(), history
