@@ -14,9 +14,25 @@ from app.main import create_app
 from app.server import db_upgrade
 from app.settings import Settings
 from tests.support import digits as D
+from worker.engine.data import scan_image_folder
+from worker.engine.expand import ExpansionConfig, ExpansionRequest
 
 OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
 ARCH = "timm:resnet18"
+
+
+def digits_request(
+    weights: Path,
+    root: Path,
+    config: ExpansionConfig | None = None,
+    new_labels: tuple[str, ...] = ("9",),
+) -> ExpansionRequest:
+    """Teach the base model (0-8) ``new_labels`` from the image folder ``root``."""
+    images = scan_image_folder(root)
+    labels = [str(d) for d in OLD]
+    return ExpansionRequest(
+        ARCH, labels, weights, D.PREP, images, list(new_labels), config or ExpansionConfig()
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ARCH, OLD
+from tests.conftest import ARCH, OLD, digits_request
 from tests.support import digits as D
 from worker.engine.calibrate import (
     Calibration,
@@ -14,25 +14,15 @@ from worker.engine.calibrate import (
     fold_into_layer,
     weight_aligning_scale,
 )
-from worker.engine.data import Augmentation, scan_image_folder
+from worker.engine.data import Augmentation
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
 from worker.engine.weights import load_classifier
-
-OLD_LABELS = [str(d) for d in OLD]
 
 
 def _request(tmp_path, held: D.Digits, base_weights, shots: int, **config) -> ExpansionRequest:
     folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:shots]}
     root = D.write_image_folder(tmp_path / f"images-{shots}", folders)
-    return ExpansionRequest(
-        ARCH,
-        OLD_LABELS,
-        base_weights,
-        D.PREP,
-        scan_image_folder(root),
-        ["9"],
-        ExpansionConfig(**config),
-    )
+    return digits_request(base_weights, root, ExpansionConfig(**config))
 
 
 def _held_out(model, held: D.Digits) -> tuple[float, float]:
@@ -129,16 +119,7 @@ def test_a_two_image_label_keeps_its_imprint_while_a_label_with_many_is_trained(
 
     def run(epochs: int) -> torch.Tensor:
         config = ExpansionConfig(augmentation=aug, training=HeadTraining(epochs=epochs))
-        request = ExpansionRequest(
-            ARCH,
-            OLD_LABELS,
-            base_weights,
-            D.PREP,
-            scan_image_folder(root),
-            list(new),
-            config,
-        )
-        result = expand_classifier(request)
+        result = expand_classifier(digits_request(base_weights, root, config, tuple(new)))
         assert bool(result.metrics["history"]) == (epochs > 0)
         return result.model.get_classifier().weight.detach()
 

@@ -13,11 +13,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import ARCH, OLD
+from tests.conftest import ARCH, OLD, digits_request
 from tests.support import digits as D
 from worker.engine.data import scan_image_folder, stratified_split
 from worker.engine.errors import JobCancelled, UnsupportedHead, WeightsError
-from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
+from worker.engine.expand import ExpansionConfig, expand_classifier
 from worker.engine.export import export_onnx
 from worker.engine.weights import (
     convert_to_safetensors,
@@ -36,10 +36,7 @@ def expansion(tmp_path_factory, digit_splits, base_weights):
     folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:10]}
     root = D.write_image_folder(tmp_path_factory.mktemp("images"), folders)
     stages = []
-    request = ExpansionRequest(
-        ARCH, OLD_LABELS, base_weights, D.PREP, scan_image_folder(root), ["9"]
-    )
-    result = expand_classifier(request, progress=stages.append)
+    result = expand_classifier(digits_request(base_weights, root), progress=stages.append)
     return result, stages
 
 
@@ -106,15 +103,7 @@ def test_onnx_export_matches_torch(expansion, tmp_path, digit_splits):
 def test_cancellation_stops_the_engine(tmp_path, digit_splits, base_weights):
     _, held = digit_splits
     root = D.write_image_folder(tmp_path, {"0": held.of(0)[:4], "9": held.of(9)[:4]})
-    request = ExpansionRequest(
-        ARCH,
-        OLD_LABELS,
-        base_weights,
-        D.PREP,
-        scan_image_folder(root),
-        ["9"],
-        ExpansionConfig(batch_size=2),
-    )
+    request = digits_request(base_weights, root, ExpansionConfig(batch_size=2))
     with pytest.raises(JobCancelled):
         expand_classifier(request, should_stop=lambda: True)
 
@@ -244,10 +233,7 @@ def test_unfreezing_trains_what_the_policy_says_and_keeps_old_rows(
     folders = {str(d): held.of(d)[:8] for d in OLD} | {"9": held.of(9)[:8]}
     root = D.write_image_folder(tmp_path, folders)
     config = ExpansionConfig(freeze=policy, training=HeadTraining(epochs=2, learning_rate=1e-3))
-    request = ExpansionRequest(
-        ARCH, OLD_LABELS, base_weights, D.PREP, scan_image_folder(root), ["9"], config
-    )
-    result = expand_classifier(request)
+    result = expand_classifier(digits_request(base_weights, root, config))
     base = read_state_dict(base_weights)
     grown = result.model.state_dict()
 
@@ -282,10 +268,9 @@ def test_trainable_old_rows_move_slowly_when_the_backbone_is_unfrozen(
             epochs=2, learning_rate=1e-3, old_rows_frozen=False, old_rows_lr_scale=scale
         )
         config = ExpansionConfig(freeze="last_block", training=training)
-        request = ExpansionRequest(
-            ARCH, OLD_LABELS, base_weights, D.PREP, scan_image_folder(root), ["9"], config
-        )
-        rows = expand_classifier(request).model.state_dict()["fc.weight"][:9]
+        rows = expand_classifier(digits_request(base_weights, root, config)).model.state_dict()[
+            "fc.weight"
+        ][:9]
         return ((rows - original).norm() / original.norm()).item()
 
     slow, full = drift(0.01), drift(1.0)
