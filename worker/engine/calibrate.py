@@ -33,6 +33,11 @@ class Calibration:
     folds: int = 3  # out-of-fold rounds when the validation split is too small to fit on
     min_validation_images: int = 20  # per new class; below it, training images are cross-fitted
 
+    @property
+    def fits_on_pool(self) -> bool:
+        """Whether a parameter is fitted on held-out logits (the other methods fit none)."""
+        return self.method in ("auto", "bias_correction")
+
 
 @dataclass(frozen=True)
 class Pool:

@@ -158,7 +158,7 @@ def _expand(
         )
 
     has_bias = head.module.bias is not None
-    images = torch.bincount(train_y[_first_views(groups)], minlength=len(labels))
+    images = torch.bincount(targets[train_idx], minlength=len(labels))
     rows = RowFitter(old_weight, old_bias, new_classes, cfg, should_stop, has_bias, images)
     weight, bias, history = rows.fit(train_x, train_y, on_epoch=on_epoch, validation=(val_x, val_y))
     progress(Progress("training", 1.0, message="calibrating the new classes"))
@@ -302,8 +302,8 @@ class RowFitter:
         self.old_weight, self.old_bias, self.has_bias = old_weight, old_bias, has_bias
         self.num_old, self.new_classes = len(old_bias), new_classes
         self.cfg, self.should_stop = cfg, should_stop
-        few = cfg.init == "imprint" and images is not None
-        self.imprinted = [c for c in new_classes if few and int(images[c]) <= FEW_SHOT]
+        few_shot = cfg.init == "imprint" and images is not None
+        self.imprinted = [c for c in new_classes if int(images[c]) <= FEW_SHOT] if few_shot else []
 
     def fit(
         self,
@@ -370,8 +370,7 @@ def _calibration_pool(
     pools = [Pool(linear_logits(val_x, weight, bias), val_y)] if len(val_y) else []
     val_counts = torch.bincount(val_y, minlength=num_classes)[rows.num_old :]
     first = _first_views(groups)
-    fitted = cal.method in ("auto", "bias_correction")  # the others fit nothing on the pool
-    if fitted and cal.folds > 1 and val_counts.min() < cal.min_validation_images:
+    if cal.fits_on_pool and cal.folds > 1 and val_counts.min() < cal.min_validation_images:
         fold_of = _folds(train_y[first], groups[first], cal.folds, rows.cfg.training.seed)[groups]
         for fold in range(cal.folds):
             held = fold_of == fold
@@ -384,14 +383,9 @@ def _calibration_pool(
     pool = Pool.concat(pools, num_classes)
     missing = [c for c in rows.new_classes if not bool((pool.targets == c).any())]
     if missing:
-        mask = first & torch.isin(train_y, torch.tensor(missing))
-        pool = Pool.concat(
-            [
-                pool,
-                Pool(linear_logits(train_x, weight, bias, mask.nonzero().flatten()), train_y[mask]),
-            ],
-            num_classes,
-        )
+        seen = (first & torch.isin(train_y, torch.tensor(missing))).nonzero().flatten()
+        in_sample = Pool(linear_logits(train_x, weight, bias, seen), train_y[seen])
+        pool = Pool.concat([pool, in_sample], num_classes)
     return pool
 
 

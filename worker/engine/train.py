@@ -135,9 +135,10 @@ def train_head(
     b_old = teacher_b.clone().requires_grad_(not frozen and train_bias)
     w = weight[num_old:].detach().clone().requires_grad_(True)
     b = bias[num_old:].detach().clone().requires_grad_(train_bias)
-    if fixed:  # no gradient reaches them (weight decay may; they are restored at the end)
+    kept = torch.tensor([c - num_old for c in fixed], dtype=torch.long)
+    if len(kept):  # no gradient reaches them (weight decay may; they are restored at the end)
         moving = torch.ones(len(w), 1)
-        moving[[c - num_old for c in fixed]] = 0
+        moving[kept] = 0
         w.register_hook(lambda g: g * moving)
         if train_bias:
             b.register_hook(lambda g: g * moving[:, 0])
@@ -188,6 +189,5 @@ def train_head(
         if on_epoch:
             on_epoch(record)
     with torch.no_grad():
-        keep = torch.tensor([c - num_old for c in fixed], dtype=torch.long)
-        w[keep], b[keep] = weight[num_old:][keep], bias[num_old:][keep]
+        w[kept], b[kept] = weight[num_old:][kept], bias[num_old:][kept]
         return torch.cat([w_old, w]).detach(), torch.cat([b_old, b]).detach(), history
