@@ -67,7 +67,10 @@ def create_job(
     new_labels = _new_labels(body, base.labels, dataset.labels)
     if body.notify_url and (refused := refused_destination(str(body.notify_url), settings)):
         raise Invalid(f"notify_url refused: {refused}", "notify_url")
-    config = _resolve_config(body, has_old_images=bool(set(dataset.labels) & set(base.labels)))
+    old_images = sum(n for label, n in dataset.labels.items() if label in set(base.labels))
+    remembered = sum(base.reference_counts.values())
+    config = _resolve_config(body, has_old_images=bool(old_images or remembered))
+    warnings = submission_warnings(model.name, base, old_images, remembered, settings)
 
     job = Job(
         owner=owner,
@@ -83,6 +86,7 @@ def create_job(
         request_hash=request_hash,
         notify_url=str(body.notify_url) if body.notify_url else None,
         notify_state="pending" if body.notify_url else None,
+        warnings=warnings,
     )
     session.add(job)
     try:
@@ -92,6 +96,31 @@ def create_job(
         raise Conflict("a request with this Idempotency-Key is being processed; retry") from None
     job.model = model
     return job, True
+
+
+def submission_warnings(
+    name: str, base: ModelVersion, old_images: int, remembered: int, settings: Settings
+) -> list[str]:
+    """Say up front when the new version's retention will not be measurable."""
+    minimum = settings.min_retention_images
+    if old_images + remembered >= minimum:
+        return []
+    fix = (
+        "upload images of some of the model's labels in the dataset, or add a reference set "
+        f"to version {base.version} (POST /v1/models/{name}/versions/{base.version}/reference)"
+    )
+    have = (
+        "the dataset has no images of the model's labels and "
+        f"version {base.version} has no reference set"
+        if not old_images + remembered
+        else f"only {old_images + remembered} old-label images are available "
+        f"({old_images} in the dataset, {remembered} in the reference set), "
+        f"fewer than the {minimum} needed"
+    )
+    return [
+        f"retention cannot be measured: {have}. The new version will be stored as unverified "
+        f"and not made the latest; to measure it, {fix}"
+    ]
 
 
 def _base_version(session: Session, model: Model, version: int | None) -> ModelVersion:
@@ -209,11 +238,16 @@ def job_read(job: Job) -> JobRead:
         progress=job.progress,
         metrics=job.metrics,
         result=(
-            {"model": job.model.name, "version": job.result_version}
+            {
+                "model": job.model.name,
+                "version": job.result_version,
+                "gate": ((job.metrics or {}).get("gate") or {}).get("decision"),
+            }
             if job.result_version is not None
             else None
         ),
         error=job.error,
+        warnings=job.warnings or [],
         attempt=job.attempt,
         notify_url=job.notify_url,
         created_at=job.created_at,

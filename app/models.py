@@ -46,6 +46,7 @@ class JobStatus(enum.StrEnum):
 class VersionStatus(enum.StrEnum):
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    UNVERIFIED = "unverified"  # retention could not be measured; never promoted on its own
 
 
 class Model(Base):
@@ -60,6 +61,9 @@ class Model(Base):
 
     versions: Mapped[list[ModelVersion]] = relationship(
         back_populates="model", order_by="ModelVersion.version", lazy="selectin"
+    )
+    promotions: Mapped[list[Promotion]] = relationship(
+        order_by="Promotion.id.desc()", lazy="selectin", cascade="all, delete-orphan"
     )
 
 
@@ -79,9 +83,32 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # {format: {key, sha256, size_bytes}}; safetensors is always there.
     artifacts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The reference set: {"labels": {label: count}, "manifest": {key, sha256, size_bytes}}.
+    reference: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Bumped on every change of ``reference``: concurrent changes are refused, not lost.
+    reference_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
+
+    @property
+    def reference_counts(self) -> dict[str, int]:
+        return dict((self.reference or {}).get("labels", {}))
+
+
+class Promotion(Base):
+    """A version promoted (or rolled back to) on purpose, and by whom."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[int | None] = mapped_column(Integer)
+    previous_status: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(String(2000))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Dataset(Base):
@@ -116,6 +143,8 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result_version: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    # What the user should know about the job: said at submission, added to when it ends.
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

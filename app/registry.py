@@ -12,11 +12,18 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import __version__
+from app import __version__, references
 from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
-from app.models import Model, ModelVersion, VersionStatus, new_id
-from app.schemas import NAME_PATTERN, ModelRead, ModelVersionRead, PreprocessingSpec, VersionSummary
+from app.models import Model, ModelVersion, Promotion, VersionStatus, new_id
+from app.schemas import (
+    NAME_PATTERN,
+    ModelRead,
+    ModelVersionRead,
+    PreprocessingSpec,
+    PromotionRead,
+    VersionSummary,
+)
 from app.storage import Storage
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
 from worker.engine.errors import EngineError, UnknownArchitecture
@@ -84,8 +91,13 @@ def register_model(
     labels_json: str,
     weights: Path,
     preprocessing_json: str | None,
+    reference_dataset_id: str | None = None,
+    reference_per_label: int = 100,
+    tmp_root: Path | None = None,
 ) -> ModelVersion:
-    """Check the weights against the architecture and store them as version 1."""
+    """Check the weights against the architecture and store them as version 1, with the
+    images of ``reference_dataset_id`` (every folder a label of the model) as its reference
+    set."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise Invalid(f"name must match {NAME_PATTERN}", "name")
     if find_model(session, owner, name) is not None:
@@ -104,18 +116,51 @@ def register_model(
         model, _head = load_classifier(architecture, len(labels), weights)
     except EngineError as exc:
         raise Invalid(str(exc), "weights") from None
+    dataset = None
+    if reference_dataset_id:
+        dataset = references.dataset_for_reference(
+            session, owner, reference_dataset_id, "reference_dataset_id"
+        )
+        strangers = sorted(set(dataset.labels) - set(labels))
+        if strangers:
+            raise Invalid(
+                f"the reference dataset has folders that are not labels of the model: "
+                f"{strangers[:5]}; a reference set holds images of the model's own labels",
+                "reference_dataset_id",
+            )
 
     row = Model(owner=owner, name=name)
     session.add(row)
     session.flush()  # the unique (owner, name) constraint speaks now, before any file is written
     version_id = new_id()
     key = f"models/{row.id}/{version_id}/model.safetensors"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
-        save_safetensors(
-            path, model, artifact_metadata(name, architecture, labels, prep.to_dict(), None)
-        )
-        stored = storage.put_file(key, path)
+    written: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+            path = Path(tmp) / "model.safetensors"
+            save_safetensors(
+                path, model, artifact_metadata(name, architecture, labels, prep.to_dict(), None)
+            )
+            stored = storage.put_file(key, path)
+            written.append(key)
+        reference = None
+        if dataset is not None:
+            reference, _, images = references.extend_reference(
+                storage,
+                row.id,
+                version_id,
+                None,
+                dataset,
+                set(labels),
+                reference_per_label,
+                tmp_root or Path(tempfile.gettempdir()),
+            )
+            if reference is not None:
+                written += images + [reference["manifest"]["key"]]
+    except BaseException:
+        for written_key in written:  # the model is new: nothing else points at its files
+            storage.delete(written_key)
+        raise
     return add_version(
         session,
         row,
@@ -128,6 +173,7 @@ def register_model(
         status=VersionStatus.PROMOTED,
         metrics=None,
         artifacts={SAFETENSORS: stored.__dict__},
+        reference=reference,
     )
 
 
@@ -193,6 +239,7 @@ def version_read(model: Model, version: ModelVersion) -> ModelVersionRead:
         preprocessing=version.preprocessing,
         status=version.status,
         metrics=version.metrics,
+        reference=version.reference_counts,
         formats=list(version.artifacts),
         sha256=main["sha256"],
         size_bytes=main["size_bytes"],
@@ -211,8 +258,46 @@ def model_read(model: Model) -> ModelRead:
                 parent_version=v.parent_version,
                 status=v.status,
                 num_classes=len(v.labels),
+                reference_images=sum(v.reference_counts.values()),
                 created_at=v.created_at,
             )
             for v in model.versions
         ],
+        promotions=[
+            PromotionRead(
+                version=p.version,
+                previous_version=p.previous_version,
+                previous_status=p.previous_status,
+                actor=p.actor,
+                reason=p.reason,
+                created_at=p.created_at,
+            )
+            for p in model.promotions
+        ],
     )
+
+
+def promote_version(
+    session: Session, owner: str, name: str, version: int, actor: str, reason: str | None
+) -> Model:
+    """Make ``version`` the model's latest on purpose, whatever its status: a promotion of a
+    rejected or unverified version, or a roll-back to an older one. Recorded with ``actor``."""
+    row = get_version(session, owner, name, version)
+    model = row.model
+    session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
+    session.refresh(model)
+    session.add(
+        Promotion(
+            model_id=model.id,
+            version=version,
+            previous_version=model.latest_version,
+            previous_status=row.status,
+            actor=actor,
+            reason=reason,
+        )
+    )
+    row.status = VersionStatus.PROMOTED
+    model.latest_version = version
+    session.flush()
+    session.refresh(model)
+    return model

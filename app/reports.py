@@ -2,7 +2,8 @@
 
 Both show the same four things: what happened to each old class (accuracy before and after),
 how well the new classes are recognised (precision and recall), the confusion matrix, and the
-training curve. Everything is measured on the job's held-out validation split.
+training curve. Every figure says how many images it rests on and its 95 % interval; images are
+scored by a layer that never saw them (cross-fitting), or held out (fine-tuned backbones).
 """
 
 from __future__ import annotations
@@ -16,6 +17,92 @@ from app.schemas import JobRead
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def estimate(value: float | None, ci: list[float] | None = None, n: int | None = None) -> str:
+    """``98.1% (96.7–99.0, n=540)``: a figure with its 95 % interval and its evidence."""
+    if value is None:
+        return "–" if n is None else f"– (n={n})"
+    parts = []
+    if ci:
+        parts.append(f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}")
+    if n is not None:
+        parts.append(f"n={n}")
+    return f"{100 * value:.1f}%" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def measured_on(metrics: dict[str, Any]) -> str:
+    """What the figures rest on, e.g. ``540 old (480 from the reference set) / 15 new images,
+    5-fold cross-fitting``."""
+    m = metrics.get("measurement")
+    old_n = metrics.get("old_classes", {}).get("n", 0)
+    new_n = metrics.get("new_classes", {}).get("n", 0)
+    if not m:
+        return f"{old_n} old / {new_n} new held-out images"
+    how = (
+        f"{m['folds']}-fold cross-fitting" if m["method"] == "cross_fitted" else "a held-out split"
+    )
+    ref = m["measured"].get("from_reference", 0)
+    source = f" ({ref} from the reference set)" if ref else ""
+    return f"{old_n} old{source} / {new_n} new images, {how}"
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline figures of a job, as (measure, value) rows."""
+    old, new = metrics.get("old_classes", {}), metrics.get("new_classes", {})
+    overall = metrics.get("overall", {})
+    ci_old, ci_new = old.get("ci95") or {}, new.get("ci95") or {}
+    n_old = old.get("n")
+    changed = old.get("paired") or {}
+    gate = metrics.get("gate", {})
+    p_value = gate.get("mcnemar_p")
+    timing = metrics.get("timing", {})
+    kept = sum((metrics.get("reference", {}).get("kept") or {}).values())
+    return [
+        ("decision", _decision(metrics)),
+        (
+            "old-class accuracy before",
+            estimate(old.get("accuracy_before"), ci_old.get("accuracy_before"), n_old),
+        ),
+        (
+            "old-class accuracy after",
+            estimate(old.get("accuracy_after"), ci_old.get("accuracy_after"), n_old),
+        ),
+        ("retention", estimate(old.get("retention"), ci_old.get("retention"), n_old)),
+        (
+            "old images lost / gained",
+            f"{changed.get('lost', 0)} / {changed.get('gained', 0)}"
+            + (f" (McNemar p={p_value:.3g})" if p_value is not None else ""),
+        ),
+        (
+            "unchanged old predictions",
+            estimate(old.get("prediction_agreement"), ci_old.get("prediction_agreement"), n_old),
+        ),
+        ("new-class accuracy", estimate(new.get("accuracy"), ci_new.get("accuracy"), new.get("n"))),
+        (
+            "overall accuracy / macro F1",
+            estimate(
+                overall.get("accuracy"),
+                (overall.get("ci95") or {}).get("accuracy"),
+                overall.get("n"),
+            )
+            + f" / {_pct(overall.get('macro_f1'))}",
+        ),
+        ("measured on", measured_on(metrics)),
+        ("reference set kept", f"{kept} images"),
+        ("new-class calibration", calibration_summary(metrics)),
+        ("time", f"{timing.get('total_s', 0):.1f} s on {metrics.get('device')}"),
+    ]
+
+
+def _decision(metrics: dict[str, Any]) -> str:
+    evidence = metrics.get("gate", {}).get("evidence")
+    return f"{verdict(metrics)} ({evidence} evidence)" if evidence else verdict(metrics)
+
+
+def verdict(metrics: dict[str, Any]) -> str:
+    gate = metrics.get("gate", {})
+    return gate.get("decision") or ("promoted" if gate.get("passed", True) else "rejected")
 
 
 def calibration_summary(metrics: dict[str, Any]) -> str:
@@ -96,46 +183,38 @@ def _confusion_html(confusion: dict[str, Any]) -> str:
 
 def render_html(job: JobRead) -> str:
     m = job.metrics or {}
-    old, new = m.get("old_classes", {}), m.get("new_classes", {})
     per_class = m.get("per_class", {})
-    before = old.get("recall_before", {})
+    before = m.get("old_classes", {}).get("recall_before", {})
     gate = m.get("gate", {})
-    verdict = "promoted" if gate.get("passed", True) else "rejected"
+    decision = verdict(m)
     title = (
         f"{job.model} v{job.base_version} → v{job.result.version if job.result else '?'} "
         f"+ {', '.join(job.new_labels)}"
     )
+
+    def ci(label: str, figure: str) -> list[float] | None:
+        return (per_class.get(label, {}).get("ci95") or {}).get(figure)
+
+    def cell(label: str, figure: str, n_key: str) -> str:
+        stats = per_class.get(label, {})
+        value = stats.get(figure) if figure != "recall_before" else before.get(label)
+        return f"<td>{estimate(value, ci(label, figure), stats.get(n_key))}</td>"
+
     old_rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_pct(before.get(label))}</td>"
-        f"<td>{_pct(per_class.get(label, {}).get('recall'))}</td>"
+        f"<tr><td>{html.escape(label)}</td>{cell(label, 'recall_before', 'support')}"
+        f"{cell(label, 'recall', 'support')}"
         f"<td>{per_class.get(label, {}).get('support', 0)}</td></tr>"
         for label in before
     )
     new_rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_pct(per_class.get(label, {}).get('precision'))}"
-        f"</td><td>{_pct(per_class.get(label, {}).get('recall'))}</td>"
+        f"<tr><td>{html.escape(label)}</td>{cell(label, 'precision', 'predicted')}"
+        f"{cell(label, 'recall', 'support')}"
         f"<td>{per_class.get(label, {}).get('support', 0)}</td></tr>"
         for label in job.new_labels
     )
-    timing = m.get("timing", {})
-    summary = [
-        (
-            "Old-class accuracy",
-            f"{_pct(old.get('accuracy_before'))} → {_pct(old.get('accuracy_after'))}",
-        ),
-        ("Retention", _pct(old.get("retention"))),
-        ("Old predictions unchanged", _pct(old.get("prediction_agreement"))),
-        ("New-class accuracy", _pct(new.get("accuracy"))),
-        (
-            "Overall accuracy / macro F1",
-            f"{_pct(m.get('overall', {}).get('accuracy'))} / "
-            f"{_pct(m.get('overall', {}).get('macro_f1'))}",
-        ),
-        ("Validation images (old / new)", f"{old.get('n', 0)} / {new.get('n', 0)}"),
-        ("New-class calibration", html.escape(calibration_summary(m))),
-        ("Time", f"{timing.get('total_s', 0):.1f} s on {html.escape(str(m.get('device')))}"),
-    ]
-    summary_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
+    summary_html = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary_rows(m)
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Graft report: {html.escape(title)}</title>
 <style>
@@ -146,23 +225,25 @@ td, th {{ border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }}
 th {{ background: #f5f5f5; text-align: left; }}
 .badge {{ display: inline-block; padding: .15rem .6rem; border-radius: 1rem; color: #fff; }}
 .promoted {{ background: #2b8a3e; }} .rejected {{ background: #c92a2a; }}
+.unverified {{ background: #e67700; }}
 .confusion td {{ min-width: 2rem; text-align: center; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p><span class="badge {verdict}" id="verdict">{verdict}</span>
+<p><span class="badge {decision}" id="verdict">{decision}</span>
 {html.escape(gate.get("reason", ""))}</p>
-<table id="summary">{summary_rows}</table>
+<table id="summary">{summary_html}</table>
 <h2>Old classes: accuracy before and after</h2>
 <table id="old-classes"><tr><th>label</th><th>before</th><th>after</th><th>images</th></tr>
 {old_rows}</table>
 <h2>New classes</h2>
 <table id="new-classes"><tr><th>label</th><th>precision</th><th>recall</th><th>images</th></tr>
 {new_rows}</table>
-<h2>Confusion matrix (validation split)</h2>
+<h2>Confusion matrix (every measured image)</h2>
 {_confusion_html(m["confusion_matrix"]) if "confusion_matrix" in m else ""}
 <h2>Training</h2>
 {_curve_svg(m.get("history", []))}
-<p><small>Job {html.escape(job.id)} · all figures on the held-out validation split.</small></p>
+<p><small>Job {html.escape(job.id)} · measured on {html.escape(measured_on(m))}; intervals
+are 95 %.</small></p>
 </body></html>
 """
 
@@ -207,7 +288,7 @@ def render_png(job: JobRead) -> bytes:
         ax_cm.set_yticks(range(len(ticks)), ticks)
         ax_cm.set_xlabel("predicted")
         ax_cm.set_ylabel("true")
-        ax_cm.set_title("Confusion matrix (validation)")
+        ax_cm.set_title(f"Confusion matrix ({measured_on(m)})", fontsize=9)
 
     history = m.get("history", [])
     if history:

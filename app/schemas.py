@@ -63,11 +63,24 @@ class PreprocessingSpec(BaseModel):
         return self
 
 
+VersionStatusName = Literal["promoted", "rejected", "unverified"]
+
+
 class VersionSummary(BaseModel):
     version: int
     parent_version: int | None
-    status: str
+    status: VersionStatusName
     num_classes: int
+    reference_images: int = 0
+    created_at: datetime
+
+
+class PromotionRead(BaseModel):
+    version: int
+    previous_version: int | None
+    previous_status: str
+    actor: str
+    reason: str | None
     created_at: datetime
 
 
@@ -92,12 +105,16 @@ class ModelVersionRead(BaseModel):
                     "status": "promoted",
                     "metrics": {
                         "old_classes": {
-                            "accuracy_before": 0.993,
-                            "accuracy_after": 0.987,
-                            "retention": 0.993,
+                            "accuracy_before": 0.9815,
+                            "accuracy_after": 0.9815,
+                            "retention": 1.0,
+                            "n": 540,
+                            "ci95": {"retention": [0.9925, 1.0074]},
                         },
-                        "new_classes": {"accuracy": 0.88, "n": 3},
+                        "new_classes": {"accuracy": 0.8667, "n": 15},
+                        "gate": {"decision": "promoted", "evidence": "strong", "n": 540},
                     },
+                    "reference": {"0": 60, "1": 60, "9": 15},
                     "formats": ["safetensors", "onnx"],
                     "sha256": "b698bec7f71c34a146f582df99d3d755da190f0b310ac2b215411aa6a48b0ba3",
                     "size_bytes": 44776216,
@@ -115,8 +132,14 @@ class ModelVersionRead(BaseModel):
     labels: list[str]
     num_classes: int
     preprocessing: dict[str, Any]
-    status: Literal["promoted", "rejected"]
+    status: VersionStatusName = Field(
+        description="promoted: passed its retention gate, or promoted on purpose; rejected: "
+        "lost too much old-class accuracy; unverified: retention could not be measured"
+    )
     metrics: dict[str, Any] | None
+    reference: dict[str, int] = Field(
+        default_factory=dict, description="images per label kept as the reference set"
+    )
     formats: list[str]
     sha256: str
     size_bytes: int
@@ -137,6 +160,7 @@ class ModelRead(BaseModel):
                             "parent_version": None,
                             "status": "promoted",
                             "num_classes": 9,
+                            "reference_images": 540,
                             "created_at": "2026-11-28T03:44:22Z",
                         },
                         {
@@ -144,9 +168,11 @@ class ModelRead(BaseModel):
                             "parent_version": 1,
                             "status": "promoted",
                             "num_classes": 10,
+                            "reference_images": 555,
                             "created_at": "2026-11-28T03:44:22Z",
                         },
                     ],
+                    "promotions": [],
                 }
             ]
         }
@@ -154,8 +180,51 @@ class ModelRead(BaseModel):
 
     name: str
     created_at: datetime
-    latest_version: int | None
+    latest_version: int | None = Field(
+        description="the version jobs build on by default: the newest one its gate promoted, "
+        "or the one promoted (or rolled back to) on purpose since"
+    )
     versions: list[VersionSummary]
+    promotions: list[PromotionRead] = Field(
+        default_factory=list, description="promotions and roll-backs made on purpose, newest first"
+    )
+
+
+class ReferenceAdd(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"dataset_id": "01M8G41ZV3798EK5RW4W3Z1BS8"}]},
+    )
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+
+
+class ReferenceRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits",
+                    "version": 1,
+                    "reference": {"0": 100, "1": 100, "8": 60},
+                    "added": {"8": 60},
+                    "ignored_labels": ["9"],
+                }
+            ]
+        }
+    )
+
+    name: str
+    version: int
+    reference: dict[str, int] = Field(description="images per label in the reference set now")
+    added: dict[str, int] = Field(description="images per label this request added")
+    ignored_labels: list[str] = Field(description="dataset folders that are not labels of it")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "ok"}]})
+
+    reason: str | None = Field(None, max_length=2000)
 
 
 class RejectedFile(BaseModel):
@@ -225,7 +294,14 @@ class JobConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     weight_decay: float = Field(1e-4, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    validation_split: float = Field(0.2, ge=0, lt=1)
+    validation_split: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="images held out to measure a fine-tuned backbone (freeze last_block or "
+        "none); with freeze=head every image trains and is measured by cross-fitting",
+    )
+    folds: int = Field(5, ge=2, le=20, description="cross-fitting rounds (freeze=head)")
     augmentation: AugmentationConfig = AugmentationConfig()
     calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = "auto"
     max_old_accuracy_drop: float = Field(0.01, ge=0, le=1)
@@ -271,6 +347,9 @@ class JobProgress(BaseModel):
 class JobResult(BaseModel):
     model: str
     version: int
+    gate: VersionStatusName | None = Field(
+        None, description="what the retention gate made of the version when the job stored it"
+    )
 
 
 class JobError(BaseModel):
@@ -300,6 +379,7 @@ class JobRead(BaseModel):
                     "metrics": None,
                     "result": None,
                     "error": None,
+                    "warnings": [],
                     "attempt": 1,
                     "notify_url": None,
                     "created_at": "2026-11-28T03:44:22Z",
@@ -321,6 +401,9 @@ class JobRead(BaseModel):
     metrics: dict[str, Any] | None
     result: JobResult | None
     error: JobError | None
+    warnings: list[str] = Field(
+        default_factory=list, description="what the user should know, e.g. unmeasurable retention"
+    )
     attempt: int
     notify_url: str | None = None
     created_at: datetime

@@ -39,15 +39,15 @@ def run(rows: int, epochs: int, spill: bool, features_path: str) -> dict:
     """One training stage in this process; returns seconds and peak RssAnon."""
     import torch
 
-    from worker.engine.calibrate import calibrate
-    from worker.engine.expand import ExpansionConfig, RowFitter, _calibration_pool
+    from worker.engine.calibrate import Calibration
     from worker.engine.features import FeatureCache
+    from worker.engine.recipe import LayerRecipe, Rows
     from worker.engine.train import HeadTraining
 
     saved = torch.load(features_path)
     real, targets, weight, bias = saved["x"], saved["y"], saved["w"], saved["b"]
     del saved
-    config = ExpansionConfig(training=HeadTraining(epochs=epochs, batch_size=256))
+    training = HeadTraining(epochs=epochs, batch_size=256)
     baseline = rss_anon_mb()
     peak = [baseline]
     done = threading.Event()
@@ -76,12 +76,9 @@ def run(rows: int, epochs: int, spill: bool, features_path: str) -> dict:
             noise = 0.05 * torch.randn(n, real.shape[1], generator=generator)
             x[start : start + n] = real[pick] + noise
             y[start : start + n] = targets[pick]
-        groups = torch.arange(rows)
-        val = slice(0, rows // 10)
-        fitter = RowFitter(weight, bias, [weight.shape[0]], config, lambda: False)
-        w, b, _ = fitter.fit(x, y)
-        pool = _calibration_pool(fitter, w, b, x, y, groups, x[val], y[val])
-        calibrate(w, weight.shape[0], pool, config.calibration)
+        every = torch.ones(rows, dtype=torch.bool)
+        recipe = LayerRecipe(weight, bias, [weight.shape[0]], "imprint", training, Calibration())
+        recipe.fit(Rows(x, y, torch.arange(rows), every))  # trained, then calibrated (3 folds)
         disk = cache.spilled_bytes
     seconds = time.perf_counter() - started
     done.set()

@@ -1,7 +1,8 @@
 """The ``graft`` command: run the service, and use it.
 
 Server:   graft serve | api | worker | db upgrade | keys create/list/revoke
-Client:   graft model push/list/show/pull | dataset push | job submit/list/show/watch/cancel
+Client:   graft model push/list/show/pull/reference/promote | dataset push |
+          job submit/list/show/watch/cancel
 
 The client commands talk to ``GRAFT_URL`` (default http://127.0.0.1:8000) with
 ``GRAFT_API_KEY``. Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad usage,
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.reports import calibration_summary
+from app.reports import summary_rows
 from graft.client import FINAL, Client, GraftError
 
 app = typer.Typer(
@@ -169,8 +170,11 @@ def model_push(
     architecture: Annotated[str, typer.Option("--arch", help="timm:NAME or torchvision:NAME")],
     labels: Annotated[str, typer.Option(help="a JSON file, or labels separated by commas")],
     preprocessing: Annotated[Path | None, typer.Option(exists=True, help="a JSON file")] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="a dataset id: images of the model's labels to keep")
+    ] = None,
 ) -> None:
-    """Register a trained classifier as version 1 of NAME."""
+    """Register a trained classifier as version 1 of NAME (with a reference set)."""
     label_list = (
         json.loads(Path(labels).read_text())
         if Path(labels).is_file()
@@ -178,12 +182,16 @@ def model_push(
     )
     prep = json.loads(preprocessing.read_text()) if preprocessing else None
     try:
-        version = client().register_model(name, architecture, label_list, weights, prep)
+        version = client().register_model(
+            name, architecture, label_list, weights, prep, reference_dataset_id=reference
+        )
     except GraftError as exc:
         fail(exc)
+    kept = sum(version.reference.values())
     out.print(
         f"[green]registered[/green] {version.name} v{version.version}: "
         f"{version.num_classes} labels, {version.architecture}"
+        + (f", reference set of {kept} images" if kept else "")
     )
 
 
@@ -203,13 +211,21 @@ def model_list() -> None:
 
 
 @model_app.command("show")
-def model_show(name: str) -> None:
-    """A model's versions."""
+def model_show(
+    ref: Annotated[str, typer.Argument(help="NAME for its versions, NAME@VERSION for one")],
+) -> None:
+    """A model's versions, or one version: status, reference set, headline metrics."""
+    name, _, number = ref.partition("@")
     try:
+        if number:
+            show_version(client().get_version(name, _number(number)))
+            return
         model = client().get_model(name)
     except GraftError as exc:
         fail(exc)
-    table = Table("version", "parent", "status", "classes", "created", title=model.name)
+    table = Table(
+        "version", "parent", "status", "classes", "reference", "created", title=model.name
+    )
     for v in model.versions:
         latest = " (latest)" if v.version == model.latest_version else ""
         table.add_row(
@@ -217,9 +233,87 @@ def model_show(name: str) -> None:
             str(v.parent_version or ""),
             v.status,
             str(v.num_classes),
+            f"{v.reference_images} images" if v.reference_images else "none",
             f"{v.created_at:%Y-%m-%d %H:%M}",
         )
     out.print(table)
+    for p in model.promotions[:5]:
+        why = f": {p.reason}" if p.reason else ""
+        out.print(
+            f"v{p.version} promoted on purpose by {p.actor} at {p.created_at:%Y-%m-%d %H:%M} "
+            f"(latest was v{p.previous_version}, v{p.version} was {p.previous_status}){why}"
+        )
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        err.print(f"[red]error:[/red] VERSION must be a number, got {text!r}")
+        raise typer.Exit(2) from None
+
+
+def show_version(version: Any) -> None:
+    out.print(
+        f"{version.name} v{version.version}: {version.status}, {version.num_classes} labels, "
+        f"parent {version.parent_version or '-'}, {version.architecture}"
+    )
+    if version.metrics:
+        table = Table("measure", "value")
+        for row in summary_rows(version.metrics):
+            table.add_row(*row)
+        out.print(table)
+    if version.reference:
+        table = Table("label", "images", title="reference set")
+        for label, count in version.reference.items():
+            table.add_row(label, str(count))
+        out.print(table)
+    else:
+        out.print(
+            "no reference set: jobs built on this version measure retention only on old-label "
+            f"images they upload (add one: graft model reference {version.name}@"
+            f"{version.version} --dataset ID)"
+        )
+
+
+@model_app.command("reference")
+def model_reference(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    dataset: Annotated[str, typer.Option(help="a dataset id from `graft dataset push`")],
+) -> None:
+    """Add a dataset's images of the version's labels to its reference set."""
+    name, _, number = ref.partition("@")
+    try:
+        answer = client().add_reference(name, _number(number), dataset)
+    except GraftError as exc:
+        fail(exc)
+    table = Table("label", "images", "added", title=f"{name} v{answer.version} reference set")
+    for label, count in answer.reference.items():
+        table.add_row(label, str(count), str(answer.added.get(label, 0)))
+    out.print(table)
+    if answer.ignored_labels:
+        err.print(
+            f"[yellow]ignored[/yellow] folders that are not its labels: {answer.ignored_labels}"
+        )
+
+
+@model_app.command("promote")
+def model_promote(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    reason: Annotated[str | None, typer.Option(help="recorded with the promotion")] = None,
+) -> None:
+    """Make a version the latest on purpose: promote an unverified or rejected one, or roll
+    back to an older one."""
+    name, _, number = ref.partition("@")
+    try:
+        model = client().promote(name, _number(number), reason)
+    except GraftError as exc:
+        fail(exc)
+    last = model.promotions[0]
+    out.print(
+        f"[green]{name}: latest is v{model.latest_version}[/green] "
+        f"(was v{last.previous_version}; recorded as done by {last.actor})"
+    )
 
 
 @model_app.command("pull")
@@ -232,7 +326,7 @@ def model_pull(
     name, _, version = ref.partition("@")
     graft = client()
     try:
-        number = int(version) if version else graft.get_model(name).latest_version
+        number = _number(version) if version else graft.get_model(name).latest_version
         dest = output or Path(f"{name}-v{number}.{format}")
         with Progress(
             TextColumn("{task.description}"),
@@ -249,10 +343,7 @@ def model_pull(
                 format,
                 on_bytes=lambda done, total: bar.update(task, completed=done, total=total or None),
             )
-    except (GraftError, ValueError) as exc:
-        if isinstance(exc, ValueError):
-            err.print(f"[red]error:[/red] VERSION must be a number, got {version!r}")
-            raise typer.Exit(2) from None
+    except GraftError as exc:
         fail(exc)
     out.print(f"[green]saved[/green] {dest} ({dest.stat().st_size:,} bytes, sha256 verified)")
 
@@ -309,6 +400,8 @@ def job_submit(
     err.print(
         f"submitted job {job.id}: {job.model} v{job.base_version} + {', '.join(job.new_labels)}"
     )
+    for warning in job.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
     if watch:
         follow(job.id)
     else:
@@ -356,33 +449,15 @@ def report(job: Any) -> None:
         err.print(f"[red]job {job.id} {job.status}[/red]{detail}")
         return
     m = job.metrics
-    old, new = m["old_classes"], m["new_classes"]
-    table = Table(
-        "measure",
-        "value",
-        title=f"{job.model} v{job.result.version} ({m['gate']['reason'] if 'gate' in m else ''})",
-    )
-    rows = [
-        ("old-class accuracy before", _pct(old["accuracy_before"])),
-        ("old-class accuracy after", _pct(old["accuracy_after"])),
-        ("retention", _pct(old["retention"])),
-        ("unchanged old predictions", _pct(old["prediction_agreement"])),
-        ("new-class accuracy", _pct(new["accuracy"])),
-        (
-            "overall accuracy / macro F1",
-            f"{_pct(m['overall']['accuracy'])} / {_pct(m['overall']['macro_f1'])}",
-        ),
-        ("validation images (old / new)", f"{old['n']} / {new['n']}"),
-        ("new-class calibration", calibration_summary(m)),
-        ("time", f"{m['timing']['total_s']:.1f} s on {m['device']}"),
-    ]
-    for row in rows:
+    table = Table("measure", "value", title=f"{job.model} v{job.result.version}")
+    for row in summary_rows(m):
         table.add_row(*row)
     out.print(table)
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+    gate = m.get("gate", {})
+    colour = {"promoted": "green", "rejected": "red"}.get(gate.get("decision", ""), "yellow")
+    out.print(f"[{colour}]{gate.get('reason', '')}[/{colour}]")
+    for warning in job.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @job_app.command("list")

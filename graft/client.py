@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from app.schemas import DatasetRead, JobRead, ModelRead, ModelVersionRead
+from app.schemas import DatasetRead, JobRead, ModelRead, ModelVersionRead, ReferenceRead
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -97,10 +97,13 @@ class Client:
         labels: list[str],
         weights: str | Path,
         preprocessing: dict | None = None,
+        reference_dataset_id: str | None = None,
     ) -> ModelVersionRead:
         data = {"name": name, "architecture": architecture, "labels": json.dumps(labels)}
         if preprocessing:
             data["preprocessing"] = json.dumps(preprocessing)
+        if reference_dataset_id:
+            data["reference_dataset_id"] = reference_dataset_id
         with Path(weights).open("rb") as f:
             response = self._request(
                 "POST", "/v1/models", data=data, files={"weights": (Path(weights).name, f)}
@@ -113,6 +116,22 @@ class Client:
     def get_version(self, name: str, version: int) -> ModelVersionRead:
         response = self._request("GET", f"/v1/models/{name}/versions/{version}")
         return ModelVersionRead.model_validate(response.json())
+
+    def add_reference(self, name: str, version: int, dataset_id: str) -> ReferenceRead:
+        """Add a dataset's images of the version's labels to its reference set."""
+        response = self._request(
+            "POST",
+            f"/v1/models/{name}/versions/{version}/reference",
+            json={"dataset_id": dataset_id},
+        )
+        return ReferenceRead.model_validate(response.json())
+
+    def promote(self, name: str, version: int, reason: str | None = None) -> ModelRead:
+        """Make a version the latest on purpose (a promotion, or a roll-back)."""
+        response = self._request(
+            "POST", f"/v1/models/{name}/versions/{version}/promote", json={"reason": reason}
+        )
+        return ModelRead.model_validate(response.json())
 
     def list_models(self) -> list[ModelRead]:
         return [ModelRead.model_validate(m) for m in self._pages("/v1/models", {})]

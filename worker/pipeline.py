@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
@@ -37,6 +37,7 @@ from worker.engine.architectures import Preprocessing
 from worker.engine.calibrate import Calibration
 from worker.engine.data import Augmentation, scan_image_folder
 from worker.engine.errors import EngineError, JobCancelled
+from worker.engine.evidence import retention_gate
 from worker.engine.expand import (
     ExpansionConfig,
     ExpansionRequest,
@@ -47,6 +48,7 @@ from worker.engine.expand import (
 from worker.engine.export import export_onnx
 from worker.engine.train import HeadTraining
 from worker.engine.weights import save_safetensors
+from worker.references import base_reference, cache_features, keep_reference
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +191,18 @@ def _run_job(job_id: str, settings: Settings) -> None:
             result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
             heartbeat.report(Progress("exporting", 0.0))
             version_id = new_id()
-            stored = _store_artifacts(storage, spec, version_id, result, Path(tmp))
-            _finish_succeeded(settings, job_id, attempt, spec, version_id, result, stored)
+            artifacts = _store_artifacts(storage, spec, version_id, result, Path(tmp))
+            stored = list(artifacts)
+            reference = keep_reference(storage, spec.model_id, version_id, result, Path(tmp))
+            if reference:
+                stored.append(StoredObject(**reference["manifest"]))
+            remembered = request.reference.images if request.reference else []
+            cache_features(
+                storage, spec.model_id, {r.digest for r in remembered}, result, Path(tmp)
+            )
+            _finish_succeeded(
+                settings, job_id, attempt, spec, version_id, result, artifacts, reference
+            )
             log.info("job %s: succeeded", job_id)
         except JobCancelled:
             _discard(storage, stored, job_id)
@@ -228,6 +240,7 @@ class JobSpec:
     dataset_key: str | None
     new_labels: list[str]
     config: dict[str, Any]
+    reference: dict[str, Any] | None  # the base version's reference set
 
 
 def _load_spec(settings: Settings, job_id: str) -> JobSpec:
@@ -249,6 +262,7 @@ def _load_spec(settings: Settings, job_id: str) -> JobSpec:
             dataset_key=job.dataset.storage_key if job.dataset.deleted_at is None else None,
             new_labels=list(job.new_labels),
             config=dict(job.config),
+            reference=base.reference,
         )
 
 
@@ -279,6 +293,9 @@ def expansion_config(
         ),
         feature_memory_bytes=settings.feature_memory_mb << 20,
         spill_dir=spill_dir,  # the job's own folder: a killed attempt's files go with it
+        folds=config.get("folds", 5),
+        reference_per_label=settings.reference_per_label,
+        reference_selection=settings.reference_selection,
     )
 
 
@@ -298,6 +315,7 @@ def _request(spec: JobSpec, storage: Storage, settings: Settings, tmp: Path) -> 
         samples=samples,
         new_labels=spec.new_labels,
         config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
+        reference=base_reference(storage, spec.model_id, spec.reference, tmp / "reference"),
     )
 
 
@@ -324,28 +342,6 @@ def _store_artifacts(
     return stored
 
 
-def retention_gate(metrics: dict[str, Any], minimum: float) -> dict[str, Any]:
-    """Promote the version unless old-class accuracy fell below ``minimum`` of what it was."""
-    retention = metrics["old_classes"]["retention"]
-    if retention is None:
-        return {
-            "passed": True,
-            "min_old_accuracy_retention": minimum,
-            "retention": None,
-            "reason": "no old-class images to measure retention; promoted",
-        }
-    passed = retention >= minimum
-    return {
-        "passed": passed,
-        "min_old_accuracy_retention": minimum,
-        "retention": retention,
-        "reason": (
-            f"old-class accuracy kept {retention:.2%} of its level, "
-            f"{'at or above' if passed else 'below'} the {minimum:.2%} minimum"
-        ),
-    }
-
-
 def _finish_succeeded(
     settings: Settings,
     job_id: str,
@@ -353,12 +349,27 @@ def _finish_succeeded(
     spec: JobSpec,
     version_id: str,
     result: ExpansionResult,
-    stored: list[StoredObject],
+    artifacts: list[StoredObject],
+    reference: dict[str, Any] | None,
 ) -> None:
     metrics = dict(result.metrics)
-    metrics["gate"] = retention_gate(metrics, spec.config["min_old_accuracy_retention"])
+    gate = retention_gate(
+        metrics["old_classes"],
+        spec.config["min_old_accuracy_retention"],
+        settings.min_retention_images,
+    )
+    metrics["gate"] = gate
     with session_scope(settings.resolved_database_url) as session:
-        fenced = _fenced_finish(session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics)
+        warnings = list(session.scalar(select(Job.warnings).where(Job.id == job_id)) or [])
+        if gate["decision"] == VersionStatus.UNVERIFIED:
+            warnings.append(
+                f"version {_next_version(session, spec.model_id)} is unverified and was not made "
+                f"the latest: {gate['reason']}; or promote it on purpose "
+                f"(POST /v1/models/{spec.model_name}/versions/N/promote)"
+            )
+        fenced = _fenced_finish(
+            session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics, warnings=warnings
+        )
         if not fenced:
             raise LeaseLost()
         version = add_version(
@@ -370,15 +381,23 @@ def _finish_succeeded(
             architecture=spec.architecture,
             labels=result.labels,
             preprocessing=spec.preprocessing,
-            status=VersionStatus.PROMOTED if metrics["gate"]["passed"] else VersionStatus.REJECTED,
+            status=VersionStatus(gate["decision"]),
             metrics=metrics,
-            artifacts={_format(o.key): asdict(o) for o in stored},
+            artifacts={_format(o.key): asdict(o) for o in artifacts},
+            reference=reference,
         )
         session.execute(update(Job).where(Job.id == job_id).values(result_version=version.version))
 
 
 def _format(key: str) -> str:
     return key.rsplit(".", 1)[-1]
+
+
+def _next_version(session: Session, model_id: str) -> int:
+    current = session.scalar(
+        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)
+    )
+    return (current or 0) + 1
 
 
 def _fenced_finish(

@@ -9,11 +9,27 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
-from app import registry
-from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app import references, registry
+from app.deps import (
+    ActorDep,
+    CursorQuery,
+    LimitQuery,
+    OwnerDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.errors import Invalid, NotFound, TooLarge
 from app.routes import problems
-from app.schemas import ModelRead, ModelVersionRead, Page, PredictionsRead
+from app.schemas import (
+    ModelRead,
+    ModelVersionRead,
+    Page,
+    PredictionsRead,
+    PromoteRequest,
+    ReferenceAdd,
+    ReferenceRead,
+)
 from app.storage import iter_chunks
 from app.uploads import save_upload
 
@@ -34,6 +50,14 @@ def register_model(
     labels: Annotated[str, Form(description="JSON array; index = output unit")],
     weights: Annotated[UploadFile, File(description=".safetensors or a .pt state dict")],
     preprocessing: Annotated[str | None, Form(description="JSON")] = None,
+    reference_dataset_id: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            description="a dataset whose folders are labels of the model: its images become "
+            "version 1's reference set",
+        ),
+    ] = None,
 ) -> ModelVersionRead:
     with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
         path = save_upload(weights, Path(tmp) / "weights", settings.max_upload_bytes)
@@ -46,6 +70,9 @@ def register_model(
             labels_json=labels,
             weights=path,
             preprocessing_json=preprocessing,
+            reference_dataset_id=reference_dataset_id or None,
+            reference_per_label=settings.reference_per_label,
+            tmp_root=Path(tmp),
         )
     return registry.version_read(version.model, version)
 
@@ -67,6 +94,53 @@ def get_model(name: str, session: SessionDep, owner: OwnerDep) -> ModelRead:
 def get_version(name: str, version: int, session: SessionDep, owner: OwnerDep) -> ModelVersionRead:
     row = registry.get_version(session, owner, name, version)
     return registry.version_read(row.model, row)
+
+
+@router.post("/{name}/versions/{version}/reference", response_model=ReferenceRead)
+def add_reference(
+    name: str,
+    version: int,
+    body: ReferenceAdd,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> ReferenceRead:
+    """Add a dataset's images of the version's labels to its reference set (at most
+    GRAFT_REFERENCE_PER_LABEL per label); jobs built on the version learn from them and
+    measure retention on them."""
+    row = registry.get_version(session, owner, name, version)
+    dataset = references.dataset_for_reference(session, owner, body.dataset_id, "dataset_id")
+    added, ignored, replaced = references.add_reference(
+        session, storage, row, dataset, settings.reference_per_label, settings.tmp_dir
+    )
+    session.commit()
+    if replaced:
+        storage.delete(replaced)
+    return ReferenceRead(
+        name=name,
+        version=version,
+        reference=row.reference_counts,
+        added=added,
+        ignored_labels=ignored,
+    )
+
+
+@router.post("/{name}/versions/{version}/promote", response_model=ModelRead)
+def promote_version(
+    name: str,
+    version: int,
+    session: SessionDep,
+    owner: OwnerDep,
+    actor: ActorDep,
+    body: PromoteRequest | None = None,
+) -> ModelRead:
+    """Make this version the model's latest on purpose: promote a rejected or unverified
+    version, or roll back to an older one. Recorded in the model's ``promotions``."""
+    model = registry.promote_version(
+        session, owner, name, version, actor, body.reason if body else None
+    )
+    return registry.model_read(model)
 
 
 @router.get(

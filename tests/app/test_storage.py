@@ -115,7 +115,11 @@ def test_a_job_keeps_every_artifact_in_s3(s3_endpoint, tmp_path, base_weights, d
             "s3", endpoint_url=s3_endpoint, region_name="us-east-1"
         ).list_objects_v2(Bucket="graft-test", Prefix="e2e/")["Contents"]
     }
-    assert len(keys) == 4  # dataset, v1 weights, v2 weights, v2 onnx
+    images = {k for k in keys if "/reference/" in k}
+    assert len(images) == 9 * 20 + 10  # v2's reference set: every image it learnt from, once
+    others = sorted(k.rsplit("/", 1)[-1].split("-")[0] for k in keys - images)
+    # dataset, v1 weights, v2 weights, v2 onnx, v2's reference manifest, the feature cache
+    assert len(others) == 6 and others[-1] == "reference", others
     assert not (settings.data_dir / "artifacts").exists()
     assert isinstance(open_storage(settings), S3Storage)
     assert not list(Path(settings.tmp_dir).iterdir())

@@ -45,7 +45,7 @@ def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
     pipeline.run_job(job_id, settings)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
-    assert job["result"] == {"model": "digits", "version": 2}
+    assert job["result"] == {"model": "digits", "version": 2, "gate": "promoted"}
     assert job["progress"]["stage"] == "done" and job["attempt"] == 1
     assert job["metrics"]["gate"]["passed"] is True
 
@@ -100,7 +100,7 @@ def test_a_finish_from_a_lost_attempt_is_fenced_off(settings, client, job_id):
 
     spec = pipeline._load_spec(settings, job_id)
     with pytest.raises(pipeline.LeaseLost):
-        pipeline._finish_succeeded(settings, job_id, first, spec, "v", _Result(), [])
+        pipeline._finish_succeeded(settings, job_id, first, spec, "v", _Result(), [], None)
     assert versions(settings) == 1
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
 

@@ -1,8 +1,12 @@
-"""Metrics of an expansion, measured on the held-out validation split."""
+"""Metrics of an expansion. Every accuracy, recall and precision carries the number of images
+it was counted on (``n``, ``support``, ``predicted``) and a Wilson 95 % interval (``ci95``);
+retention carries the paired counts and a Bayesian-bootstrap interval (see ``evidence``)."""
 
 from __future__ import annotations
 
 import torch
+
+from worker.engine.evidence import paired, wilson
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -15,34 +19,43 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def _count(mask: torch.Tensor) -> int:
+    return int(mask.sum().item())
+
+
 def classification_metrics(y_true: torch.Tensor, y_pred: torch.Tensor, labels: list[str]) -> dict:
     """Accuracy, macro F1 over the classes present, per-class P/R/F1 and the confusion matrix."""
     matrix = confusion_matrix(y_true, y_pred, len(labels))
-    tp = matrix.diag().float()
-    support = matrix.sum(dim=1).float()
-    predicted = matrix.sum(dim=0).float()
+    tp = matrix.diag()
+    support = matrix.sum(dim=1)
+    predicted = matrix.sum(dim=0)
     per_class = {}
     f1s = []
     for i, label in enumerate(labels):
-        precision = _ratio(tp[i].item(), predicted[i].item())
-        recall = _ratio(tp[i].item(), support[i].item())
+        hits, n, chosen = int(tp[i]), int(support[i]), int(predicted[i])
+        precision, recall = _ratio(hits, chosen), _ratio(hits, n)
         f1 = (
             2 * precision * recall / (precision + recall)
             if precision and recall
-            else (0.0 if support[i] else None)
+            else (0.0 if n else None)
         )
-        if support[i]:
+        if n:
             f1s.append(f1 or 0.0)
         per_class[label] = {
             "precision": precision,
             "recall": recall,
             "f1": f1,
-            "support": int(support[i].item()),
+            "support": n,  # the n of recall
+            "predicted": chosen,  # the n of precision
+            "ci95": {"precision": wilson(hits, chosen), "recall": wilson(hits, n)},
         }
+    right, total = int(tp.sum()), int(support.sum())
     return {
         "overall": {
-            "accuracy": _ratio(tp.sum().item(), support.sum().item()),
+            "accuracy": _ratio(right, total),
             "macro_f1": _ratio(sum(f1s), len(f1s)),
+            "n": total,
+            "ci95": {"accuracy": wilson(right, total)},
         },
         "per_class": per_class,
         "confusion_matrix": {"labels": list(labels), "matrix": matrix.tolist()},
@@ -55,28 +68,45 @@ def expansion_metrics(
     after: torch.Tensor,
     labels: list[str],
     num_old: int,
+    seed: int = 0,
 ) -> dict:
-    """What the expansion did: old-class accuracy before and after, how many old-class
-    predictions stayed the same, and how well the new classes are recognised."""
+    """What the expansion did to the same images: old-class accuracy before and after (paired),
+    how many old-class predictions stayed the same, and how well the new classes are
+    recognised."""
     old = y_true < num_old
     new = ~old
-    acc_before = _ratio((before[old] == y_true[old]).sum().item(), old.sum().item())
-    acc_after = _ratio((after[old] == y_true[old]).sum().item(), old.sum().item())
+    right_before = (before == y_true)[old]
+    right_after = (after == y_true)[old]
+    counts = paired(right_before.tolist(), right_after.tolist())
+    n_old, n_new = counts.n, _count(new)
+    agree = _count(after[old] == before[old])
+    new_right = _count(after[new] == y_true[new])
     metrics = classification_metrics(y_true, after, labels)
-    per_class_before = {
-        labels[c]: _ratio((before[y_true == c] == c).sum().item(), (y_true == c).sum().item())
-        for c in range(num_old)
-    }
+    recall_before = {}
+    for c in range(num_old):
+        members = y_true == c
+        hits, n = _count(before[members] == c), _count(members)
+        recall_before[labels[c]] = _ratio(hits, n)
+        metrics["per_class"][labels[c]]["recall_before"] = _ratio(hits, n)
+        metrics["per_class"][labels[c]]["ci95"]["recall_before"] = wilson(hits, n)
     metrics["old_classes"] = {
-        "accuracy_before": acc_before,
-        "accuracy_after": acc_after,
-        "retention": _ratio(acc_after, acc_before) if acc_after is not None else None,
-        "prediction_agreement": _ratio((after[old] == before[old]).sum().item(), old.sum().item()),
-        "n": int(old.sum().item()),
-        "recall_before": per_class_before,
+        "accuracy_before": _ratio(counts.right_before, n_old),
+        "accuracy_after": _ratio(counts.right_after, n_old),
+        "retention": counts.retention,
+        "prediction_agreement": _ratio(agree, n_old),
+        "n": n_old,
+        "paired": counts.as_dict() if n_old else None,
+        "ci95": {
+            "accuracy_before": wilson(counts.right_before, n_old),
+            "accuracy_after": wilson(counts.right_after, n_old),
+            "retention": counts.retention_interval(seed),
+            "prediction_agreement": wilson(agree, n_old),
+        },
+        "recall_before": recall_before,
     }
     metrics["new_classes"] = {
-        "accuracy": _ratio((after[new] == y_true[new]).sum().item(), new.sum().item()),
-        "n": int(new.sum().item()),
+        "accuracy": _ratio(new_right, n_new),
+        "n": n_new,
+        "ci95": {"accuracy": wilson(new_right, n_new)},
     }
     return metrics

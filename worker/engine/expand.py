@@ -5,8 +5,10 @@
 
 Every layer but the classifier is frozen (eval mode, so BatchNorm statistics stay put); the
 backbone runs once per image and view, and the classifier layer is trained on those cached
-features. Old rows are copied bit-exactly; they stay so unless the dataset holds old-label
-images to adapt them on (then slowly, distilled towards the original: see ``train``).
+features. Old-label images come from the job and from the base version's reference set; they
+teach the new rows what they are not, let the old rows adapt, and measure what the old labels
+kept. Every image is measured by a layer that never saw it: the layer is refitted ``folds``
+times without a fold of the images (cross-fitting), and the version itself is fitted on all.
 """
 
 from __future__ import annotations
@@ -19,30 +21,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
 
 from worker.engine.architectures import Preprocessing
-from worker.engine.calibrate import Calibration, Pool, calibrate, fold_into_layer
-from worker.engine.data import (
-    Augmentation,
-    ImageDataset,
-    Sample,
-    augment_transform,
-    eval_transform,
-    stratified_split,
-)
-from worker.engine.errors import DataError
+from worker.engine.calibrate import Calibration
+from worker.engine.data import Augmentation, Sample, eval_transform, stratified_split
 from worker.engine.evaluate import expansion_metrics
-from worker.engine.features import FeatureCache, extract_features, pick_device
+from worker.engine.features import FeatureCache, pick_device
 from worker.engine.finetune import Finetuning, finetune, predict
+from worker.engine.gather import Gathered, extract_rows, gather_images, train_transform
 from worker.engine.heads import Head, expand_head
-from worker.engine.train import (
-    HeadTraining,
-    calibrate_new_bias,
-    imprint_rows,
-    linear_logits,
-    train_head,
+from worker.engine.recipe import LayerRecipe, Rows, out_of_fold
+from worker.engine.reference import (
+    Kept,
+    ReferenceSet,
+    backbone_fingerprint,
+    select_reference,
 )
+from worker.engine.train import HeadTraining, linear_logits
 from worker.engine.weights import load_classifier
 
 
@@ -62,7 +57,7 @@ ProgressFn = Callable[[Progress], None]
 class ExpansionConfig:
     init: str = "imprint"  # imprint | random
     training: HeadTraining = field(default_factory=HeadTraining)
-    validation_split: float = 0.2
+    validation_split: float = 0.2  # held out for measurement when the backbone is fine-tuned
     augmentation: Augmentation = field(default_factory=Augmentation)
     batch_size: int = 64  # for feature extraction
     num_workers: int = 0
@@ -71,6 +66,9 @@ class ExpansionConfig:
     calibration: Calibration = field(default_factory=Calibration)
     feature_memory_bytes: int = 2 << 30  # cached features beyond this spill to disk
     spill_dir: Path | None = None  # where they spill (default: the system's temp folder)
+    folds: int = 5  # cross-fitting rounds that measure the layer (freeze=head)
+    reference_per_label: int = 100  # the new version's reference set, per label
+    reference_selection: str = "herding"  # herding | random
 
 
 @dataclass
@@ -82,6 +80,7 @@ class ExpansionRequest:
     samples: list[Sample]
     new_labels: list[str]
     config: ExpansionConfig = field(default_factory=ExpansionConfig)
+    reference: ReferenceSet | None = None  # the base version's reference images
 
 
 @dataclass
@@ -89,6 +88,12 @@ class ExpansionResult:
     model: nn.Module
     labels: list[str]
     metrics: dict
+    reference: list[Kept] = field(default_factory=list)  # the new version's reference set
+    # clean-view features of the job's and the reference's images by digest, computed by the
+    # base backbone (``fingerprint``); valid for the new version too unless backbone_changed
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    fingerprint: str = ""
+    backbone_changed: bool = False
 
 
 def _noop(_: Progress) -> None:
@@ -118,145 +123,194 @@ def _expand(
     progress(Progress("loading", 0.0, message=f"building {request.architecture}"))
     model, head = load_classifier(request.architecture, len(request.labels), request.weights)
     model.requires_grad_(False)
-    teacher = copy.deepcopy(model) if cfg.freeze != "head" else None
+    fingerprint = backbone_fingerprint(model, head, request.preprocessing)
     labels = list(request.labels) + list(request.new_labels)
-    samples, targets = _targets(request.samples, labels)
-    num_old = len(request.labels)
-    new_classes = list(range(num_old, len(labels)))
+    tuned = cfg.freeze != "head"
+    reference = request.reference
+    images = gather_images(
+        request.samples,
+        labels,
+        len(request.labels),
+        reference.images if reference else [],
+        reference.fetch if reference else lambda _: [],
+        reference.cached_features(fingerprint) if reference and not tuned else {},
+        head.in_features,
+    )
+    seed = cfg.training.seed
+    if tuned:
+        train, val = stratified_split(images.targets.tolist(), cfg.validation_split, seed)
+    else:
+        train, val = list(range(len(images.targets))), []
 
-    train_idx, val_idx = stratified_split(targets.tolist(), cfg.validation_split, cfg.training.seed)
-    train_x, train_y, groups, val_x, val_y = _extract(
+    def on_batch(done: int, total: int) -> None:
+        progress(Progress("extracting", done / total, message=f"{done}/{total} images"))
+
+    rows = extract_rows(
         model,
         head,
-        samples,
-        targets,
-        train_idx,
-        val_idx,
+        images,
+        train,
         request.preprocessing,
-        cfg,
+        cfg.augmentation.views,
+        cfg.augmentation,
+        cfg.batch_size,
+        cfg.num_workers,
+        seed,
         device,
         cache,
-        progress,
+        on_batch,
         should_stop,
     )
     extract_s = time.perf_counter() - started
 
-    progress(Progress("training", 0.0, 0, cfg.training.epochs))
-    old_weight = head.module.weight.detach().float().cpu()
-    old_bias = _bias(head)
-
-    def on_epoch(record: dict) -> None:
-        e = record["epoch"]
-        progress(
-            Progress(
-                "training",
-                e / cfg.training.epochs,
-                e,
-                cfg.training.epochs,
-                f"loss {record['train_loss']:.4f}",
-            )
-        )
-
-    has_bias = head.module.bias is not None
-    images = torch.bincount(targets[train_idx], minlength=len(labels))
-    rows = RowFitter(old_weight, old_bias, new_classes, cfg, should_stop, has_bias, images)
-    weight, bias, history = rows.fit(train_x, train_y, on_epoch=on_epoch, validation=(val_x, val_y))
-    progress(Progress("training", 1.0, message="calibrating the new classes"))
-    pool = _calibration_pool(rows, weight, bias, train_x, train_y, groups, val_x, val_y)
-    choice = calibrate(weight, num_old, pool, cfg.calibration, shift=has_bias)
-    weight, bias = fold_into_layer(weight, bias, num_old, choice.alpha, choice.beta)
+    stage = _fit_and_measure if not tuned else _fit_and_finetune
+    grown, metrics, history = stage(
+        request, model, head, images, rows, train, val, device, progress, should_stop
+    )
     train_s = time.perf_counter() - started - extract_s
-
-    progress(Progress("evaluating", 0.0))
-    before = linear_logits(val_x, old_weight, old_bias).argmax(dim=1)
-    after = linear_logits(val_x, weight, bias).argmax(dim=1)
-    metrics = expansion_metrics(val_y, before, after, labels, num_old)
-
-    grown = expand_head(model, head, len(new_classes))
-    with torch.no_grad():
-        grown.module.weight.copy_(weight.to(grown.module.weight.dtype))
-        if grown.module.bias is not None:
-            grown.module.bias.copy_(bias.to(grown.module.bias.dtype))
-    if teacher is not None:  # the head is warm; now the unfrozen backbone learns too
-        history, metrics = _finetune(
-            request,
-            model,
-            grown,
-            teacher,
-            samples,
-            targets,
-            train_idx,
-            val_idx,
-            device,
-            progress,
-            should_stop,
-            history,
-        )
-        train_s = time.perf_counter() - started - extract_s
+    progress(Progress("evaluating", 1.0, message="choosing the reference set"))
+    kept = _new_reference(images, rows, cfg)
     total_s = time.perf_counter() - started
-    images = len(train_idx) * cfg.augmentation.views + len(val_idx)
+    views = images.extracted
     metrics |= {
         "history": history,
         "timing": {
             "extract_s": round(extract_s, 3),
             "train_s": round(train_s, 3),
             "total_s": round(total_s, 3),
-            "images_per_s": round(images / extract_s, 1) if extract_s else None,
+            "images_per_s": round(views / extract_s, 1) if extract_s else None,
         },
-        "feature_cache": {"memory_bytes": cache.in_memory, "disk_bytes": cache.spilled_bytes},
+        "feature_cache": {
+            "memory_bytes": cache.in_memory,
+            "disk_bytes": cache.spilled_bytes,
+            "reference_cached": images.cached_count,
+        },
         "device": str(device),
-        # with a backbone fine-tuned afterwards, the correction was chosen on the warm head
-        "calibration": choice.as_metrics() | {"before_finetune": teacher is not None},
-        "method": ("imprint+train" if history else cfg.init)
-        + (f"+finetune:{cfg.freeze}" if teacher is not None else ""),
-        "split": {"train": len(train_idx), "validation": len(val_idx)},
+        "reference": {
+            "used": images.reference_count(),
+            "kept": _count_labels(kept),
+        },
     }
-    progress(Progress("evaluating", 1.0))
-    return ExpansionResult(model.cpu().eval(), labels, metrics)
+    features = {images.digests[g]: rows.x[r].clone() for g, r in images.clean_row.items()}
+    return ExpansionResult(
+        grown,
+        labels,
+        metrics,
+        reference=kept,
+        features=features,
+        fingerprint=fingerprint,
+        backbone_changed=tuned,
+    )
 
 
-def _finetune(
+def _recipe(
     request: ExpansionRequest,
-    model: nn.Module,
     head: Head,
-    teacher: nn.Module,
-    samples: list[Sample],
-    targets: torch.Tensor,
-    train_idx: list[int],
-    val_idx: list[int],
-    device: torch.device,
-    progress: ProgressFn,
+    rows: Rows,
+    num_classes: int,
     should_stop: Callable[[], bool],
-    history: list[dict],
-) -> tuple[list[dict], dict]:
-    cfg, prep = request.config, request.preprocessing
+) -> LayerRecipe:
+    cfg = request.config
     num_old = len(request.labels)
-    clean = eval_transform(prep)
-    transform = clean if cfg.augmentation.is_identity else augment_transform(prep, cfg.augmentation)
+    return LayerRecipe(
+        head.module.weight.detach().float().cpu(),
+        _bias(head),
+        list(range(num_old, num_classes)),
+        cfg.init,
+        cfg.training,
+        cfg.calibration,
+        should_stop,
+        has_bias=head.module.bias is not None,
+        images=torch.bincount(rows.y[rows.clean], minlength=num_classes),
+    )
+
+
+def _epoch_progress(cfg: ExpansionConfig, progress: ProgressFn, prefix: str = "") -> Callable:
     epochs = cfg.training.epochs
 
     def on_epoch(record: dict) -> None:
         e = record["epoch"]
-        progress(
-            Progress(
-                "training",
-                e / max(epochs, 1),
-                e,
-                epochs,
-                f"{cfg.freeze}: loss {record['train_loss']:.4f}",
-            )
-        )
+        loss = f"{prefix}loss {record['train_loss']:.4f}"
+        progress(Progress("training", e / max(epochs, 1), e, epochs, loss))
 
-    tuned = finetune(
+    return on_epoch
+
+
+def _fit_and_measure(
+    request: ExpansionRequest,
+    model: nn.Module,
+    head: Head,
+    images: Gathered,
+    rows: Rows,
+    train: list[int],
+    val: list[int],
+    device: torch.device,
+    progress: ProgressFn,
+    should_stop: Callable[[], bool],
+) -> tuple[nn.Module, dict, list[dict]]:
+    """Frozen backbone: fit the layer on every image; measure it by cross-fitting."""
+    cfg = request.config
+    labels = list(request.labels) + list(request.new_labels)
+    num_old = len(request.labels)
+    recipe = _recipe(request, head, rows, len(labels), should_stop)
+    progress(Progress("training", 0.0, 0, cfg.training.epochs))
+    fitted = recipe.fit(rows, on_epoch=_epoch_progress(cfg, progress))
+
+    def on_fold(done: int, total: int) -> None:
+        progress(Progress("evaluating", done / total, message=f"cross-fitting {done}/{total}"))
+
+    progress(Progress("evaluating", 0.0, message=f"cross-fitting 0/{cfg.folds}"))
+    groups, after = out_of_fold(recipe, rows, cfg.folds, cfg.training.seed, on_fold)
+    clean = torch.tensor([images.clean_row[int(g)] for g in groups], dtype=torch.long)
+    before = linear_logits(rows.x, recipe.old_weight, recipe.old_bias, clean).argmax(dim=1)
+    targets = images.targets[groups]
+    metrics = expansion_metrics(targets, before, after, labels, num_old, cfg.training.seed)
+    metrics["measurement"] = images.measurement(
+        "cross_fitted", groups, labels, num_old, folds=cfg.folds
+    )
+    metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": False}
+    metrics["method"] = "imprint+train" if fitted.history else cfg.init
+    grown = expand_head(model, head, len(labels) - num_old)
+    _load_layer(grown, fitted.weight, fitted.bias)
+    return model.cpu().eval(), metrics, fitted.history
+
+
+def _fit_and_finetune(
+    request: ExpansionRequest,
+    model: nn.Module,
+    head: Head,
+    images: Gathered,
+    rows: Rows,
+    train: list[int],
+    val: list[int],
+    device: torch.device,
+    progress: ProgressFn,
+    should_stop: Callable[[], bool],
+) -> tuple[nn.Module, dict, list[dict]]:
+    """Unfrozen backbone: warm the layer on the training split's features, fine-tune the
+    backbone with it, measure on the held-out split."""
+    cfg, prep = request.config, request.preprocessing
+    labels = list(request.labels) + list(request.new_labels)
+    num_old = len(request.labels)
+    teacher = copy.deepcopy(model)
+    in_train = torch.zeros(len(images.targets), dtype=torch.bool)
+    in_train[train] = True
+    train_rows = rows.subset(in_train[rows.group])
+    recipe = _recipe(request, head, train_rows, len(labels), should_stop)
+    progress(Progress("training", 0.0, 0, cfg.training.epochs))
+    fitted = recipe.fit(train_rows, on_epoch=_epoch_progress(cfg, progress))
+    grown = expand_head(model, head, len(labels) - num_old)
+    _load_layer(grown, fitted.weight, fitted.bias)
+    history = fitted.history + finetune(
         model,
-        head,
+        grown,
         teacher,
-        [samples[i] for i in train_idx],
-        targets[train_idx],
+        [images.samples[i] for i in train],
+        images.targets[train],
         num_old,
         Finetuning(
             policy=cfg.freeze,
-            epochs=epochs,
+            epochs=cfg.training.epochs,
             learning_rate=cfg.training.learning_rate,
             batch_size=cfg.training.batch_size,
             weight_decay=cfg.training.weight_decay,
@@ -265,212 +319,57 @@ def _finetune(
             seed=cfg.training.seed,
         ),
         prep,
-        transform,
+        train_transform(prep, cfg.augmentation),
         device,
-        on_epoch,
+        _epoch_progress(cfg, progress, f"{cfg.freeze}: "),
         should_stop,
     )
-    progress(Progress("evaluating", 0.0))
-    val_samples = [samples[i] for i in val_idx]
+    progress(Progress("evaluating", 0.0, message=f"{len(val)} held-out images"))
+    val_samples = [images.samples[i] for i in val]
+    clean = eval_transform(prep)
     before = predict(teacher, val_samples, prep, clean, device)
     after = predict(model, val_samples, prep, clean, device)
-    labels = list(request.labels) + list(request.new_labels)
-    return history + tuned, expansion_metrics(targets[val_idx], before, after, labels, num_old)
+    groups = torch.tensor(val, dtype=torch.long)
+    targets = images.targets[groups]
+    metrics = expansion_metrics(targets, before, after, labels, num_old, cfg.training.seed)
+    metrics["measurement"] = images.measurement("holdout", groups, labels, num_old)
+    # the correction was chosen on the warm head, before the backbone was fine-tuned
+    metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": True}
+    warm = "imprint+train" if fitted.history else cfg.init
+    metrics["method"] = f"{warm}+finetune:{cfg.freeze}"
+    return model.cpu().eval(), metrics, history
 
 
-FEW_SHOT = 2  # a new label with at most this many training images is imprinted, not trained
+def _load_layer(head: Head, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    with torch.no_grad():
+        head.module.weight.copy_(weight.to(head.module.weight.dtype))
+        if head.module.bias is not None:
+            head.module.bias.copy_(bias.to(head.module.bias.dtype))
 
 
-class RowFitter:
-    """The recipe for the classifier layer, reusable on any subset of the cached features:
-    imprinted new rows with a calibrated bias, then trained (old rows fixed unless configured
-    otherwise). A new label with only ``FEW_SHOT`` training images or fewer keeps its imprinted
-    row: on one or two images gradient steps only memorise them. Which labels those are is
-    decided once, on the whole training set, so that cross-fitting refits the same recipe."""
-
-    def __init__(
-        self,
-        old_weight: torch.Tensor,
-        old_bias: torch.Tensor,
-        new_classes: list[int],
-        cfg: ExpansionConfig,
-        should_stop: Callable[[], bool],
-        has_bias: bool = True,
-        images: torch.Tensor | None = None,
-    ) -> None:
-        """``images``: training images per class (all labels); None leaves every row trainable."""
-        self.old_weight, self.old_bias, self.has_bias = old_weight, old_bias, has_bias
-        self.num_old, self.new_classes = len(old_bias), new_classes
-        self.cfg, self.should_stop = cfg, should_stop
-        few_shot = cfg.init == "imprint" and images is not None
-        self.imprinted = [c for c in new_classes if int(images[c]) <= FEW_SHOT] if few_shot else []
-
-    def fit(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None = None,
-        on_epoch: Callable[[dict], None] | None = None,
-        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-        """Rows fitted on ``x[index]`` (every row when None), labelled ``y``."""
-        num_old, new = self.num_old, self.new_classes
-        zeros = torch.zeros(len(new), self.old_weight.shape[1])
-        weight = torch.cat([self.old_weight, zeros])
-        bias = torch.cat([self.old_bias, torch.zeros(len(new))])
-        if self.cfg.init == "imprint":
-            weight[num_old:] = imprint_rows(x, y, new, weight[:num_old], index)
-            if self.has_bias:
-                bias[num_old:] = calibrate_new_bias(x, y, weight, bias, num_old, new, index)
-        else:
-            generator = torch.Generator().manual_seed(self.cfg.training.seed)
-            std = weight[:num_old].std().item()
-            weight[num_old:] = torch.randn(zeros.shape, generator=generator) * std
-        if not self.trains(y):
-            return weight, bias, []
-        return train_head(
-            weight,
-            bias,
-            x,
-            y,
-            num_old,
-            self.cfg.training,
-            validation=validation,
-            on_epoch=on_epoch,
-            should_stop=self.should_stop,
-            index=index,
-            train_bias=self.has_bias,
-            fixed=self.imprinted,
-        )
-
-    def trains(self, y: torch.Tensor) -> bool:
-        """Gradient steps need epochs, negatives (old-class images) and a label with more
-        than a few shots."""
-        if self.cfg.training.epochs <= 0 or not bool((y < self.num_old).any()):
-            return False
-        return len(self.imprinted) < len(self.new_classes)
+def _new_reference(images: Gathered, rows: Rows, cfg: ExpansionConfig) -> list[Kept]:
+    """The new version's reference set: the base version's and the job's images of every
+    label, at most ``reference_per_label`` per label."""
+    groups = sorted(images.clean_row)
+    candidates = [images.kept(g) for g in groups]
+    features = rows.x[torch.tensor([images.clean_row[g] for g in groups], dtype=torch.long)]
+    return select_reference(
+        candidates,
+        features,
+        cfg.reference_per_label,
+        cfg.reference_selection,
+        cfg.training.seed,
+    )
 
 
-def _calibration_pool(
-    rows: RowFitter,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    groups: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-) -> Pool:
-    """Held-out logits to calibrate on: the validation split and, when it holds fewer than
-    ``min_validation_images`` of some new label, training images scored by rows refitted
-    without them (cross-fitting, views of an image held out together). A new label with no
-    held-out image at all is represented by its training images, scored in-sample."""
-    cal = rows.cfg.calibration
-    num_classes = weight.shape[0]
-    pools = [Pool(linear_logits(val_x, weight, bias), val_y)] if len(val_y) else []
-    val_counts = torch.bincount(val_y, minlength=num_classes)[rows.num_old :]
-    first = _first_views(groups)
-    if cal.fits_on_pool and cal.folds > 1 and val_counts.min() < cal.min_validation_images:
-        fold_of = _folds(train_y[first], groups[first], cal.folds, rows.cfg.training.seed)[groups]
-        for fold in range(cal.folds):
-            held = fold_of == fold
-            if not held.any():
-                continue
-            kept = (~held).nonzero().flatten()
-            w, b, _ = rows.fit(train_x, train_y[kept], kept)
-            clean = (held & first).nonzero().flatten()
-            pools.append(Pool(linear_logits(train_x, w, b, clean), train_y[clean]))
-    pool = Pool.concat(pools, num_classes)
-    missing = [c for c in rows.new_classes if not bool((pool.targets == c).any())]
-    if missing:
-        seen = (first & torch.isin(train_y, torch.tensor(missing))).nonzero().flatten()
-        in_sample = Pool(linear_logits(train_x, weight, bias, seen), train_y[seen])
-        pool = Pool.concat([pool, in_sample], num_classes)
-    return pool
-
-
-def _first_views(groups: torch.Tensor) -> torch.Tensor:
-    """True for the first row of every image (its clean, unaugmented view)."""
-    if not len(groups):
-        return torch.zeros(0, dtype=torch.bool)
-    rows = torch.arange(len(groups))
-    first = torch.full((int(groups.max()) + 1,), len(groups))
-    first = first.scatter_reduce(0, groups, rows, reduce="amin")
-    return first[groups] == rows
-
-
-def _folds(targets: torch.Tensor, groups: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
-    """Fold of every image (indexed by group), -1 for never held out: dealt round-robin within
-    each class so that every fold holds every class; a class keeps a training image in every
-    fold (its row needs one)."""
-    generator = torch.Generator().manual_seed(seed)
-    fold_of = torch.full((int(groups.max()) + 1,), -1)
-    for c in targets.unique().tolist():
-        members = groups[targets == c]
-        members = members[torch.randperm(len(members), generator=generator)]
-        for i, g in enumerate(members.tolist()):
-            if len(members) > folds:
-                fold_of[g] = i % folds
-            elif i < len(members) - 1:
-                fold_of[g] = i
-    return fold_of
+def _count_labels(kept: list[Kept]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for k in kept:
+        counts[k.label] = counts.get(k.label, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _bias(head: Head) -> torch.Tensor:
     if head.module.bias is None:
         return torch.zeros(head.num_classes)
     return head.module.bias.detach().float().cpu()
-
-
-def _targets(samples: list[Sample], labels: list[str]) -> tuple[list[Sample], torch.Tensor]:
-    index = {label: i for i, label in enumerate(labels)}
-    kept = [s for s in samples if s.label in index]
-    if not kept:
-        raise DataError("none of the images belongs to a known or new label")
-    return kept, torch.tensor([index[s.label] for s in kept])
-
-
-def _extract(
-    model: nn.Module,
-    head: Head,
-    samples: list[Sample],
-    targets: torch.Tensor,
-    train_idx: list[int],
-    val_idx: list[int],
-    prep: Preprocessing,
-    cfg: ExpansionConfig,
-    device: torch.device,
-    cache: FeatureCache,
-    progress: ProgressFn,
-    should_stop: Callable[[], bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features, targets and image indices of the training views (the clean view of every
-    image first, then its augmented ones); features and targets of the validation images; in
-    one progress bar."""
-    views = max(1, cfg.augmentation.views)
-    clean = eval_transform(prep)
-    augmented = clean if cfg.augmentation.is_identity else augment_transform(prep, cfg.augmentation)
-    train_samples = [samples[i] for i in train_idx]
-    val_samples = [samples[i] for i in val_idx]
-    train_views = ImageDataset(
-        train_samples, prep, augmented, views, first_view=clean, seed=cfg.training.seed
-    )
-    dataset = ConcatDataset([train_views, ImageDataset(val_samples, prep, clean)])
-    total = len(dataset)
-
-    def on_batch(done: int, _total: int) -> None:
-        progress(Progress("extracting", done / total, message=f"{done}/{total} images"))
-
-    loader = DataLoader(  # one loader (one set of workers) for training views and validation
-        dataset,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    feats, local = extract_features(
-        model, head, loader, device, on_batch, should_stop, cache.allocate
-    )
-    n = len(train_views)
-    train_x, groups, val_x, val_local = feats[:n], local[:n], feats[n:], local[n:]
-    return train_x, targets[train_idx][groups], groups, val_x, targets[val_idx][val_local]

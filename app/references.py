@@ -1,0 +1,191 @@
+"""Reference sets: the images of its labels that a model version keeps, so that later jobs can
+learn from and measure old labels even when the user uploads only new-label images.
+
+Where things live in the artifact store:
+
+* ``models/<model>/reference/<digest>``: every image once per model, named by its sha256; the
+  service's own copy, so deleting a dataset never breaks a version;
+* ``models/<model>/<version>/reference-<id>.json``: a version's set, ``{"images": [{digest,
+  label}, ...]}``; its counts per label are on the version row;
+* ``models/<model>/features/<fingerprint>.safetensors``: features of reference images computed
+  by one backbone (worker side, see ``worker.engine.reference``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tarfile
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.datasets import get_dataset
+from app.errors import Conflict, Invalid, NotFound
+from app.models import Dataset, ModelVersion, new_id
+from app.storage import Storage
+
+Entry = tuple[str, str]  # (digest, label)
+
+
+def image_key(model_id: str, digest: str) -> str:
+    return f"models/{model_id}/reference/{digest}"
+
+
+def features_key(model_id: str, fingerprint: str) -> str:
+    return f"models/{model_id}/features/{fingerprint}.safetensors"
+
+
+def read_manifest(storage: Storage, reference: dict[str, Any] | None) -> list[Entry]:
+    """The (digest, label) pairs of a version's reference set; empty if it has none."""
+    if not reference or not reference.get("manifest"):
+        return []
+    with storage.open(reference["manifest"]["key"]) as f:
+        images = json.load(f)["images"]
+    return [(item["digest"], item["label"]) for item in images]
+
+
+def write_manifest(
+    storage: Storage, model_id: str, version_id: str, entries: list[Entry], tmp_root: Path
+) -> dict[str, Any]:
+    """Store a reference set's manifest; the value of ``ModelVersion.reference``."""
+    body = {"images": [{"digest": d, "label": label} for d, label in entries]}
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+        path = Path(tmp) / "reference.json"
+        path.write_text(json.dumps(body, separators=(",", ":")))
+        stored = storage.put_file(f"models/{model_id}/{version_id}/reference-{new_id()}.json", path)
+    counts = Counter(label for _, label in entries)
+    return {"labels": dict(sorted(counts.items())), "manifest": stored.__dict__}
+
+
+def store_image(storage: Storage, model_id: str, digest: str, path: Path) -> bool:
+    """Keep an image under its digest; True if it was not stored yet."""
+    key = image_key(model_id, digest)
+    if storage.exists(key):
+        return False
+    storage.put_file(key, path)
+    return True
+
+
+def cap_per_label(entries: list[Entry], per_label: int, seed: str) -> list[Entry]:
+    """Distinct entries, at most ``per_label`` of each label, picked at random (seeded, so the
+    same request picks the same images) where a label has more."""
+    by_label: dict[str, list[Entry]] = defaultdict(list)
+    for entry in dict.fromkeys(entries):
+        by_label[entry[1]].append(entry)
+    rng = random.Random(seed)
+    kept: list[Entry] = []
+    for label in sorted(by_label):
+        items = by_label[label]
+        if len(items) > per_label:
+            chosen = set(rng.sample(range(len(items)), per_label))
+            items = [e for i, e in enumerate(items) if i in chosen]
+        kept.extend(items)
+    return kept
+
+
+def _dataset_images(
+    storage: Storage, dataset: Dataset, labels: set[str], workdir: Path
+) -> dict[Entry, Path]:
+    """The dataset's images of ``labels``, copied to ``workdir``, by (digest, label)."""
+    found: dict[Entry, Path] = {}
+    with tarfile.open(storage.local_path(dataset.storage_key)) as tar:
+        for n, member in enumerate(tar):
+            parts = PurePosixPath(member.name).parts
+            if not member.isreg() or len(parts) != 2 or parts[0] not in labels:
+                continue
+            data = tar.extractfile(member).read()
+            path = workdir / f"{n:07d}"
+            path.write_bytes(data)
+            found.setdefault((hashlib.sha256(data).hexdigest(), parts[0]), path)
+    return found
+
+
+def extend_reference(
+    storage: Storage,
+    model_id: str,
+    version_id: str,
+    current: dict[str, Any] | None,
+    dataset: Dataset,
+    labels: set[str],
+    per_label: int,
+    tmp_root: Path,
+) -> tuple[dict[str, Any] | None, dict[str, int], list[str]]:
+    """A version's reference set with the dataset's images of ``labels`` added, capped per
+    label: ``(new reference, added per label, keys of images stored for it)``; the new
+    reference is None when nothing changed. Nothing of the version row changes here; the caller
+    swaps the reference in."""
+    existing = read_manifest(storage, current)
+    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="reference-") as tmp:
+        offered = _dataset_images(storage, dataset, labels, Path(tmp))
+        kept = cap_per_label(existing + list(offered), per_label, seed=f"{version_id}:{dataset.id}")
+        if kept == existing:
+            return None, {}, []
+        new = [entry for entry in kept if entry not in set(existing)]
+        uploaded = [
+            image_key(model_id, digest)
+            for digest, label in new
+            if store_image(storage, model_id, digest, offered[(digest, label)])
+        ]
+    reference = write_manifest(storage, model_id, version_id, kept, tmp_root)
+    added = Counter(label for _, label in new)
+    return reference, dict(sorted(added.items())), uploaded
+
+
+def dataset_for_reference(session: Session, owner: str, dataset_id: str, field: str) -> Dataset:
+    """The owner's dataset, or a 422 naming ``field`` (the id is part of the request body)."""
+    try:
+        return get_dataset(session, owner, dataset_id)
+    except NotFound:
+        raise Invalid(f"no dataset {dataset_id!r}", field) from None
+
+
+def add_reference(
+    session: Session,
+    storage: Storage,
+    version: ModelVersion,
+    dataset: Dataset,
+    per_label: int,
+    tmp_root: Path,
+) -> tuple[dict[str, int], list[str], str | None]:
+    """Add the dataset's images of the version's labels to its reference set:
+    ``(added per label, labels of the dataset that were not the version's, the replaced
+    manifest's key)``. The replaced manifest is the caller's to delete once committed."""
+    matching = set(dataset.labels) & set(version.labels)
+    ignored = sorted(set(dataset.labels) - set(version.labels))
+    if not matching:
+        raise Invalid(
+            f"none of the dataset's labels ({', '.join(sorted(dataset.labels)[:10])}) is a label "
+            f"of version {version.version}",
+            "dataset_id",
+        )
+    revision, current = version.reference_revision, version.reference
+    reference, added, _ = extend_reference(
+        storage,
+        version.model_id,
+        version.id,
+        current,
+        dataset,
+        matching,
+        per_label,
+        tmp_root,
+    )
+    if reference is None:
+        return {}, ignored, None
+    swapped = session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.id == version.id, ModelVersion.reference_revision == revision)
+        .values(reference=reference, reference_revision=revision + 1)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not swapped:
+        storage.delete(reference["manifest"]["key"])
+        raise Conflict("the reference set changed while this request ran; retry")
+    session.refresh(version)
+    replaced = (current or {}).get("manifest", {}).get("key")
+    return added, ignored, replaced

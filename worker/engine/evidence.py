@@ -1,0 +1,163 @@
+"""How much a figure can be trusted: intervals, the paired test, and the retention gate.
+
+Every accuracy is a count of right answers out of ``n`` images, so it gets a Wilson 95 %
+interval (well behaved at 0 %, 100 % and small ``n``, where the normal approximation is not).
+Retention compares the *same* old-label images before and after the expansion; only the images
+whose outcome changed carry information about the change:
+
+* ``lost``   (b): right before, wrong after;
+* ``gained`` (c): wrong before, right after.
+
+The exact McNemar test is a binomial test of b against b + c. The retention interval comes from
+a Bayesian bootstrap over the four paired outcomes (a Dirichlet posterior with a Jeffreys prior):
+unlike the plain bootstrap it does not collapse to a single point when nothing changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054
+DRAWS = 20_000
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of ``successes / n``; None without any image."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
+
+
+def mcnemar_exact(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value: how surprising ``lost`` vs ``gained`` changes are if
+    losing and gaining were equally likely."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    k = min(lost, gained)
+    # P(X <= k) for X ~ Binomial(n, 1/2), summed in log space (n may be large)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(k + 1)]
+    top = max(logs)
+    tail = math.exp(top - n * math.log(2)) * sum(math.exp(v - top) for v in logs)
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Outcomes of the same images before and after."""
+
+    both_right: int
+    lost: int  # right before, wrong after
+    gained: int  # wrong before, right after
+    both_wrong: int
+
+    @property
+    def n(self) -> int:
+        return self.both_right + self.lost + self.gained + self.both_wrong
+
+    @property
+    def right_before(self) -> int:
+        return self.both_right + self.lost
+
+    @property
+    def right_after(self) -> int:
+        return self.both_right + self.gained
+
+    @property
+    def retention(self) -> float | None:
+        """Accuracy after over accuracy before."""
+        return self.right_after / self.right_before if self.right_before else None
+
+    def retention_interval(self, seed: int = 0) -> tuple[float, float] | None:
+        if not self.n or not self.right_before:
+            return None
+        cells = np.array([self.both_right, self.lost, self.gained, self.both_wrong], float)
+        draws = np.random.default_rng(seed).dirichlet(cells + 0.5, size=DRAWS)
+        before = draws[:, 0] + draws[:, 1]
+        ratio = (draws[:, 0] + draws[:, 2]) / before
+        low, high = np.quantile(ratio, [0.025, 0.975])
+        return round(float(low), 6), round(float(high), 6)
+
+    def as_dict(self) -> dict:
+        return {
+            "both_right": self.both_right,
+            "lost": self.lost,
+            "gained": self.gained,
+            "both_wrong": self.both_wrong,
+        }
+
+
+def paired(right_before: list[bool], right_after: list[bool]) -> Paired:
+    pairs = list(zip(right_before, right_after, strict=True))
+    return Paired(
+        both_right=sum(1 for b, a in pairs if b and a),
+        lost=sum(1 for b, a in pairs if b and not a),
+        gained=sum(1 for b, a in pairs if not b and a),
+        both_wrong=sum(1 for b, a in pairs if not b and not a),
+    )
+
+
+PROMOTED, REJECTED, UNVERIFIED = "promoted", "rejected", "unverified"
+
+
+def retention_gate(old_classes: dict, minimum: float, min_images: int) -> dict:
+    """Decide a new version's status from its paired old-class outcomes.
+
+    * ``unverified`` (evidence ``none``): fewer than ``min_images`` old-label images were
+      measured, so nothing can be said; the version is kept but not promoted.
+    * ``promoted`` when the measured retention is at least ``minimum``, else ``rejected``.
+      The evidence is ``strong`` when the whole 95 % interval lies on the side of ``minimum``
+      the decision took, ``weak`` when the interval straddles it.
+    """
+    base = {"min_old_accuracy_retention": minimum, "min_images": min_images}
+    counts = old_classes.get("paired")
+    n = old_classes.get("n") or 0
+    if not counts or n < min_images or old_classes.get("retention") is None:
+        how = (
+            "add images of some old labels to the dataset, or give the base version a reference "
+            "set (POST /v1/models/{name}/versions/{version}/reference)"
+        )
+        return base | {
+            "decision": UNVERIFIED,
+            "passed": None,
+            "evidence": "none",
+            "n": n,
+            "retention": None,
+            "ci95": None,
+            "paired": counts,
+            "mcnemar_p": None,
+            "reason": (
+                f"unverified: {n} old-label image{'s' if n != 1 else ''} to measure retention on, "
+                f"fewer than the {min_images} required; not promoted. To measure it, {how}"
+            ),
+        }
+    retention = old_classes["retention"]
+    low, high = old_classes["ci95"]["retention"]
+    passed = retention >= minimum
+    strong = low >= minimum if passed else high < minimum
+    p_value = mcnemar_exact(counts["lost"], counts["gained"])
+    decision = PROMOTED if passed else REJECTED
+    return base | {
+        "decision": decision,
+        "passed": passed,
+        "evidence": "strong" if strong else "weak",
+        "n": n,
+        "retention": retention,
+        "ci95": [low, high],
+        "paired": counts,
+        "mcnemar_p": round(p_value, 6),
+        "reason": (
+            f"{decision}: old-class accuracy kept {retention:.2%} of its level "
+            f"(95% interval {low:.2%}-{high:.2%}, n={n}), "
+            f"{'at or above' if passed else 'below'} the {minimum:.2%} minimum; "
+            f"{counts['lost']} old images lost, {counts['gained']} gained "
+            f"(McNemar p={p_value:.3g}); evidence {'strong' if strong else 'weak'}"
+        ),
+    }
