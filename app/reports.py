@@ -116,6 +116,8 @@ def calibration_summary(metrics: dict[str, Any]) -> str:
     sign = "-" if beta < 0 else "+"
     pool = cal.get("pool", {})
     after = ", before fine-tuning" if cal.get("before_finetune") else ""
+    if cal.get("limited"):
+        after += "; only lowered: too few held-out images of a new label to favour it"
     return (
         f"{cal['method'].replace('_', ' ')}: {alpha:.2f} z {sign} {abs(beta):.2f}"
         f" (chosen on {pool.get('old', 0)} old / {pool.get('new', 0)} new held-out images{after})"
@@ -124,7 +126,10 @@ def calibration_summary(metrics: dict[str, Any]) -> str:
 
 def _curve_svg(history: list[dict[str, Any]], width: int = 560, height: int = 200) -> str:
     if not history:
-        return "<p>No gradient training: the new rows were imprinted only.</p>"
+        return (
+            "<p>No epochs to draw: the layer was refitted as one convex problem, or the new "
+            "rows were imprinted only.</p>"
+        )
     pad = 30
     epochs = [h["epoch"] for h in history]
     losses = [h["train_loss"] for h in history]

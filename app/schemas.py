@@ -302,6 +302,12 @@ class JobConfig(BaseModel):
         "none); with freeze=head every image trains and is measured by cross-fitting",
     )
     folds: int = Field(5, ge=2, le=20, description="cross-fitting rounds (freeze=head)")
+    solver: Literal["refit", "sgd"] = Field(
+        "refit",
+        description="refit: the whole classifier layer as one convex problem anchored to the "
+        "original, when there are old-label images; sgd: the new rows (and slowly the old) by "
+        "epochs of gradient steps",
+    )
     augmentation: AugmentationConfig = AugmentationConfig()
     calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = "auto"
     max_old_accuracy_drop: float = Field(0.01, ge=0, le=1)

@@ -7,6 +7,8 @@ writes, in about 15 seconds on a laptop CPU:
   labels.json              its labels, one per output unit
   preprocessing.json       how its inputs were prepared (32x32 RGB, mean/std 0.5)
   digits.zip               an ImageFolder archive: 60 images of each known digit, 15 of "9"
+  reference.zip            20 other images of each known digit: a reference set for the model
+  nines.zip                the 15 images of "9" alone: what a user with only new images has
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main(out: Path) -> None:
     (out / "preprocessing.json").write_text(json.dumps(D.PREP.to_dict()))
     folders = {str(d): held.of(d)[:60] for d in range(9)} | {"9": held.of(9)[:15]}
     (out / "digits.zip").write_bytes(D.zip_image_folder(folders))
+    reference = {str(d): held.of(d)[60:80] for d in range(9)}
+    (out / "reference.zip").write_bytes(D.zip_image_folder(reference))
+    (out / "nines.zip").write_bytes(D.zip_image_folder({"9": held.of(9)[:15]}))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
 
 

@@ -13,11 +13,10 @@ import logging
 import os
 import shutil
 import socket
-import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,25 +29,21 @@ from app.jobs import progress_record
 from app.logs import current_job
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.queue import publish_jobs
-from app.registry import SAFETENSORS, add_version, artifact_metadata
+from app.registry import add_version, artifact_metadata
 from app.settings import Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
-from worker.engine.calibrate import Calibration
-from worker.engine.data import Augmentation, scan_image_folder
 from worker.engine.errors import EngineError, JobCancelled
 from worker.engine.evidence import retention_gate
 from worker.engine.expand import (
-    ExpansionConfig,
-    ExpansionRequest,
     ExpansionResult,
     Progress,
     expand_classifier,
 )
 from worker.engine.export import export_onnx
-from worker.engine.train import HeadTraining
 from worker.engine.weights import save_safetensors
-from worker.references import base_reference, cache_features, keep_reference
+from worker.references import cache_features, keep_reference
+from worker.spec import JobSpec, expansion_request, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +181,8 @@ def _run_job(job_id: str, settings: Settings) -> None:
         Heartbeat(settings, job_id, attempt) as heartbeat,
     ):
         try:
-            spec = _load_spec(settings, job_id)
-            request = _request(spec, storage, settings, Path(tmp))
+            spec = load_spec(settings, job_id)
+            request = expansion_request(spec, storage, settings, Path(tmp))
             result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
             heartbeat.report(Progress("exporting", 0.0))
             version_id = new_id()
@@ -224,99 +219,6 @@ def _run_job(job_id: str, settings: Settings) -> None:
                 JobStatus.FAILED,
                 {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
             )
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a run needs, read once from the database."""
-
-    model_id: str
-    model_name: str
-    base_version: int
-    architecture: str
-    labels: list[str]
-    preprocessing: dict[str, Any]
-    weights_key: str
-    dataset_key: str | None
-    new_labels: list[str]
-    config: dict[str, Any]
-    reference: dict[str, Any] | None  # the base version's reference set
-
-
-def _load_spec(settings: Settings, job_id: str) -> JobSpec:
-    with session_scope(settings.resolved_database_url) as session:
-        job = session.get(Job, job_id)
-        base = session.scalar(
-            select(ModelVersion).where(
-                ModelVersion.model_id == job.model_id, ModelVersion.version == job.base_version
-            )
-        )
-        return JobSpec(
-            model_id=job.model_id,
-            model_name=job.model.name,
-            base_version=base.version,
-            architecture=base.architecture,
-            labels=list(base.labels),
-            preprocessing=dict(base.preprocessing),
-            weights_key=base.artifacts[SAFETENSORS]["key"],
-            dataset_key=job.dataset.storage_key if job.dataset.deleted_at is None else None,
-            new_labels=list(job.new_labels),
-            config=dict(job.config),
-            reference=base.reference,
-        )
-
-
-def expansion_config(
-    config: dict[str, Any], settings: Settings, spill_dir: Path | None = None
-) -> ExpansionConfig:
-    aug = dict(config.get("augmentation") or {})
-    if "scale" in aug:
-        aug["scale"] = tuple(aug["scale"])
-    return ExpansionConfig(
-        init=config["init"],
-        training=HeadTraining(
-            epochs=config["epochs"],
-            learning_rate=config["learning_rate"],
-            batch_size=config["batch_size"],
-            weight_decay=config["weight_decay"],
-            seed=config["seed"],
-            old_rows_frozen=config["old_rows"] != "trainable",
-        ),
-        validation_split=config["validation_split"],
-        augmentation=Augmentation(**aug),
-        num_workers=settings.extract_workers,
-        device=settings.device,
-        freeze=config.get("freeze", "head"),
-        calibration=Calibration(
-            method=config.get("calibration", "auto"),
-            max_old_drop=config.get("max_old_accuracy_drop", 0.01),
-        ),
-        feature_memory_bytes=settings.feature_memory_mb << 20,
-        spill_dir=spill_dir,  # the job's own folder: a killed attempt's files go with it
-        folds=config.get("folds", 5),
-        reference_per_label=settings.reference_per_label,
-        reference_selection=settings.reference_selection,
-    )
-
-
-def _request(spec: JobSpec, storage: Storage, settings: Settings, tmp: Path) -> ExpansionRequest:
-    if spec.dataset_key is None or not storage.exists(spec.dataset_key):
-        raise EngineError("the job's dataset has been deleted")
-    images = tmp / "images"
-    with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
-        tar.extractall(images, filter="data")
-    keep = set(spec.labels) | set(spec.new_labels)
-    samples = [s for s in scan_image_folder(images) if s.label in keep]
-    return ExpansionRequest(
-        architecture=spec.architecture,
-        labels=spec.labels,
-        weights=storage.local_path(spec.weights_key),
-        preprocessing=Preprocessing.from_dict(spec.preprocessing),
-        samples=samples,
-        new_labels=spec.new_labels,
-        config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
-        reference=base_reference(storage, spec.model_id, spec.reference, tmp / "reference"),
-    )
 
 
 def _store_artifacts(
@@ -362,10 +264,11 @@ def _finish_succeeded(
     with session_scope(settings.resolved_database_url) as session:
         warnings = list(session.scalar(select(Job.warnings).where(Job.id == job_id)) or [])
         if gate["decision"] == VersionStatus.UNVERIFIED:
+            number, name = _next_version(session, spec.model_id), spec.model_name
             warnings.append(
-                f"version {_next_version(session, spec.model_id)} is unverified and was not made "
-                f"the latest: {gate['reason']}; or promote it on purpose "
-                f"(POST /v1/models/{spec.model_name}/versions/N/promote)"
+                f"version {number} is unverified and was not made the latest: {gate['reason']} "
+                f"(POST /v1/models/{name}/versions/{spec.base_version}/reference), or promote it "
+                f"on purpose (POST /v1/models/{name}/versions/{number}/promote)"
             )
         fenced = _fenced_finish(
             session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics, warnings=warnings

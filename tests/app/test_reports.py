@@ -56,10 +56,13 @@ def test_the_html_report_shows_what_happened(client, finished, tmp_path):
     dom = subprocess.run(
         [browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout
-    verdict = "promoted" if finished["metrics"]["gate"]["passed"] else "rejected"
-    assert f'id="verdict">{verdict}</span>' in dom
+    gate = finished["metrics"]["gate"]
+    assert f'id="verdict">{gate["decision"]}</span>' in dom
+    assert f"evidence {gate['evidence']}" in dom  # the gate says how much it rests on
     assert "Old classes: accuracy before and after" in dom and "<svg" in dom
-    assert "New-class calibration</th><td>" in dom and "held-out images" in dom
+    assert "new-class calibration</th><td>" in dom and "held-out images" in dom
+    n_old = finished["metrics"]["old_classes"]["n"]
+    assert f"n={n_old})" in dom and "5-fold cross-fitting" in dom  # every figure has its n
     assert dom.count("<tr>") >= 9 + 1 + 10  # every old class, the new one, the matrix rows
     shot = tmp_path / "report.png"
     subprocess.run(

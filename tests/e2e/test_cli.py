@@ -119,3 +119,54 @@ def test_exit_codes_scripts_can_rely_on(server, tmp_path, base_weights):
     assert unreachable.returncode == 4 and "cannot reach" in unreachable.stderr
     usage = graft(client, "job", "submit")
     assert usage.returncode == 2
+
+
+def test_new_label_images_alone_with_the_cli_a_reference_set_and_a_promotion(
+    server, base_weights, digit_splits, tmp_path
+):
+    client, _, _ = server
+    _, held = digit_splits
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([str(d) for d in OLD]))
+    push = ["--weights", str(base_weights), "--arch", "timm:resnet18", "--labels", str(labels)]
+    memory = D.write_image_folder(tmp_path / "memory", {str(d): held.of(d)[:20] for d in OLD})
+    nines = D.write_image_folder(tmp_path / "nines", {"9": held.of(9)[:10]})
+    prep = tmp_path / "prep.json"
+    prep.write_text(json.dumps(D.PREP.to_dict()))
+    push += ["--preprocessing", str(prep)]
+    assert graft(client, "model", "push", "forgetful", *push).returncode == 0
+    nines_id = graft(client, "dataset", "push", str(nines)).stdout.strip().splitlines()[-1]
+
+    # no old-label image anywhere: warned at once, stored as unverified, not made the latest
+    watched = graft(
+        client, "job", "submit", "--model", "forgetful", "--dataset", nines_id, "--watch"
+    )
+    assert watched.returncode == 0, watched.stderr
+    assert "warning: retention cannot be measured" in watched.stderr
+    assert "unverified" in watched.stdout
+    shown = graft(client, "model", "show", "forgetful")
+    assert "1 (latest)" in shown.stdout and "unverified" in shown.stdout
+    promoted = graft(client, "model", "promote", "forgetful@2", "--reason", "checked by hand")
+    assert promoted.returncode == 0 and "latest is v2" in promoted.stdout
+    assert "done by local" in promoted.stdout
+    assert "2 (latest)" in graft(client, "model", "show", "forgetful").stdout
+
+    # with a reference set: measured, and its evidence shown
+    memory_id = graft(client, "dataset", "push", str(memory)).stdout.strip().splitlines()[-1]
+    pushed = graft(client, "model", "push", "careful", *push, "--reference", memory_id)
+    assert pushed.returncode == 0 and "reference set of 180 images" in pushed.stdout
+    watched = graft(client, "job", "submit", "--model", "careful", "--dataset", nines_id, "--watch")
+    assert watched.returncode == 0, watched.stderr
+    assert "warning" not in watched.stderr
+    assert "n=180" in watched.stdout and "180 from the reference set" in watched.stdout
+    assert "evidence" in watched.stdout and "McNemar" in watched.stdout
+    version = graft(client, "model", "show", "careful@2")
+    assert version.returncode == 0 and "reference set" in version.stdout
+    rows = [[c for c in line.split() if c not in "│┃"] for line in version.stdout.splitlines()]
+    assert ["9", "10"] in rows  # the reference set: the job's own images of the new label
+
+    added = graft(client, "model", "reference", "forgetful@1", "--dataset", memory_id)
+    assert added.returncode == 0, added.stderr
+    assert "forgetful v1 reference set" in added.stdout
+    bad = graft(client, "model", "reference", "forgetful@one", "--dataset", memory_id)
+    assert bad.returncode == 2

@@ -62,7 +62,6 @@ def test_from_nothing_to_a_downloaded_version_that_knows_the_new_label(
     assert stream[-1] == ("status", job)
     stages = [data["progress"]["stage"] for _, data in stream]
     assert "extracting" in stages, stages
-    assert elapsed < 120
 
     m = job["metrics"]
     assert m["old_classes"]["n"] >= 70 and m["new_classes"]["n"] >= 3

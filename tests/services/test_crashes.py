@@ -95,7 +95,15 @@ class Cluster:
         return [v["version"] for v in self.client.get("/v1/models/digits").json()["versions"]]
 
     def stored_files(self) -> list[Path]:
-        return sorted(p for p in (self.settings.data_dir / "artifacts").rglob("*") if p.is_file())
+        """Every stored file but the reference images, which versions share by content."""
+        return sorted(
+            p
+            for p in (self.settings.data_dir / "artifacts").rglob("*")
+            if p.is_file() and p.parent.name != "reference"
+        )
+
+    def reference_images(self) -> int:
+        return sum(1 for _ in (self.settings.data_dir / "artifacts").rglob("reference/*"))
 
     def close(self) -> None:
         for process in self.workers:
@@ -141,7 +149,9 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_job_runs_once(cluster)
     assert job["status"] == "succeeded" and job["attempt"] == 2
     assert cluster.versions() == [1, 2]
     assert list(cluster.settings.tmp_dir.iterdir()) == []
-    assert len(cluster.stored_files()) == 4  # dataset, v1, v2 safetensors + onnx
+    # dataset, v1, v2 safetensors + onnx + reference manifest, the feature cache
+    assert len(cluster.stored_files()) == 6
+    assert cluster.reference_images() == 9 * 10 + 10  # every image v2 learnt from, once
 
 
 def test_a_worker_that_loses_its_lease_cannot_write(cluster):
@@ -159,7 +169,8 @@ def test_a_worker_that_loses_its_lease_cannot_write(cluster):
     time.sleep(4)  # the paused worker wakes up, finds its lease gone, and must write nothing
     assert cluster.job(job_id)["attempt"] == 2
     assert cluster.versions() == [1, 2]
-    assert len(cluster.stored_files()) == 4
+    assert len(cluster.stored_files()) == 6  # nothing of the paused attempt's
+    assert cluster.reference_images() == 100
     assert paused.poll() is None  # and it lives on to take other jobs
 
 

@@ -13,6 +13,7 @@ from app.models import Job, ModelVersion
 from app.storage import open_storage
 from tests.conftest import digits_archive, register_digits
 from worker import pipeline
+from worker.spec import load_spec
 
 
 @pytest.fixture()
@@ -98,7 +99,7 @@ def test_a_finish_from_a_lost_attempt_is_fenced_off(settings, client, job_id):
     second = pipeline.claim_job(settings, job_id)
     assert (first, second) == (1, 2)
 
-    spec = pipeline._load_spec(settings, job_id)
+    spec = load_spec(settings, job_id)
     with pytest.raises(pipeline.LeaseLost):
         pipeline._finish_succeeded(settings, job_id, first, spec, "v", _Result(), [], None)
     assert versions(settings) == 1

@@ -1,19 +1,20 @@
-"""Correct the new classes' bias against the old ones, on images the new rows never saw.
+"""Correct the new labels' logits against the old ones, on images the rows never saw.
 
-New rows trained on a handful of images score those images far higher than fresh ones, so a
-classifier layer used as trained is biased: towards the new classes when the new rows were
-imprinted generously, against them when they overfit a few shots. Two published corrections:
+The default (``auto``) is a brake, not a bet: a layer fitted on every label with real
+negatives is left as it is, unless held-out logits show, beyond their noise, that the new labels
+take more than ``max_old_drop`` of the old images; then the new logits are lowered by the least
+that brings the share lost within it. Published corrections are there on request:
 
 * weight aligning (WA, Zhao et al. 2020): rescale the new rows to the old rows' mean norm;
-* bias correction (BiC, Wu et al. 2019): ``alpha * z + beta`` on every new logit ``z``, with
-  ``alpha`` and ``beta`` fitted on held-out images.
+* bias correction (BiC, Wu et al. 2019): ``alpha * z + beta`` on every new logit ``z``, chosen
+  by the harmonic mean of old- and new-class accuracy on held-out logits, among those that cost
+  the old classes at most ``max_old_drop``; ties go to the one predicting new labels least.
 
-Both fold into the layer (``w' = alpha * w``, ``b' = alpha * b + beta``), so the exported model
-is a plain linear layer. Each candidate is scored on a *pool* of held-out logits (the validation
-split plus out-of-fold training images) by the harmonic mean of old-class and new-class
-accuracy; candidates that cost the old classes more than ``max_old_drop`` of pooled accuracy are
-discarded, and ties go to the candidate that predicts the new classes least often. A pool
-without old-class images cannot show what a correction costs, so the layer stays as trained.
+All fold into the layer (``w' = alpha * w``, ``b' = alpha * b + beta``), so the exported model
+is a plain linear layer. The *pool* of held-out logits holds every image, scored by a layer
+refitted without it. A new label with fewer than ``min_new_evidence`` held-out images cannot
+weigh in, so its logits may then only be lowered. A pool without old-class images cannot show
+what a correction costs, so the layer stays as fitted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from worker.engine.evidence import wilson
 
 METHODS = ("auto", "none", "weight_aligning", "bias_correction")
 _ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -30,8 +33,10 @@ _ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 class Calibration:
     method: str = "auto"  # auto | none | weight_aligning | bias_correction
     max_old_drop: float = 0.01  # largest loss of pooled old-class accuracy a correction may cost
-    folds: int = 3  # out-of-fold rounds when the validation split is too small to fit on
-    min_validation_images: int = 20  # per new class; below it, training images are cross-fitted
+    folds: int = 3  # cross-fitting rounds for the pool when nothing else gives one
+    # Held-out images a new label needs in the pool before a correction may favour it; with
+    # fewer, a correction may only lower the new logits, as far as protecting old labels needs.
+    min_new_evidence: int = 5
 
     @property
     def fits_on_pool(self) -> bool:
@@ -62,12 +67,14 @@ class Choice:
     new_accuracy: float | None
     pool_old: int
     pool_new: int
+    limited: bool = False  # too few held-out images of a new label to favour it
 
     def as_metrics(self) -> dict:
         return {
             "method": self.method,
             "alpha": round(self.alpha, 6),
             "beta": round(self.beta, 6),
+            "limited": self.limited,
             "pool": {"old": self.pool_old, "new": self.pool_new},
             "pool_old_accuracy": self.old_accuracy,
             "pool_new_accuracy": self.new_accuracy,
@@ -93,10 +100,22 @@ def fold_into_layer(
 
 
 def calibrate(
-    weight: torch.Tensor, num_old: int, pool: Pool, cfg: Calibration, shift: bool = True
+    weight: torch.Tensor,
+    num_old: int,
+    pool: Pool,
+    cfg: Calibration,
+    shift: bool = True,
+    limited: bool = False,
 ) -> Choice:
     """Choose ``(alpha, beta)`` for the new logits of ``pool`` (computed with ``weight``).
-    Without ``shift`` (a classifier layer with no bias to hold it) ``beta`` stays 0."""
+    Without ``shift`` (a classifier layer with no bias to hold it) ``beta`` stays 0.
+
+    ``limited``: some new label has too few held-out images for its accuracy to weigh in. The
+    new logits may then only be lowered (``alpha`` 1, ``beta`` <= 0), by the least that keeps
+    pooled old-class accuracy within ``max_old_drop`` of what it can be: a brake that protects
+    the old labels, never a bet on the new ones."""
+    if shift and (cfg.method == "auto" or (limited and cfg.method == "bias_correction")):
+        return _brake(num_old, pool, cfg, limited)
     if cfg.method not in METHODS:
         raise ValueError(f"unknown calibration {cfg.method!r}; expected one of {METHODS}")
     wa = weight_aligning_scale(weight, num_old)
@@ -131,6 +150,36 @@ def calibrate(
             key = (within, round(hm, 9), -int(predicted_new[i]), -abs(alpha - 1.0) - abs(beta))
             scored.append((key, Choice(method, alpha, beta, o, n, n_old, n_new)))
     return max(scored, key=lambda s: s[0])[1]
+
+
+def _brake(num_old: int, pool: Pool, cfg: Calibration, limited: bool) -> Choice:
+    """Lower the new logits only when the pool shows, beyond its noise, that new labels take
+    more than ``max_old_drop`` of the old images: when even the lower end of the 95 % interval
+    of the share lost exceeds it. Then by the least that brings the share lost within it."""
+    old = pool.targets < num_old
+    n_old, n_new = int(old.sum()), int((~old).sum())
+    if not n_old:
+        return Choice("none", 1.0, 0.0, None, None, n_old, n_new, limited=limited)
+    best_old = pool.logits[:, :num_old].max(dim=1)
+    best_new = pool.logits[:, num_old:].max(dim=1)
+    right_if_old = best_old.indices == pool.targets
+    right_if_new = best_new.indices + num_old == pool.targets
+    critical = best_old.values - best_new.values
+    betas = _cuts(critical)
+    betas = torch.cat([betas[betas < 0], torch.zeros(1)])
+    old_acc, new_acc, _ = _sweep(critical, betas, old, right_if_old, right_if_new)
+    ceiling = right_if_old[old].float().mean().item()
+    lost = round((ceiling - old_acc[-1].item()) * n_old)  # at beta = 0
+    interval = wilson(lost, n_old)
+    i = len(betas) - 1
+    if interval is not None and interval[0] > cfg.max_old_drop:
+        within = old_acc >= ceiling - cfg.max_old_drop - 1e-9
+        i = int(torch.nonzero(within).max()) if bool(within.any()) else int(old_acc.argmax())
+    beta = float(betas[i])
+    o = old_acc[i].item()
+    n = new_acc[i].item() if n_new else None
+    method = "none" if beta == 0 else "brake"
+    return Choice(method, 1.0, beta, o, n, n_old, n_new, limited=limited)
 
 
 def _sweep(

@@ -121,8 +121,7 @@ def retention_gate(old_classes: dict, minimum: float, min_images: int) -> dict:
     n = old_classes.get("n") or 0
     if not counts or n < min_images or old_classes.get("retention") is None:
         how = (
-            "add images of some old labels to the dataset, or give the base version a reference "
-            "set (POST /v1/models/{name}/versions/{version}/reference)"
+            "add images of some old labels to the dataset, or give the base version a reference set"
         )
         return base | {
             "decision": UNVERIFIED,

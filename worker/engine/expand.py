@@ -28,9 +28,15 @@ from worker.engine.data import Augmentation, Sample, eval_transform, stratified_
 from worker.engine.evaluate import expansion_metrics
 from worker.engine.features import FeatureCache, pick_device
 from worker.engine.finetune import Finetuning, finetune, predict
-from worker.engine.gather import Gathered, extract_rows, gather_images, train_transform
+from worker.engine.gather import (
+    REFERENCE,
+    Gathered,
+    extract_rows,
+    gather_images,
+    train_transform,
+)
 from worker.engine.heads import Head, expand_head
-from worker.engine.recipe import LayerRecipe, Rows, out_of_fold
+from worker.engine.recipe import LayerRecipe, Rows
 from worker.engine.reference import (
     Kept,
     ReferenceSet,
@@ -69,6 +75,7 @@ class ExpansionConfig:
     folds: int = 5  # cross-fitting rounds that measure the layer (freeze=head)
     reference_per_label: int = 100  # the new version's reference set, per label
     reference_selection: str = "herding"  # herding | random
+    solver: str = "refit"  # refit (the whole layer, convex) | sgd (new rows by epochs)
 
 
 @dataclass
@@ -191,7 +198,15 @@ def _expand(
             "kept": _count_labels(kept),
         },
     }
-    features = {images.digests[g]: rows.x[r].clone() for g, r in images.clean_row.items()}
+    # features worth caching: the base's reference images and the new version's
+    wanted = {k.digest for k in kept} | {
+        d for d, source in zip(images.digests, images.sources, strict=True) if source == REFERENCE
+    }
+    features = {
+        images.digests[g]: rows.x[r].clone()
+        for g, r in images.clean_row.items()
+        if images.digests[g] in wanted
+    }
     return ExpansionResult(
         grown,
         labels,
@@ -222,6 +237,7 @@ def _recipe(
         should_stop,
         has_bias=head.module.bias is not None,
         images=torch.bincount(rows.y[rows.clean], minlength=num_classes),
+        solver=cfg.solver,
     )
 
 
@@ -253,14 +269,15 @@ def _fit_and_measure(
     labels = list(request.labels) + list(request.new_labels)
     num_old = len(request.labels)
     recipe = _recipe(request, head, rows, len(labels), should_stop)
-    progress(Progress("training", 0.0, 0, cfg.training.epochs))
-    fitted = recipe.fit(rows, on_epoch=_epoch_progress(cfg, progress))
 
     def on_fold(done: int, total: int) -> None:
-        progress(Progress("evaluating", done / total, message=f"cross-fitting {done}/{total}"))
+        message = f"cross-fitting {done}/{total}"
+        progress(Progress("training", done / (total + 1), message=message))
 
-    progress(Progress("evaluating", 0.0, message=f"cross-fitting 0/{cfg.folds}"))
-    groups, after = out_of_fold(recipe, rows, cfg.folds, cfg.training.seed, on_fold)
+    progress(Progress("training", 0.0, message=f"cross-fitting 0/{cfg.folds}"))
+    cross = recipe.fit(rows, cfg.folds, _epoch_progress(cfg, progress), on_fold)
+    fitted, groups, after = cross.layer, cross.groups, cross.predicted
+    progress(Progress("evaluating", 0.0))
     clean = torch.tensor([images.clean_row[int(g)] for g in groups], dtype=torch.long)
     before = linear_logits(rows.x, recipe.old_weight, recipe.old_bias, clean).argmax(dim=1)
     targets = images.targets[groups]
@@ -269,7 +286,7 @@ def _fit_and_measure(
         "cross_fitted", groups, labels, num_old, folds=cfg.folds
     )
     metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": False}
-    metrics["method"] = "imprint+train" if fitted.history else cfg.init
+    metrics["method"] = _method(recipe, rows, fitted.history)
     grown = expand_head(model, head, len(labels) - num_old)
     _load_layer(grown, fitted.weight, fitted.bias)
     return model.cpu().eval(), metrics, fitted.history
@@ -298,7 +315,8 @@ def _fit_and_finetune(
     train_rows = rows.subset(in_train[rows.group])
     recipe = _recipe(request, head, train_rows, len(labels), should_stop)
     progress(Progress("training", 0.0, 0, cfg.training.epochs))
-    fitted = recipe.fit(train_rows, on_epoch=_epoch_progress(cfg, progress))
+    on_epoch = _epoch_progress(cfg, progress)
+    fitted = recipe.fit(train_rows, cfg.calibration.folds, on_epoch).layer
     grown = expand_head(model, head, len(labels) - num_old)
     _load_layer(grown, fitted.weight, fitted.bias)
     history = fitted.history + finetune(
@@ -335,9 +353,15 @@ def _fit_and_finetune(
     metrics["measurement"] = images.measurement("holdout", groups, labels, num_old)
     # the correction was chosen on the warm head, before the backbone was fine-tuned
     metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": True}
-    warm = "imprint+train" if fitted.history else cfg.init
+    warm = _method(recipe, train_rows, fitted.history)
     metrics["method"] = f"{warm}+finetune:{cfg.freeze}"
     return model.cpu().eval(), metrics, history
+
+
+def _method(recipe: LayerRecipe, rows: Rows, history: list[dict]) -> str:
+    if recipe.refits(rows.y):
+        return "imprint+refit"
+    return "imprint+train" if history else recipe.init
 
 
 def _load_layer(head: Head, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -1,10 +1,11 @@
-"""The recipe for the classifier layer on cached features, reusable on any subset of them.
+"""The recipe for the classifier layer on cached features, and how it is measured.
 
-``LayerRecipe.fit(rows)`` is everything that turns labelled feature rows into a layer: new rows
-imprinted, trained (see ``train``), then calibrated against the old classes on logits of images
-the rows never saw (inner cross-fitting). Because it is one function of its rows, the same
-recipe can be refitted without some images to score them honestly (outer cross-fitting, see
-``crossfit``).
+``LayerRecipe.fit_rows`` turns labelled feature rows into a layer: new rows imprinted, then the
+whole layer refitted (see ``refit``) or the new rows trained by epochs (see ``train``). Because
+it is one function of its rows, it can be refitted without a fold of the images, and each image
+scored by a layer that never saw it (*cross-fitting*). ``LayerRecipe.fit`` does that for every
+fold, calibrates the new labels against the old ones on those held-out logits (see
+``calibrate``), and fits the layer itself on every image.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.calibrate import Calibration, Choice, Pool, calibrate, fold_into_layer
+from worker.engine.refit import Refit, refit_layer
 from worker.engine.train import (
     HeadTraining,
     calibrate_new_bias,
@@ -55,6 +57,21 @@ class Fitted:
     history: list[dict]
 
 
+@dataclass(frozen=True)
+class CrossFitted:
+    layer: Fitted  # fitted on every row
+    groups: torch.Tensor  # the images that could be held out ...
+    predicted: torch.Tensor  # ... and their out-of-fold predictions
+
+
+@dataclass(frozen=True)
+class _Fold:
+    weight: torch.Tensor  # uncalibrated, fitted without the fold
+    bias: torch.Tensor
+    groups: torch.Tensor  # the fold's images
+    pool: Pool  # their logits
+
+
 class LayerRecipe:
     """Imprinted new rows with a calibrated bias, trained (old rows fixed unless configured
     otherwise), then corrected by ``calibrate``. A new label with only ``FEW_SHOT`` images or
@@ -73,8 +90,13 @@ class LayerRecipe:
         should_stop: Callable[[], bool] = lambda: False,
         has_bias: bool = True,
         images: torch.Tensor | None = None,
+        solver: str = "refit",
+        refit: Refit = Refit(),
     ) -> None:
-        """``images``: images per class (all labels); None leaves every row trainable."""
+        """``images``: images per class (all labels); None leaves every row trainable.
+        ``solver``: ``refit`` the whole layer as one convex problem (see ``refit``) when there
+        are old-label images, or ``sgd``: train the new rows (and slowly the old) by epochs."""
+        self.solver, self.refit = solver, refit
         self.old_weight, self.old_bias, self.has_bias = old_weight, old_bias, has_bias
         self.num_old, self.new_classes = len(old_bias), new_classes
         self.init, self.training, self.calibration = init, training, calibration
@@ -82,12 +104,61 @@ class LayerRecipe:
         few_shot = init == "imprint" and images is not None
         self.imprinted = [c for c in new_classes if int(images[c]) <= FEW_SHOT] if few_shot else []
 
-    def fit(self, rows: Rows, on_epoch: Callable[[dict], None] | None = None) -> Fitted:
+    def fit(
+        self,
+        rows: Rows,
+        folds: int,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_fold: Callable[[int, int], None] | None = None,
+    ) -> CrossFitted:
+        """The calibrated layer fitted on every row, and out-of-fold predictions of every image
+        that can be held out. The ``folds`` refits (each without a fold of the images) give
+        held-out logits of every image: the calibration is chosen on all of them for the
+        layer, and, for each fold's predictions, on the other folds' only, so that no image is
+        scored by a layer, or a correction, fitted on it."""
+        fold_of = image_folds(rows, folds, self.training.seed)
+        parts: list[_Fold] = []
+        for fold in range(folds):
+            held = fold_of == fold
+            if held.any():
+                w, b, _ = self.fit_rows(rows.subset(~held))
+                scored = rows.subset(held & rows.clean)
+                parts.append(_Fold(w, b, scored.group, Pool(scored.logits(w, b), scored.y)))
+            if on_fold:
+                on_fold(fold + 1, folds)
         weight, bias, history = self.fit_rows(rows, on_epoch)
-        pool = self._pool(rows, weight, bias)
-        choice = calibrate(weight, self.num_old, pool, self.calibration, shift=self.has_bias)
+        pool = Pool.concat([p.pool for p in parts], weight.shape[0])
+        choice = self._calibrate(weight, bias, rows, pool)
         weight, bias = fold_into_layer(weight, bias, self.num_old, choice.alpha, choice.beta)
-        return Fitted(weight, bias, choice, history)
+        groups, predicted = [], []
+        for k, part in enumerate(parts):
+            others = Pool.concat([p.pool for i, p in enumerate(parts) if i != k], weight.shape[0])
+            own = self._calibrate(part.weight, part.bias, rows, others)
+            logits = part.pool.logits.clone()
+            logits[:, self.num_old :] = own.alpha * logits[:, self.num_old :] + own.beta
+            groups.append(part.groups)
+            predicted.append(logits.argmax(dim=1))
+        empty = torch.empty(0, dtype=torch.long)
+        return CrossFitted(
+            Fitted(weight, bias, choice, history),
+            torch.cat(groups) if groups else empty,
+            torch.cat(predicted) if predicted else empty,
+        )
+
+    def _calibrate(
+        self, weight: torch.Tensor, bias: torch.Tensor, rows: Rows, pool: Pool
+    ) -> Choice:
+        """``calibrate`` on a pool of held-out logits; a new label with no held-out image at
+        all is represented by its images scored in-sample (by ``weight``, ``bias``)."""
+        evidence = [int((pool.targets == c).sum()) for c in self.new_classes]
+        missing = [c for c, n in zip(self.new_classes, evidence, strict=True) if not n]
+        if missing:
+            seen = rows.subset(rows.clean & torch.isin(rows.y, torch.tensor(missing)))
+            pool = Pool.concat([pool, Pool(seen.logits(weight, bias), seen.y)], weight.shape[0])
+        limited = min(evidence) < self.calibration.min_new_evidence
+        return calibrate(
+            weight, self.num_old, pool, self.calibration, shift=self.has_bias, limited=limited
+        )
 
     def fit_rows(
         self, rows: Rows, on_epoch: Callable[[dict], None] | None = None
@@ -106,6 +177,8 @@ class LayerRecipe:
             generator = torch.Generator().manual_seed(self.training.seed)
             std = weight[:num_old].std().item()
             weight[num_old:] = torch.randn(zeros.shape, generator=generator) * std
+        if self.refits(y):
+            return self._refit(rows, weight, bias)
         if not self.trains(y):
             return weight, bias, []
         return train_head(
@@ -122,35 +195,41 @@ class LayerRecipe:
             fixed=self.imprinted,
         )
 
+    def refits(self, y: torch.Tensor) -> bool:
+        """The whole layer is refitted when there are old-label images to anchor it."""
+        return self.solver == "refit" and self.init == "imprint" and bool((y < self.num_old).any())
+
+    def _refit(
+        self, rows: Rows, weight: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Every row refitted from the imprinted start; a label with only ``FEW_SHOT`` images
+        or fewer then gets the median-margin bias, as an imprinted row does: on one or two
+        images nothing else says where its boundary lies."""
+        weight, bias = refit_layer(
+            rows.x,
+            rows.y,
+            weight,
+            bias,
+            self.num_old,
+            self.refit,
+            rows.index,
+            old_rows_frozen=self.training.old_rows_frozen,
+            train_bias=self.has_bias,
+            should_stop=self.should_stop,
+        )
+        few = [c for c in self.imprinted if bool((rows.y == c).any())]
+        if few and self.has_bias:
+            bias[self.num_old :] = calibrate_new_bias(
+                rows.x, rows.y, weight, bias, self.num_old, few, rows.index
+            )
+        return weight, bias, []
+
     def trains(self, y: torch.Tensor) -> bool:
         """Gradient steps need epochs, negatives (old-class images) and a label with more
         than a few shots."""
         if self.training.epochs <= 0 or not bool((y < self.num_old).any()):
             return False
         return len(self.imprinted) < len(self.new_classes)
-
-    def _pool(self, rows: Rows, weight: torch.Tensor, bias: torch.Tensor) -> Pool:
-        """Held-out logits to calibrate on: every clean image scored by rows refitted without
-        it (views of an image held out together). A new label with no held-out image at all
-        is represented by its images scored in-sample."""
-        cal = self.calibration
-        num_classes = weight.shape[0]
-        pools = []
-        if cal.fits_on_pool and cal.folds > 1 and len(rows.y):
-            fold_of = image_folds(rows, cal.folds, self.training.seed)
-            for fold in range(cal.folds):
-                held = fold_of == fold
-                if not held.any():
-                    continue
-                w, b, _ = self.fit_rows(rows.subset(~held))
-                scored = rows.subset(held & rows.clean)
-                pools.append(Pool(scored.logits(w, b), scored.y))
-        pool = Pool.concat(pools, num_classes)
-        missing = [c for c in self.new_classes if not bool((pool.targets == c).any())]
-        if missing:
-            seen = rows.subset(rows.clean & torch.isin(rows.y, torch.tensor(missing)))
-            pool = Pool.concat([pool, Pool(seen.logits(weight, bias), seen.y)], num_classes)
-        return pool
 
 
 def image_folds(rows: Rows, folds: int, seed: int) -> torch.Tensor:
@@ -175,29 +254,3 @@ def _folds(targets: torch.Tensor, groups: torch.Tensor, folds: int, seed: int) -
             elif i < len(members) - 1:
                 fold_of[g] = i
     return fold_of
-
-
-def out_of_fold(
-    recipe: LayerRecipe,
-    rows: Rows,
-    folds: int,
-    seed: int,
-    on_fold: Callable[[int, int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(groups, predicted)``: every image that can be held out, predicted by the recipe
-    refitted without it. An image that is its label's only one cannot be held out (the
-    label's row needs it) and is left out."""
-    fold_of = image_folds(rows, folds, seed)
-    groups, predicted = [], []
-    for fold in range(folds):
-        held = fold_of == fold
-        if held.any():
-            fitted = recipe.fit(rows.subset(~held))
-            scored = rows.subset(held & rows.clean)
-            groups.append(scored.group)
-            predicted.append(scored.logits(fitted.weight, fitted.bias).argmax(dim=1))
-        if on_fold:
-            on_fold(fold + 1, folds)
-    if not groups:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(groups), torch.cat(predicted)

@@ -79,8 +79,9 @@ def calibrate_new_bias(
     classes: list[int],
     index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A bias per new class that puts its decision boundary against the best old class halfway
-    between its own images and the old-class images (medians of the logit margin).
+    """The new rows' biases, those of ``classes`` moved so as to put each one's boundary
+    against the best old class halfway between its own images and the old-class images
+    (medians of the logit margin).
 
     Without old-class images there is nothing to separate from: the mean old bias is used.
     """
@@ -90,12 +91,13 @@ def calibrate_new_bias(
     with torch.no_grad():
         logits = linear_logits(features, weight, bias, index)
         best_old = logits[:, :num_old].max(dim=1).values
-        for j, c in enumerate(classes):
+        for c in classes:
             if not old_mask.any():
-                calibrated[j] = base
+                calibrated[c - num_old] = base
                 continue
             margin = logits[:, c] - best_old
-            calibrated[j] = -(margin[targets == c].median() + margin[old_mask].median()) / 2
+            shift = (margin[targets == c].median() + margin[old_mask].median()) / 2
+            calibrated[c - num_old] -= shift
     return calibrated
 
 

@@ -1,0 +1,181 @@
+"""Refit the whole classifier layer as one convex problem, anchored to what it knew.
+
+With real images of old labels (uploaded, or from the reference set) the layer can be refitted
+as a whole rather than only grown: a class-balanced softmax regression over every row, where
+
+* the old rows are pulled towards the original layer's (a ridge around it, not around zero),
+  so a handful of reference images moves them only where they disagree with it;
+* the new rows are pulled towards zero;
+* the old logits of every image are kept near the original layer's (distillation), so the
+  refit keeps the original's view of every image it sees;
+* both ridges are measured in the features' own geometry: standardised, then whitened by the
+  shrunk within-class covariance, so no feature dimension dominates by its scale.
+
+It is solved by full-batch L-BFGS, deterministically; the data term's gradient is summed over
+chunks of rows, so memory-mapped features are never loaded whole. The result folds back into a
+plain linear layer on the raw features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.errors import JobCancelled
+
+CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class Refit:
+    old_anchor: float = 0.03  # ridge of old rows around the original, per 200 images
+    new_ridge: float = 0.03  # ridge of new rows around zero, per 200 images
+    metric_shrink: float = 0.2  # within-class covariance shrunk this far towards the identity
+    distillation: float = 0.01  # squared distance of old logits to the original's
+    max_iter: int = 200
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+def _rows(features: torch.Tensor, index: torch.Tensor | None, part: slice) -> torch.Tensor:
+    return (features[part] if index is None else features[index[part]]).float()
+
+
+def _geometry(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    index: torch.Tensor | None,
+    num_classes: int,
+    shrink: float,
+    center: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, std, U, e)``: standardisation, and the eigenvectors and eigenvalues of the
+    shrunk within-class covariance of the standardised features."""
+    n, dim = len(targets), features.shape[1]
+    total = torch.zeros(dim, dtype=torch.float64)
+    squares = torch.zeros(dim, dtype=torch.float64)
+    by_class = torch.zeros(num_classes, dim, dtype=torch.float64)
+    for part in _chunks(n):
+        x = _rows(features, index, part).double()
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+        by_class.index_add_(0, targets[part], x)
+    mean = total / n if center else torch.zeros(dim, dtype=torch.float64)
+    var = (squares / n - 2 * mean * total / n + mean * mean).clamp_min(0)
+    std = var.sqrt()
+    std = std.clamp_min(1e-6 * float(std.mean()) + 1e-12)
+    counts = torch.bincount(targets, minlength=num_classes).double().clamp_min(1)
+    class_mean = (by_class / counts[:, None] - mean) / std
+    scatter = torch.zeros(dim, dim, dtype=torch.float64)
+    for part in _chunks(n):
+        z = (_rows(features, index, part).double() - mean) / std - class_mean[targets[part]]
+        scatter += z.T @ z
+    scatter /= n
+    scatter /= scatter.diagonal().mean() + 1e-12
+    scatter = (1 - shrink) * scatter + shrink * torch.eye(dim, dtype=torch.float64)
+    e, u = torch.linalg.eigh(scatter)
+    return mean.float(), std.float(), u.float(), e.clamp_min(1e-6).float()
+
+
+def refit_layer(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_old: int,
+    cfg: Refit,
+    index: torch.Tensor | None = None,
+    old_rows_frozen: bool = False,
+    train_bias: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer refitted on ``features[index]`` (every row when None) labelled ``targets``;
+    ``weight``/``bias`` hold the original old rows and a starting point for the new ones.
+    With ``old_rows_frozen`` the old rows come back bit-identical; without ``train_bias`` the
+    bias stays as given (and the features are not centred, which a bias would absorb)."""
+    n, num_classes = len(targets), weight.shape[0]
+    mean, std, u, e = _geometry(
+        features, targets, index, num_classes, cfg.metric_shrink, center=train_bias
+    )
+    root = e.sqrt()
+    to_q = u * root  # x-space row w  ->  q-space row (w * std) @ u * sqrt(e)
+
+    def from_q(wq: torch.Tensor, bq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wx = (wq / root) @ u.T / std
+        return wx, bq - wx @ mean
+
+    w0, b0 = weight.float(), bias.float()
+    start_q = (w0 * std) @ to_q
+    start_b = b0 + w0 @ mean
+    anchor = start_q[:num_old].clone()
+    counts = torch.bincount(targets, minlength=num_classes).float()
+    present = counts > 0
+    class_weight = torch.zeros(num_classes)
+    class_weight[present] = counts.sum() / (present.sum() * counts[present])
+    scale = 200.0 / max(n, 1)
+    old_ridge, new_ridge = cfg.old_anchor * scale, cfg.new_ridge * scale
+    moving_from = num_old if old_rows_frozen else 0
+    wq = start_q[moving_from:].clone().requires_grad_(True)
+    bq = start_b[moving_from:].clone().requires_grad_(train_bias)
+    params = [wq, bq] if train_bias else [wq]
+    teacher_w, teacher_b = w0[:num_old], b0[:num_old]
+
+    def layer() -> tuple[torch.Tensor, torch.Tensor]:
+        full_w = torch.cat([start_q[:moving_from], wq])
+        full_b = torch.cat([start_b[:moving_from], bq])
+        return full_w, full_b
+
+    optimizer = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=cfg.max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
+
+    def closure() -> torch.Tensor:
+        if should_stop():
+            raise JobCancelled()
+        optimizer.zero_grad()
+        full_w, full_b = layer()
+        wx, bx = from_q(full_w, full_b)
+        grad_w, grad_b, data = torch.zeros_like(wx), torch.zeros_like(bx), 0.0
+        with torch.no_grad():
+            for part in _chunks(n):
+                x, y = _rows(features, index, part), targets[part]
+                logits = x @ wx.T + bx
+                p = F.softmax(logits, dim=1)
+                w = class_weight[y]
+                data += float((F.cross_entropy(logits, y, reduction="none") * w).sum())
+                g = p * w[:, None]
+                g[torch.arange(len(y)), y] -= w
+                if num_old and cfg.distillation and not old_rows_frozen:
+                    gap = logits[:, :num_old] - (x @ teacher_w.T + teacher_b)
+                    data += 0.5 * cfg.distillation * float((gap * gap).sum())
+                    g[:, :num_old] += cfg.distillation * gap
+                grad_w += g.T @ x
+                grad_b += g.sum(0)
+        torch.autograd.backward([wx, bx], [grad_w / n, grad_b / n])
+        penalty = 0.5 * new_ridge * (full_w[num_old:] ** 2).sum()
+        if not old_rows_frozen:
+            penalty = penalty + 0.5 * old_ridge * ((full_w[:num_old] - anchor) ** 2).sum()
+        penalty.backward()
+        return torch.tensor(data / n) + penalty.detach()
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        full_w, full_b = layer()
+        wx, bx = from_q(full_w, full_b)
+        if old_rows_frozen:  # bit-identical, not merely equal after a round trip
+            wx[:num_old], bx[:num_old] = weight[:num_old], bias[:num_old]
+        if not train_bias:
+            bx = bias.clone()
+    return wx.detach(), bx.detach()

@@ -1,0 +1,120 @@
+"""What a job asks of the engine: read once from the database, turned into the engine's
+typed request (the job's resolved config, the base version and its reference set)."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import Job, ModelVersion
+from app.registry import SAFETENSORS
+from app.settings import Settings
+from app.storage import Storage
+from worker.engine.architectures import Preprocessing
+from worker.engine.calibrate import Calibration
+from worker.engine.data import Augmentation, scan_image_folder
+from worker.engine.errors import EngineError
+from worker.engine.expand import ExpansionConfig, ExpansionRequest
+from worker.engine.train import HeadTraining
+from worker.references import base_reference
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a run needs, read once from the database."""
+
+    model_id: str
+    model_name: str
+    base_version: int
+    architecture: str
+    labels: list[str]
+    preprocessing: dict[str, Any]
+    weights_key: str
+    dataset_key: str | None
+    new_labels: list[str]
+    config: dict[str, Any]
+    reference: dict[str, Any] | None  # the base version's reference set
+
+
+def load_spec(settings: Settings, job_id: str) -> JobSpec:
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        base = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.model_id == job.model_id, ModelVersion.version == job.base_version
+            )
+        )
+        return JobSpec(
+            model_id=job.model_id,
+            model_name=job.model.name,
+            base_version=base.version,
+            architecture=base.architecture,
+            labels=list(base.labels),
+            preprocessing=dict(base.preprocessing),
+            weights_key=base.artifacts[SAFETENSORS]["key"],
+            dataset_key=job.dataset.storage_key if job.dataset.deleted_at is None else None,
+            new_labels=list(job.new_labels),
+            config=dict(job.config),
+            reference=base.reference,
+        )
+
+
+def expansion_config(
+    config: dict[str, Any], settings: Settings, spill_dir: Path | None = None
+) -> ExpansionConfig:
+    aug = dict(config.get("augmentation") or {})
+    if "scale" in aug:
+        aug["scale"] = tuple(aug["scale"])
+    return ExpansionConfig(
+        init=config["init"],
+        training=HeadTraining(
+            epochs=config["epochs"],
+            learning_rate=config["learning_rate"],
+            batch_size=config["batch_size"],
+            weight_decay=config["weight_decay"],
+            seed=config["seed"],
+            old_rows_frozen=config["old_rows"] != "trainable",
+        ),
+        validation_split=config["validation_split"],
+        augmentation=Augmentation(**aug),
+        num_workers=settings.extract_workers,
+        device=settings.device,
+        freeze=config.get("freeze", "head"),
+        calibration=Calibration(
+            method=config.get("calibration", "auto"),
+            max_old_drop=config.get("max_old_accuracy_drop", 0.01),
+        ),
+        feature_memory_bytes=settings.feature_memory_mb << 20,
+        spill_dir=spill_dir,  # the job's own folder: a killed attempt's files go with it
+        folds=config.get("folds", 5),
+        solver=config.get("solver", "refit"),
+        reference_per_label=settings.reference_per_label,
+        reference_selection=settings.reference_selection,
+    )
+
+
+def expansion_request(
+    spec: JobSpec, storage: Storage, settings: Settings, tmp: Path
+) -> ExpansionRequest:
+    if spec.dataset_key is None or not storage.exists(spec.dataset_key):
+        raise EngineError("the job's dataset has been deleted")
+    images = tmp / "images"
+    with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
+        tar.extractall(images, filter="data")
+    keep = set(spec.labels) | set(spec.new_labels)
+    samples = [s for s in scan_image_folder(images) if s.label in keep]
+    return ExpansionRequest(
+        architecture=spec.architecture,
+        labels=spec.labels,
+        weights=storage.local_path(spec.weights_key),
+        preprocessing=Preprocessing.from_dict(spec.preprocessing),
+        samples=samples,
+        new_labels=spec.new_labels,
+        config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
+        reference=base_reference(storage, spec.model_id, spec.reference, tmp / "reference"),
+    )
