@@ -110,18 +110,17 @@ def calibration_summary(metrics: dict[str, Any]) -> str:
     cal = metrics.get("calibration")
     if not cal:
         return "–"
-    if cal["method"] == "none":
-        return "none (the layer as trained)"
-    alpha, beta = cal["alpha"], cal["beta"]
-    sign = "-" if beta < 0 else "+"
     pool = cal.get("pool", {})
     after = ", before fine-tuning" if cal.get("before_finetune") else ""
     if cal.get("limited"):
         after += "; only lowered: too few held-out images of a new label to favour it"
-    return (
-        f"{cal['method'].replace('_', ' ')}: {alpha:.2f} z {sign} {abs(beta):.2f}"
-        f" (chosen on {pool.get('old', 0)} old / {pool.get('new', 0)} new held-out images{after})"
-    )
+    evidence = f"{pool.get('old', 0)} old / {pool.get('new', 0)} new held-out images{after}"
+    if cal["method"] == "none":
+        return f"none: the layer as fitted (checked on {evidence})"
+    alpha, beta = cal["alpha"], cal["beta"]
+    sign = "-" if beta < 0 else "+"
+    method = cal["method"].replace("_", " ")
+    return f"{method}: {alpha:.2f} z {sign} {abs(beta):.2f} (chosen on {evidence})"
 
 
 def _curve_svg(history: list[dict[str, Any]], width: int = 560, height: int = 200) -> str:

@@ -69,11 +69,24 @@ def test_no_correction_may_cost_the_old_labels_more_than_the_budget():
     weight = torch.ones(4, 8)
     ceiling = (pool.logits[:150, :3].argmax(1) == pool.targets[:150]).float().mean().item()
     for budget in (0.0, 0.02, 0.1):
-        choice = calibrate(weight, 3, pool, Calibration(max_old_drop=budget))
+        choice = calibrate(weight, 3, pool, Calibration("bias_correction", max_old_drop=budget))
         assert choice.old_accuracy >= ceiling - budget - 1e-9
-    strict = calibrate(weight, 3, pool, Calibration(max_old_drop=0.0))
-    loose = calibrate(weight, 3, pool, Calibration(max_old_drop=0.1))
+    strict = calibrate(weight, 3, pool, Calibration("bias_correction", max_old_drop=0.0))
+    loose = calibrate(weight, 3, pool, Calibration("bias_correction", max_old_drop=0.1))
     assert loose.new_accuracy > strict.new_accuracy
+    # the default only brakes: a timid new label is left alone, never pushed up
+    assert calibrate(weight, 3, pool, Calibration()).beta == 0.0
+
+
+def test_the_default_brakes_only_on_a_loss_beyond_noise():
+    greedy = _biased_pool(shift=4.0)  # the new label takes most old images
+    choice = calibrate(torch.ones(4, 8), 3, greedy, Calibration())
+    assert choice.method == "brake" and choice.beta < 0 and choice.alpha == 1.0
+    old = greedy.targets < 3
+    ceiling = (greedy.logits[old, :3].argmax(1) == greedy.targets[old]).float().mean().item()
+    assert choice.old_accuracy >= ceiling - 0.01 - 1e-9
+    slight = _biased_pool(shift=0.0)  # a few old images lost: within noise, left as fitted
+    assert calibrate(torch.ones(4, 8), 3, slight, Calibration()).method == "none"
 
 
 def test_the_correction_folds_into_a_plain_linear_layer():
@@ -88,14 +101,16 @@ def test_the_correction_folds_into_a_plain_linear_layer():
     torch.testing.assert_close(aligned[3:].norm(dim=1).mean(), weight[:3].norm(dim=1).mean())
 
 
-def test_one_shot_is_imprinted_not_trained_and_keeps_the_old_labels(
+def test_one_shot_gets_the_imprint_bias_and_keeps_the_old_labels(
     tmp_path, digit_splits, base_weights
 ):
     _, held = digit_splits
     result = expand_classifier(_request(tmp_path, held, base_weights, shots=1))
     m = result.metrics
-    assert m["history"] == [] and m["method"] == "imprint"
+    assert m["history"] == [] and m["method"] == "imprint+refit"
     assert m["calibration"]["pool"]["new"] == 1  # its one image, scored in-sample
+    assert m["calibration"]["limited"] is True  # too little to favour it
+    assert m["measurement"]["unmeasured"] == {"9": 1}  # a label's only image cannot be held out
     base, _ = load_classifier(ARCH, 9, base_weights)
     old_before, _ = _held_out(base, held)
     old_after, _ = _held_out(result.model, held)
@@ -118,7 +133,8 @@ def test_a_two_image_label_keeps_its_imprint_while_a_label_with_many_is_trained(
     aug = Augmentation(views=views, rotation_degrees=10.0) if views > 1 else Augmentation()
 
     def run(epochs: int) -> torch.Tensor:
-        config = ExpansionConfig(augmentation=aug, training=HeadTraining(epochs=epochs))
+        training = HeadTraining(epochs=epochs)
+        config = ExpansionConfig(augmentation=aug, training=training, solver="sgd")
         result = expand_classifier(digits_request(base_weights, root, config, tuple(new)))
         assert bool(result.metrics["history"]) == (epochs > 0)
         return result.model.get_classifier().weight.detach()
@@ -207,7 +223,7 @@ def test_trainable_old_rows_adapt_slowly_and_distillation_holds_them(
     original = base.get_classifier().weight.detach()
 
     def old_rows(**training):
-        config = {"training": HeadTraining(old_rows_frozen=False, **training)}
+        config = {"training": HeadTraining(old_rows_frozen=False, **training), "solver": "sgd"}
         result = expand_classifier(_request(tmp_path, held, base_weights, shots=10, **config))
         return result, result.model.get_classifier().weight.detach()[:9]
 
