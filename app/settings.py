@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     feature_memory_mb: int = Field(2048, ge=0)
     # Reference sets: images of a version's labels kept for later jobs (per label at most).
     reference_per_label: int = Field(100, ge=1, le=100_000)
-    reference_selection: Literal["herding", "random"] = "herding"
+    reference_selection: Literal["random", "herding"] = "random"
     # Fewer old-label images than this: retention is not measured, the version is unverified.
     min_retention_images: int = Field(20, ge=1)
     log_level: str = "INFO"

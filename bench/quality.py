@@ -6,10 +6,11 @@ measured on held-out images that no job saw (``held.of(d)[60:]``); jobs draw the
 
 ``shots``: 1, 2, 5, 10 and 50 images of "9" plus 20 images of each old digit, by
 
-  graft        Graft's engine with its defaults
+  graft        Graft's engine with its defaults: the whole layer refitted, anchored to the
+               original; cross-fitted; calibration brakes only on loss beyond noise
   uncalibrated the same with `calibration: none`
   sgd          the same with `solver: sgd`: new rows trained by epochs, old rows slowly (LwF)
-  imprint      imprinted rows, calibrated, no gradient steps
+  imprint      imprinted rows with a median-margin bias, calibrated, nothing fitted
   last_block   Graft with freeze=last_block, 10 epochs (head warm-up, then the last block too)
   none+lwf     Graft with freeze=none, 10 epochs: the whole backbone, old logits distilled
   logreg       a baseline: class-balanced logistic regression refitting the whole layer on
@@ -23,9 +24,9 @@ with the best shift of its new logit, chosen in hindsight on the held-out images
 losing at most 0.3 / 1.0 points of old-class accuracy.
 
 ``memory``: 10 images of "9" and old labels known three ways: 20 uploaded images per old
-digit; no old image at all (the job answers `unverified`); only a reference set of 20 per old
-digit, picked from 60 by herding or at random (the selection a job applies when it keeps a
-reference set).
+digit; no old image at all (the job answers `unverified`); only a reference set of 20 (or 5)
+per old digit, picked from 60 at random or by herding (the two selections a job can apply
+when it keeps a reference set).
 
 ``sequential``: a base trained on 0-7 with a reference set of 20 per digit; v2 learns "8"
 from 10 images only, v3 learns "9" from 10 images only, each inheriting its parent's reference
@@ -256,7 +257,7 @@ def table_shots(bench: Bench, shots_list: list[int], methods: list[str] | None) 
         "graft": lambda b, f, r: graft(b, f, r).model,
         "uncalibrated": lambda b, f, r: graft(b, f, r, calibration=Calibration("none")).model,
         "sgd": lambda b, f, r: graft(b, f, r, solver="sgd").model,
-        "imprint": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=0)).model,
+        "imprint": lambda b, f, r: graft(b, f, r, HeadTraining(epochs=0), solver="sgd").model,
         "last_block": lambda b, f, r: (
             graft(b, f, r, HeadTraining(epochs=10, old_rows_frozen=False), "last_block").model
         ),
@@ -322,7 +323,8 @@ def table_memory(bench: Bench, shots: int = 10) -> None:
         f"{'time (s)':>8} {'measured n':>10} {'unverified':>10}"
     )
     scenarios = ["20 per label uploaded", "none (new-label images only)"]
-    scenarios += ["reference 20/label, herding", "reference 20/label, random"]
+    for per_label in (20, 5):
+        scenarios += [f"reference {per_label}/label, {m}" for m in ("random", "herding")]
     for scenario in scenarios:
         rows = []
         for seed in range(bench.seeds):
@@ -334,7 +336,8 @@ def table_memory(bench: Bench, shots: int = 10) -> None:
                     folders = {"9": folders["9"]}
                 if "reference" in scenario:
                     method = scenario.rsplit(" ", 1)[-1]
-                    reference = _reference_folder(bench, root, method, 20, seed)
+                    per_label = int(scenario.split()[1].split("/")[0])
+                    reference = _reference_folder(bench, root, method, per_label, seed)
                 started = time.perf_counter()
                 result = graft(bench.base, folders, root, reference=reference)
                 elapsed = time.perf_counter() - started

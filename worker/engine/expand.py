@@ -74,7 +74,7 @@ class ExpansionConfig:
     spill_dir: Path | None = None  # where they spill (default: the system's temp folder)
     folds: int = 5  # cross-fitting rounds that measure the layer (freeze=head)
     reference_per_label: int = 100  # the new version's reference set, per label
-    reference_selection: str = "herding"  # herding | random
+    reference_selection: str = "random"  # random | herding
     solver: str = "refit"  # refit (the whole layer, convex) | sgd (new rows by epochs)
 
 

@@ -68,16 +68,19 @@ class CrossFitted:
 class _Fold:
     weight: torch.Tensor  # uncalibrated, fitted without the fold
     bias: torch.Tensor
+    held: torch.Tensor  # the rows it was fitted without
     groups: torch.Tensor  # the fold's images
     pool: Pool  # their logits
 
 
 class LayerRecipe:
-    """Imprinted new rows with a calibrated bias, trained (old rows fixed unless configured
-    otherwise), then corrected by ``calibrate``. A new label with only ``FEW_SHOT`` images or
-    fewer keeps its imprinted row: on one or two images gradient steps only memorise them.
-    Which labels those are is decided once, on all images, so that every refit on a subset
-    follows the same recipe."""
+    """New rows imprinted with a median-margin bias; then, given old-label images, the whole
+    layer refitted (``solver="refit"``) or the new rows trained by epochs (``"sgd"``, old rows
+    fixed unless configured otherwise); then corrected by ``calibrate``. A new label with only
+    ``FEW_SHOT`` images or fewer keeps the median-margin bias (and, with ``sgd``, its imprinted
+    row): on one or two images nothing else says where its boundary lies. Which labels those
+    are is decided once, on all images, so that every refit on a subset follows the same
+    recipe."""
 
     def __init__(
         self,
@@ -123,7 +126,8 @@ class LayerRecipe:
             if held.any():
                 w, b, _ = self.fit_rows(rows.subset(~held))
                 scored = rows.subset(held & rows.clean)
-                parts.append(_Fold(w, b, scored.group, Pool(scored.logits(w, b), scored.y)))
+                pool = Pool(scored.logits(w, b), scored.y)
+                parts.append(_Fold(w, b, held, scored.group, pool))
             if on_fold:
                 on_fold(fold + 1, folds)
         weight, bias, history = self.fit_rows(rows, on_epoch)
@@ -133,7 +137,7 @@ class LayerRecipe:
         groups, predicted = [], []
         for k, part in enumerate(parts):
             others = Pool.concat([p.pool for i, p in enumerate(parts) if i != k], weight.shape[0])
-            own = self._calibrate(part.weight, part.bias, rows, others)
+            own = self._calibrate(part.weight, part.bias, rows.subset(~part.held), others)
             logits = part.pool.logits.clone()
             logits[:, self.num_old :] = own.alpha * logits[:, self.num_old :] + own.beta
             groups.append(part.groups)
@@ -149,7 +153,8 @@ class LayerRecipe:
         self, weight: torch.Tensor, bias: torch.Tensor, rows: Rows, pool: Pool
     ) -> Choice:
         """``calibrate`` on a pool of held-out logits; a new label with no held-out image at
-        all is represented by its images scored in-sample (by ``weight``, ``bias``)."""
+        all is represented by its images among ``rows`` (those ``weight``, ``bias`` were
+        fitted on) scored in-sample."""
         evidence = [int((pool.targets == c).sum()) for c in self.new_classes]
         missing = [c for c, n in zip(self.new_classes, evidence, strict=True) if not n]
         if missing:

@@ -24,7 +24,7 @@ from worker.engine.architectures import Preprocessing
 from worker.engine.data import Sample, scan_image_folder
 from worker.engine.heads import Head
 
-SELECTIONS = ("herding", "random")
+SELECTIONS = ("random", "herding")
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,12 @@ def select_reference(
     candidates: Sequence[Kept],
     features: torch.Tensor,
     per_label: int,
-    method: str = "herding",
+    method: str = "random",
     seed: int = 0,
 ) -> list[Kept]:
-    """At most ``per_label`` images of each label, chosen to represent it: by herding on
-    ``features`` (one row per candidate) or stratified at random."""
+    """At most ``per_label`` images of each label: a random sample of each (an unbiased
+    sample, so the retention measured on it is unbiased too), or picked by herding on
+    ``features`` (one row per candidate; prototypical images, which measure optimistically)."""
     if method not in SELECTIONS:
         raise ValueError(f"unknown selection {method!r}; expected one of {SELECTIONS}")
     by_label: dict[str, list[int]] = defaultdict(list)
