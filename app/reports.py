@@ -71,8 +71,10 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("retention", estimate(old.get("retention"), ci_old.get("retention"), n_old)),
         (
             "old images lost / gained",
-            f"{changed.get('lost', 0)} / {changed.get('gained', 0)}"
-            + (f" (McNemar p={p_value:.3g})" if p_value is not None else ""),
+            f"{changed['lost']} / {changed['gained']}"
+            + (f" (McNemar p={p_value:.3g})" if p_value is not None else "")
+            if changed
+            else "–",
         ),
         (
             "unchanged old predictions",
@@ -97,6 +99,8 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _decision(metrics: dict[str, Any]) -> str:
     evidence = metrics.get("gate", {}).get("evidence")
+    if evidence == "none":
+        return f"{verdict(metrics)} (no old-label images to measure retention on)"
     return f"{verdict(metrics)} ({evidence} evidence)" if evidence else verdict(metrics)
 
 

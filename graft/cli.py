@@ -403,7 +403,7 @@ def job_submit(
     for warning in job.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}")
     if watch:
-        follow(job.id)
+        follow(job.id, shown=set(job.warnings))
     else:
         print(job.id)
 
@@ -414,7 +414,7 @@ def job_watch(job_id: str) -> None:
     follow(job_id)
 
 
-def follow(job_id: str) -> None:
+def follow(job_id: str, shown: set[str] = frozenset()) -> None:
     columns = (
         TextColumn("{task.description:<34}"),
         BarColumn(),
@@ -438,12 +438,12 @@ def follow(job_id: str) -> None:
             job = client().wait(job_id, on_progress=show)
     except GraftError as exc:
         fail(exc)
-    report(job)
+    report(job, shown)
     if job.status != "succeeded":
         raise typer.Exit(EXIT_JOB_FAILED)
 
 
-def report(job: Any) -> None:
+def report(job: Any, shown: set[str] = frozenset()) -> None:
     if job.status != "succeeded":
         detail = f": {job.error.code}: {job.error.message}" if job.error else ""
         err.print(f"[red]job {job.id} {job.status}[/red]{detail}")
@@ -457,7 +457,14 @@ def report(job: Any) -> None:
     colour = {"promoted": "green", "rejected": "red"}.get(gate.get("decision", ""), "yellow")
     out.print(f"[{colour}]{gate.get('reason', '')}[/{colour}]")
     for warning in job.warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}")
+        if warning not in shown:
+            err.print(f"[yellow]warning:[/yellow] {warning}")
+    if gate.get("decision") == "unverified":
+        name, base, version = job.model, job.base_version, job.result.version
+        out.print(
+            f"to measure it: graft model reference {name}@{base} --dataset ID, then submit "
+            f"again; to use it anyway: graft model promote {name}@{version}"
+        )
 
 
 @job_app.command("list")

@@ -266,9 +266,13 @@ def _finish_succeeded(
         if gate["decision"] == VersionStatus.UNVERIFIED:
             number, name = _next_version(session, spec.model_id), spec.model_name
             warnings.append(
-                f"version {number} is unverified and was not made the latest: {gate['reason']} "
-                f"(POST /v1/models/{name}/versions/{spec.base_version}/reference), or promote it "
-                f"on purpose (POST /v1/models/{name}/versions/{number}/promote)"
+                f"version {number} is unverified and was not made the latest: only {gate['n']} "
+                f"old-label images could measure its retention, fewer than the "
+                f"{gate['min_images']} needed. To measure it, add images of the model's labels "
+                f"to the dataset, or a reference set to version {spec.base_version} (POST "
+                f"/v1/models/{name}/versions/{spec.base_version}/reference), and run the job "
+                f"again; or promote it on purpose "
+                f"(POST /v1/models/{name}/versions/{number}/promote)"
             )
         fenced = _fenced_finish(
             session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics, warnings=warnings

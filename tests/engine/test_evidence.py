@@ -78,7 +78,7 @@ def test_the_gate_decides_on_paired_counts_and_says_how_strong_the_evidence_is()
 
     too_few = retention_gate(_old(10, 0, 0, 12), 0.98, 20)
     assert too_few["decision"] == "unverified" and too_few["evidence"] == "none"
-    assert too_few["passed"] is None and "reference" in too_few["reason"]
+    assert too_few["passed"] is None and "12 old-label images" in too_few["reason"]
     nothing = retention_gate(_old(0, 0, 0, 0), 0.98, 20)
     assert nothing["decision"] == "unverified" and nothing["n"] == 0
 

@@ -79,6 +79,7 @@ def test_a_version_below_the_retention_gate_is_stored_as_rejected(settings, clie
         config={
             **client.get(f"/v1/jobs/{job_id}").json()["config"],
             "min_old_accuracy_retention": 1.0,
+            "solver": "sgd",
             "epochs": 0,
             "calibration": "none",  # imprinted rows, uncorrected, take some old images
         },

@@ -120,9 +120,6 @@ def retention_gate(old_classes: dict, minimum: float, min_images: int) -> dict:
     counts = old_classes.get("paired")
     n = old_classes.get("n") or 0
     if not counts or n < min_images or old_classes.get("retention") is None:
-        how = (
-            "add images of some old labels to the dataset, or give the base version a reference set"
-        )
         return base | {
             "decision": UNVERIFIED,
             "passed": None,
@@ -134,7 +131,7 @@ def retention_gate(old_classes: dict, minimum: float, min_images: int) -> dict:
             "mcnemar_p": None,
             "reason": (
                 f"unverified: {n} old-label image{'s' if n != 1 else ''} to measure retention on, "
-                f"fewer than the {min_images} required; not promoted. To measure it, {how}"
+                f"fewer than the {min_images} needed; not promoted"
             ),
         }
     retention = old_classes["retention"]
