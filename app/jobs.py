@@ -67,7 +67,8 @@ def create_job(
     new_labels = _new_labels(body, base.labels, dataset.labels)
     if body.notify_url and (refused := refused_destination(str(body.notify_url), settings)):
         raise Invalid(f"notify_url refused: {refused}", "notify_url")
-    old_images = sum(n for label, n in dataset.labels.items() if label in set(base.labels))
+    known = set(base.labels)
+    old_images = sum(n for label, n in dataset.labels.items() if label in known)
     remembered = sum(base.reference_counts.values())
     config = _resolve_config(body, has_old_images=bool(old_images or remembered))
     warnings = submission_warnings(model.name, base, old_images, remembered, settings)

@@ -126,7 +126,8 @@ def extend_reference(
         kept = cap_per_label(existing + list(offered), per_label, seed=f"{version_id}:{dataset.id}")
         if kept == existing:
             return None, {}, []
-        new = [entry for entry in kept if entry not in set(existing)]
+        known = set(existing)
+        new = [entry for entry in kept if entry not in known]
         uploaded = [
             image_key(model_id, digest)
             for digest, label in new

@@ -47,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import safetensors.torch
@@ -58,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support import digits as D  # noqa: E402
 from worker.engine.calibrate import Calibration  # noqa: E402
 from worker.engine.data import scan_image_folder  # noqa: E402
+from worker.engine.evidence import retention_gate  # noqa: E402
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
 from worker.engine.features import extract_features  # noqa: E402
 from worker.engine.heads import expand_head, find_head  # noqa: E402
@@ -358,7 +360,7 @@ def table_sequential(bench: Bench, shots: int = 10, per_label: int = 20) -> None
     )
     print(
         f"{'step':<22} {'drop 0-7 (pts)':>14} {'recall 8':>9} {'recall 9':>9} {'measured n':>10} "
-        f"{'gate':>10}"
+        f"{'gate':>16}"
     )
     steps: dict[str, list[tuple]] = {"v2 (+8)": [], "v3 (+9)": []}
     for seed in range(bench.seeds):
@@ -386,13 +388,15 @@ def table_sequential(bench: Bench, shots: int = 10, per_label: int = 20) -> None
                 reference = _materialise(result.reference, [reference, work / "images"], work)
                 drop = base_first - bench.accuracy(model, first)
                 recalls = [bench.accuracy(model, [d]) if str(d) in labels else 0.0 for d in (8, 9)]
-                gate = result.metrics["old_classes"]
-                steps[step].append((drop, *recalls, gate["n"]))
+                old = result.metrics["old_classes"]
+                decision = retention_gate(old, 0.98, 20)["decision"]
+                steps[step].append((drop, *recalls, old["n"], decision))
     for step, rows in steps.items():
         means = [statistics.mean(r[i] for r in rows) for i in range(4)]
+        decisions = ", ".join(f"{n} {d}" for d, n in Counter(r[4] for r in rows).items())
         print(
             f"{step:<22} {100 * means[0]:>14.2f} {means[1]:>9.3f} {means[2]:>9.3f} "
-            f"{means[3]:>10.0f} {'measured':>10}",
+            f"{means[3]:>10.0f} {decisions:>16}",
             flush=True,
         )
 
@@ -408,8 +412,6 @@ def _materialise(kept, folders: list[Path], work: Path) -> Path:
 
 
 def table_evidence(bench: Bench, shots: int = 10, old_per_class: int = 20) -> None:
-    from worker.engine.evidence import retention_gate
-
     print(
         f"\n## evidence: what a job measured on its own images (cross-fitted; {old_per_class} "
         f'old images per digit, {shots} of "9") against the held-out truth; '

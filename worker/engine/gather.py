@@ -167,12 +167,16 @@ def extract_rows(
     training images, one clean row for reference and held-out images, and the cached rows.
     One DataLoader, one pass of the backbone."""
     in_train = set(train)
-    viewed = [g for g in in_train if images.sources[g] == JOB and images.samples[g] is not None]
-    viewed.sort()
+    viewed = [
+        g
+        for g in range(len(images.samples))
+        if g in in_train and images.sources[g] == JOB and images.samples[g] is not None
+    ]
+    augmented = set(viewed)
     plain = [
         g
         for g in range(len(images.samples))
-        if images.samples[g] is not None and g not in set(viewed)
+        if images.samples[g] is not None and g not in augmented
     ]
     cached = sorted(images.cached)
     clean = eval_transform(prep)
