@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -414,7 +415,7 @@ def job_watch(job_id: str) -> None:
     follow(job_id)
 
 
-def follow(job_id: str, shown: set[str] = frozenset()) -> None:
+def follow(job_id: str, shown: Collection[str] = ()) -> None:
     columns = (
         TextColumn("{task.description:<34}"),
         BarColumn(),
@@ -443,7 +444,7 @@ def follow(job_id: str, shown: set[str] = frozenset()) -> None:
         raise typer.Exit(EXIT_JOB_FAILED)
 
 
-def report(job: Any, shown: set[str] = frozenset()) -> None:
+def report(job: Any, shown: Collection[str] = ()) -> None:
     if job.status != "succeeded":
         detail = f": {job.error.code}: {job.error.message}" if job.error else ""
         err.print(f"[red]job {job.id} {job.status}[/red]{detail}")
