@@ -38,11 +38,6 @@ class Calibration:
     # fewer, a correction may only lower the new logits, as far as protecting old labels needs.
     min_new_evidence: int = 5
 
-    @property
-    def fits_on_pool(self) -> bool:
-        """Whether a parameter is fitted on held-out logits (the other methods fit none)."""
-        return self.method in ("auto", "bias_correction")
-
 
 @dataclass(frozen=True)
 class Pool:
