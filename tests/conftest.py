@@ -65,18 +65,20 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
-def register_digits(client: TestClient, weights: Path, name: str = "digits"):
+def register_digits(
+    client: TestClient, weights: Path, name: str = "digits", reference: str | None = None
+):
+    """Register the digits 0-8 model; ``reference``: a dataset id for its reference set."""
+    data = {
+        "name": name,
+        "architecture": ARCH,
+        "labels": json.dumps([str(d) for d in OLD]),
+        "preprocessing": json.dumps(D.PREP.to_dict()),
+    }
+    if reference:
+        data["reference_dataset_id"] = reference
     with weights.open("rb") as f:
-        return client.post(
-            "/v1/models",
-            data={
-                "name": name,
-                "architecture": ARCH,
-                "labels": json.dumps([str(d) for d in OLD]),
-                "preprocessing": json.dumps(D.PREP.to_dict()),
-            },
-            files={"weights": ("digits.safetensors", f)},
-        )
+        return client.post("/v1/models", data=data, files={"weights": ("digits.safetensors", f)})
 
 
 def digits_archive(held: D.Digits, old_per_class: int = 20, new_shots: int = 10) -> bytes:

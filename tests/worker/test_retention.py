@@ -3,9 +3,6 @@ status, promotion on purpose, and what every figure rests on."""
 
 from __future__ import annotations
 
-import io
-import json
-
 import safetensors.torch
 import timm
 import torch
@@ -87,18 +84,7 @@ def test_a_reference_set_makes_new_label_uploads_measured_gated_and_safe(
 ):
     _, held = digit_splits
     memory = upload(client, {str(d): held.of(d)[:20] for d in OLD})
-    with base_weights.open("rb") as f:
-        registered = client.post(
-            "/v1/models",
-            data={
-                "name": "digits",
-                "architecture": "timm:resnet18",
-                "labels": json.dumps([str(d) for d in OLD]),
-                "preprocessing": json.dumps(D.PREP.to_dict()),
-                "reference_dataset_id": memory["id"],
-            },
-            files={"weights": ("digits.safetensors", f)},
-        )
+    registered = register_digits(client, base_weights, reference=memory["id"])
     assert registered.status_code == 201, registered.text
     assert registered.json()["reference"] == {str(d): 20 for d in OLD}
     # the version keeps its own copies: the dataset can go
@@ -172,17 +158,7 @@ def test_adding_to_a_reference_set(client, settings, base_weights, digit_splits)
 def test_bad_reference_requests_are_4xx_and_change_nothing(client, base_weights, digit_splits):
     _, held = digit_splits
     strangers = upload(client, {"0": held.of(0)[:3], "9": held.of(9)[:3]})
-    with base_weights.open("rb") as f:
-        response = client.post(
-            "/v1/models",
-            data={
-                "name": "digits",
-                "architecture": "timm:resnet18",
-                "labels": json.dumps([str(d) for d in OLD]),
-                "reference_dataset_id": strangers["id"],
-            },
-            files={"weights": ("digits.safetensors", io.BytesIO(f.read()))},
-        )
+    response = register_digits(client, base_weights, reference=strangers["id"])
     assert_problem(response, 422, field="reference_dataset_id", says="'9'")
     assert client.get("/v1/models/digits").status_code == 404
     assert register_digits(client, base_weights).status_code == 201
