@@ -247,8 +247,7 @@ def _pack(images: list[tuple[str, str, Path]], target: Path) -> None:
             tar.add(path, arcname=f"{label}/{numbering[label]:06d}.{ext}")
 
 
-def create_dataset(
-    session: Session,
+def build_dataset(
     storage: Storage,
     owner: str,
     *,
@@ -289,9 +288,14 @@ def create_dataset(
         storage_key=stored.key,
         size_bytes=stored.size_bytes,
     )
+    return row
+
+
+def add_dataset(session: Session, row: Dataset) -> DatasetRead:
+    """Record a dataset whose images ``build_dataset`` has stored."""
     session.add(row)
     session.flush()
-    return row
+    return dataset_read(row)
 
 
 def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
@@ -308,7 +312,8 @@ def list_datasets(
     return paginate(session, query, Dataset.id, limit, cursor, descending=True)
 
 
-def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: str) -> None:
+def delete_dataset(session: Session, owner: str, dataset_id: str) -> str:
+    """Mark the dataset deleted; returns the key of its images, to delete once committed."""
     row = get_dataset(session, owner, dataset_id)
     active = session.scalar(
         select(Job.id).where(
@@ -320,7 +325,7 @@ def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: s
     # Finished jobs keep pointing at the row, so it is marked deleted; the images go.
     row.deleted_at = utcnow()
     session.flush()
-    storage.delete(row.storage_key)
+    return row.storage_key
 
 
 def dataset_read(row: Dataset) -> DatasetRead:

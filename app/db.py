@@ -45,12 +45,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Connections per process. The API lets at most POOL_SIZE requests into the database at once
+# (app.deps.Database); the overflow is for its background threads (sweep, webhooks, metrics).
+POOL_SIZE = 10
+MAX_OVERFLOW = 10
+POOL = {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW, "pool_timeout": 30}
+
+
 @lru_cache
 def get_engine(url: str) -> Engine:
     """One engine per URL. SQLite runs in WAL mode with a busy timeout, so the API and the
     worker processes can share it."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **POOL
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
@@ -62,7 +71,7 @@ def get_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, **POOL)
 
 
 @lru_cache

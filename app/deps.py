@@ -1,65 +1,102 @@
-"""Dependencies, as ``Annotated`` aliases so route signatures read like sentences."""
+"""Dependencies, as ``Annotated`` aliases so route signatures read like sentences.
+
+A request touches the database in one piece of work: one session, in one worker thread,
+authenticated and committed before the thread is let go (``Db``). At most ``POOL_SIZE``
+requests work at once; the others wait in the event loop, holding neither a thread nor a
+connection. So a request never holds a connection while it waits for a thread, and never holds
+a thread while it waits for a connection: however many clients poll, nothing deadlocks.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+import asyncio
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth import KEY_PREFIX, authenticate
-from app.db import session_scope
+from app.db import POOL_SIZE, session_scope
 from app.settings import Settings
 from app.storage import Storage, open_storage
 
+T = TypeVar("T")
 
-def get_app_settings(request: Request) -> Settings:
+
+class Database:
+    """The API's way into the database: ``await database.run(work)`` runs ``work(session)`` in
+    a worker thread with a session of its own, committed when ``work`` returns (rolled back if
+    it raises), with at most ``slots`` pieces of work at once."""
+
+    def __init__(self, url: str, slots: int = POOL_SIZE) -> None:
+        self.url = url
+        self.slots = slots
+        self._semaphore: asyncio.Semaphore | None = None
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        if self._semaphore is None:  # created in the server's event loop
+            self._semaphore = asyncio.Semaphore(self.slots)
+        async with self._semaphore:
+            return await run_in_threadpool(self._in_session, work)
+
+    def _in_session(self, work: Callable[[Session], T]) -> T:
+        with session_scope(self.url) as session:
+            return work(session)
+
+
+class Db:
+    """The request's authenticated way into the database: ``await db(work)`` runs
+    ``work(session, owner)``, where ``owner`` is who the request's key belongs to (the key is
+    checked in the same session)."""
+
+    def __init__(self, database: Database, host: str, key: str | None) -> None:
+        self.database, self.host, self.key = database, host, key
+
+    async def __call__(self, work: Callable[[Session, str], T]) -> T:
+        return await self.database.run(
+            lambda session: work(session, authenticate(session, self.host, self.key))
+        )
+
+    async def owner(self) -> str:
+        """Who the request's key belongs to, checked in a short session of its own (for
+        requests whose long work, such as an upload, must not hold a transaction open)."""
+        return await self(lambda _session, owner: owner)
+
+    def actor(self, owner: str) -> str:
+        """Who is acting, for the record: the owner, and the prefix of the key used, if any."""
+        if self.key is None:
+            return owner
+        return f"{owner} (key {self.key.removeprefix(KEY_PREFIX).split('_', 1)[0]})"
+
+
+# Dependencies are coroutines: a plain function would take a worker thread for nothing.
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request; committed when the route returns, rolled back if it raises."""
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
-        yield session
-
-
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return open_storage(request.app.state.settings)
 
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `graft keys create`")
 
 
-def get_owner(
+async def get_db(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """The owner every query of the request is scoped to (see app.auth). Checked in a short
-    session of its own, so a long response (an event stream) holds no transaction open."""
-    settings = request.app.state.settings
-    with session_scope(settings.resolved_database_url) as session:
-        return authenticate(session, settings.host, credentials and credentials.credentials)
-
-
-def get_actor(
-    owner: Annotated[str, Depends(get_owner)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """Who is acting, for the record: the owner, and the prefix of the key used, if any."""
-    if credentials is None:
-        return owner
-    prefix = credentials.credentials.removeprefix(KEY_PREFIX).split("_", 1)[0]
-    return f"{owner} (key {prefix})"
+) -> Db:
+    return Db(
+        request.app.state.database,
+        request.app.state.settings.host,
+        credentials.credentials if credentials else None,
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-# "function" scope: the commit happens before the response is sent, so a 2xx is never answered
-# for a write that then fails to commit.
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-OwnerDep = Annotated[str, Depends(get_owner)]
-ActorDep = Annotated[str, Depends(get_actor)]
+DbDep = Annotated[Db, Depends(get_db)]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="page size")]
 CursorQuery = Annotated[str | None, Query(max_length=200, description="from next_cursor")]

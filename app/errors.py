@@ -36,6 +36,12 @@ class Conflict(ServiceError):
     type_ = "https://graft.dev/problems/conflict"
 
 
+class InProgress(Conflict):
+    """The same request is being handled right now; retrying in a moment will find it done."""
+
+    headers = {"Retry-After": "1"}
+
+
 class Invalid(ServiceError):
     status = 422
     title = "Unprocessable content"

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import get_dataset
 from app.db import paginate, utcnow
-from app.errors import Conflict, Invalid, NotFound
+from app.errors import Conflict, InProgress, Invalid, NotFound
 from app.models import Job, JobStatus, Model, ModelVersion
 from app.outbound import refused_destination
 from app.registry import find_model
@@ -45,16 +45,8 @@ def create_job(
     ``created`` is False.
     """
     request_hash = _request_hash(body)
-    if idempotency_key:
-        earlier = session.scalar(
-            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
-        )
-        if earlier is not None:
-            if earlier.request_hash != request_hash:
-                raise Invalid(
-                    "this Idempotency-Key was used with a different request body", "Idempotency-Key"
-                )
-            return earlier, False
+    if idempotency_key and (earlier := _earlier(session, owner, idempotency_key, request_hash)):
+        return earlier, False
 
     model = find_model(session, owner, body.model)
     if model is None:
@@ -92,11 +84,23 @@ def create_job(
     session.add(job)
     try:
         session.flush()
-    except IntegrityError:
+    except IntegrityError:  # the same key, submitted at the same moment, has just committed
         session.rollback()
-        raise Conflict("a request with this Idempotency-Key is being processed; retry") from None
+        if earlier := _earlier(session, owner, idempotency_key or "", request_hash):
+            return earlier, False
+        raise InProgress("a request with this Idempotency-Key is being processed; retry") from None
     job.model = model
     return job, True
+
+
+def _earlier(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
+    """The job an Idempotency-Key already made, if any (422 if it was for another body)."""
+    earlier = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+    if earlier is not None and earlier.request_hash != request_hash:
+        raise Invalid(
+            "this Idempotency-Key was used with a different request body", "Idempotency-Key"
+        )
+    return earlier
 
 
 def submission_warnings(

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.db import session_scope
+from app.deps import Database
 from app.errors import ServiceError, Unavailable
 from app.jobs import sweep
 from app.observability import Metrics, MetricsMiddleware
@@ -26,6 +27,7 @@ from app.queue import publish_jobs
 from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
 from app.settings import Settings, get_settings
 from app.uploads import BodySizeLimit
+from app.watch import JobWatch
 from app.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.sweep_interval_s > 0:
             sweeper.start()
         yield
+        await app.state.job_watch.close()
         if settings.sweep_interval_s > 0:
             sweeper.stop()
 
@@ -167,6 +170,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.database = Database(settings.resolved_database_url)
+    app.state.job_watch = JobWatch(app.state.database)
     app.state.predictors = PredictorCache()
     app.state.metrics = Metrics(settings.resolved_database_url)
     install_error_handlers(app)

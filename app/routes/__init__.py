@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Response
+from pydantic import BaseModel
+
 from app.schemas import Problem
 
 _DESCRIPTIONS = {
@@ -49,3 +52,11 @@ def problem_media_types(spec: dict[str, Any]) -> dict[str, Any]:
                 if status[0] in "45" and problem is not None:
                     response["content"] = {PROBLEM_MEDIA_TYPE: problem}
     return spec
+
+
+def json_response(
+    body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` as JSON, serialized once: a returned model would be dumped, validated against
+    the route's ``response_model`` and dumped again."""
+    return Response(body.model_dump_json(), status_code, headers, media_type="application/json")

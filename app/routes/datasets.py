@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from app import datasets
-from app.deps import CursorQuery, LimitQuery, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.errors import TooLarge
-from app.routes import problems
+from app.routes import json_response, problems
 from app.schemas import DatasetRead, Page
 from app.uploads import upload_size
 
@@ -19,14 +21,14 @@ router = APIRouter(
 
 
 @router.post("", status_code=201, response_model=DatasetRead)
-def create_dataset(
-    session: SessionDep,
+async def create_dataset(
+    db: DbDep,
     storage: StorageDep,
     settings: SettingsDep,
-    owner: OwnerDep,
     archive: Annotated[UploadFile, File(description=".zip, .tar or .tar.gz in ImageFolder layout")],
     name: Annotated[str | None, Form(max_length=200)] = None,
-) -> DatasetRead:
+) -> Response:
+    owner = await db.owner()
     size = upload_size(archive)
     if size > settings.max_upload_bytes:
         raise TooLarge(f"the archive is larger than {settings.max_upload_bytes} bytes")
@@ -37,8 +39,9 @@ def create_dataset(
         max_ratio=settings.max_compression_ratio,
         max_image_pixels=settings.max_image_pixels,
     )
-    row = datasets.create_dataset(
-        session,
+    # The images are checked and stored outside any transaction; the row is written after.
+    row = await run_in_threadpool(
+        datasets.build_dataset,
         storage,
         owner,
         archive=archive.file,
@@ -47,25 +50,31 @@ def create_dataset(
         limits=limits,
         tmp_root=settings.tmp_dir,
     )
-    return datasets.dataset_read(row)
+    return json_response(await db.database.run(lambda s: datasets.add_dataset(s, row)), 201)
 
 
 @router.get("", response_model=Page[DatasetRead])
-def list_datasets(
-    session: SessionDep, owner: OwnerDep, limit: LimitQuery = 50, cursor: CursorQuery = None
-) -> Page[DatasetRead]:
-    rows, next_cursor = datasets.list_datasets(session, owner, limit, cursor)
-    return Page(items=[datasets.dataset_read(r) for r in rows], next_cursor=next_cursor)
+async def list_datasets(db: DbDep, limit: LimitQuery = 50, cursor: CursorQuery = None) -> Response:
+    def work(session: Session, owner: str) -> Page[DatasetRead]:
+        rows, next_cursor = datasets.list_datasets(session, owner, limit, cursor)
+        return Page(items=[datasets.dataset_read(r) for r in rows], next_cursor=next_cursor)
+
+    return json_response(await db(work))
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead)
-def get_dataset(dataset_id: str, session: SessionDep, owner: OwnerDep) -> DatasetRead:
-    return datasets.dataset_read(datasets.get_dataset(session, owner, dataset_id))
+async def get_dataset(dataset_id: str, db: DbDep) -> Response:
+    return json_response(
+        await db(
+            lambda session, owner: datasets.dataset_read(
+                datasets.get_dataset(session, owner, dataset_id)
+            )
+        )
+    )
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)
-def delete_dataset(
-    dataset_id: str, session: SessionDep, storage: StorageDep, owner: OwnerDep
-) -> Response:
-    datasets.delete_dataset(session, storage, owner, dataset_id)
+async def delete_dataset(dataset_id: str, db: DbDep, storage: StorageDep) -> Response:
+    key = await db(lambda session, owner: datasets.delete_dataset(session, owner, dataset_id))
+    await run_in_threadpool(storage.delete, key)  # once the deletion is committed
     return Response(status_code=204)

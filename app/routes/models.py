@@ -6,21 +6,15 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from app import references, registry
-from app.deps import (
-    ActorDep,
-    CursorQuery,
-    LimitQuery,
-    OwnerDep,
-    SessionDep,
-    SettingsDep,
-    StorageDep,
-)
+from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.errors import Invalid, NotFound, TooLarge
-from app.routes import problems
+from app.routes import json_response, problems
 from app.schemas import (
     ModelRead,
     ModelVersionRead,
@@ -40,11 +34,10 @@ router = APIRouter(
 
 
 @router.post("", status_code=201, response_model=ModelVersionRead)
-def register_model(
-    session: SessionDep,
+async def register_model(
+    db: DbDep,
     storage: StorageDep,
     settings: SettingsDep,
-    owner: OwnerDep,
     name: Annotated[str, Form(description="[a-z0-9][a-z0-9._-]{0,63}")],
     architecture: Annotated[str, Form(examples=["timm:resnet18"])],
     labels: Annotated[str, Form(description="JSON array; index = output unit")],
@@ -58,89 +51,106 @@ def register_model(
             "version 1's reference set",
         ),
     ] = None,
-) -> ModelVersionRead:
+) -> Response:
     with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
-        path = save_upload(weights, Path(tmp) / "weights", settings.max_upload_bytes)
-        version = registry.register_model(
-            session,
-            storage,
-            owner,
-            name=name,
-            architecture=architecture,
-            labels_json=labels,
-            weights=path,
-            preprocessing_json=preprocessing,
-            reference_dataset_id=reference_dataset_id or None,
-            reference_per_label=settings.reference_per_label,
-            tmp_root=Path(tmp),
+        path = await run_in_threadpool(
+            save_upload, weights, Path(tmp) / "weights", settings.max_upload_bytes
         )
-    return registry.version_read(version.model, version)
+
+        def work(session: Session, owner: str) -> ModelVersionRead:
+            version = registry.register_model(
+                session,
+                storage,
+                owner,
+                name=name,
+                architecture=architecture,
+                labels_json=labels,
+                weights=path,
+                preprocessing_json=preprocessing,
+                reference_dataset_id=reference_dataset_id or None,
+                reference_per_label=settings.reference_per_label,
+                tmp_root=Path(tmp),
+            )
+            return registry.version_read(version.model, version)
+
+        return json_response(await db(work), 201)
 
 
 @router.get("", response_model=Page[ModelRead])
-def list_models(
-    session: SessionDep, owner: OwnerDep, limit: LimitQuery = 50, cursor: CursorQuery = None
-) -> Page[ModelRead]:
-    rows, next_cursor = registry.list_models(session, owner, limit, cursor)
-    return Page(items=[registry.model_read(m) for m in rows], next_cursor=next_cursor)
+async def list_models(db: DbDep, limit: LimitQuery = 50, cursor: CursorQuery = None) -> Response:
+    def work(session: Session, owner: str) -> Page[ModelRead]:
+        rows, next_cursor = registry.list_models(session, owner, limit, cursor)
+        return Page(items=[registry.model_read(m) for m in rows], next_cursor=next_cursor)
+
+    return json_response(await db(work))
 
 
 @router.get("/{name}", response_model=ModelRead)
-def get_model(name: str, session: SessionDep, owner: OwnerDep) -> ModelRead:
-    return registry.model_read(registry.get_model(session, owner, name))
+async def get_model(name: str, db: DbDep) -> Response:
+    def work(session: Session, owner: str) -> ModelRead:
+        return registry.model_read(registry.get_model(session, owner, name))
+
+    return json_response(await db(work))
 
 
-@router.get("/{name}/versions/{version}", response_model=ModelVersionRead)
-def get_version(name: str, version: int, session: SessionDep, owner: OwnerDep) -> ModelVersionRead:
+def _version(session: Session, owner: str, name: str, version: int) -> ModelVersionRead:
     row = registry.get_version(session, owner, name, version)
     return registry.version_read(row.model, row)
 
 
+@router.get("/{name}/versions/{version}", response_model=ModelVersionRead)
+async def get_version(name: str, version: int, db: DbDep) -> Response:
+    return json_response(await db(lambda session, owner: _version(session, owner, name, version)))
+
+
 @router.post("/{name}/versions/{version}/reference", response_model=ReferenceRead)
-def add_reference(
+async def add_reference(
     name: str,
     version: int,
     body: ReferenceAdd,
-    session: SessionDep,
+    db: DbDep,
     storage: StorageDep,
     settings: SettingsDep,
-    owner: OwnerDep,
-) -> ReferenceRead:
+) -> Response:
     """Add a dataset's images of the version's labels to its reference set (at most
     GRAFT_REFERENCE_PER_LABEL per label); jobs built on the version learn from them and
     measure retention on them."""
-    row = registry.get_version(session, owner, name, version)
-    dataset = references.dataset_for_reference(session, owner, body.dataset_id, "dataset_id")
-    added, ignored, replaced = references.add_reference(
-        session, storage, row, dataset, settings.reference_per_label, settings.tmp_dir
-    )
-    session.commit()
-    if replaced:
-        storage.delete(replaced)
-    return ReferenceRead(
-        name=name,
-        version=version,
-        reference=row.reference_counts,
-        added=added,
-        ignored_labels=ignored,
-    )
+
+    def work(session: Session, owner: str) -> tuple[ReferenceRead, str | None]:
+        row = registry.get_version(session, owner, name, version)
+        dataset = references.dataset_for_reference(session, owner, body.dataset_id, "dataset_id")
+        added, ignored, replaced = references.add_reference(
+            session, storage, row, dataset, settings.reference_per_label, settings.tmp_dir
+        )
+        read = ReferenceRead(
+            name=name,
+            version=version,
+            reference=row.reference_counts,
+            added=added,
+            ignored_labels=ignored,
+        )
+        return read, replaced
+
+    read, replaced = await db(work)
+    if replaced:  # the old manifest, once the new one is committed
+        await run_in_threadpool(storage.delete, replaced)
+    return json_response(read)
 
 
 @router.post("/{name}/versions/{version}/promote", response_model=ModelRead)
-def promote_version(
-    name: str,
-    version: int,
-    session: SessionDep,
-    owner: OwnerDep,
-    actor: ActorDep,
-    body: PromoteRequest | None = None,
-) -> ModelRead:
+async def promote_version(
+    name: str, version: int, db: DbDep, body: PromoteRequest | None = None
+) -> Response:
     """Make this version the model's latest on purpose: promote a rejected or unverified
     version, or roll back to an older one. Recorded in the model's ``promotions``."""
-    model = registry.promote_version(
-        session, owner, name, version, actor, body.reason if body else None
-    )
-    return registry.model_read(model)
+
+    def work(session: Session, owner: str) -> ModelRead:
+        model = registry.promote_version(
+            session, owner, name, version, db.actor(owner), body.reason if body else None
+        )
+        return registry.model_read(model)
+
+    return json_response(await db(work))
 
 
 @router.get(
@@ -148,24 +158,25 @@ def promote_version(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "the file"}},
 )
-def download_artifact(
+async def download_artifact(
     name: str,
     version: int,
-    session: SessionDep,
+    db: DbDep,
     storage: StorageDep,
-    owner: OwnerDep,
     format: Annotated[Literal["safetensors", "onnx", "torchscript"], Query()] = "safetensors",
 ) -> StreamingResponse:
     """The artifact, streamed, with its sha256 as ETag."""
-    row = registry.get_version(session, owner, name, version)
-    artifact = row.artifacts.get(format)
+    artifacts = await db(
+        lambda session, owner: dict(registry.get_version(session, owner, name, version).artifacts)
+    )
+    artifact = artifacts.get(format)
     if artifact is None:
         raise NotFound(
             f"version {version} of {name!r} has no {format} artifact; "
-            f"available: {', '.join(row.artifacts)}"
+            f"available: {', '.join(artifacts)}"
         )
     return StreamingResponse(
-        iter_chunks(storage.open(artifact["key"])),
+        iter_chunks(await run_in_threadpool(storage.open, artifact["key"])),
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(artifact["size_bytes"]),
@@ -176,21 +187,24 @@ def download_artifact(
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictionsRead)
-def predict_images(
+async def predict_images(
     name: str,
     version: int,
     request: Request,
-    session: SessionDep,
+    db: DbDep,
     storage: StorageDep,
-    owner: OwnerDep,
     image: Annotated[list[UploadFile], File(description="one or more images")],
     top_k: Annotated[int, Form(ge=1, le=1000)] = 5,
-) -> PredictionsRead:
-    row = registry.get_version(session, owner, name, version)
+) -> Response:
     if len(image) > 64:
         raise Invalid("at most 64 images per request", "image")
-    predictor = request.app.state.predictors.get(row, storage)
-    images = [f.file.read(MAX_PREDICT_IMAGE_BYTES + 1) for f in image]
-    if any(len(data) > MAX_PREDICT_IMAGE_BYTES for data in images):
-        raise TooLarge(f"each image may be at most {MAX_PREDICT_IMAGE_BYTES} bytes")
-    return PredictionsRead(predictions=predictor.predict(images, top_k))
+    row = await db(lambda session, owner: registry.get_version(session, owner, name, version))
+
+    def predict() -> PredictionsRead:
+        predictor = request.app.state.predictors.get(row, storage)
+        images = [f.file.read(MAX_PREDICT_IMAGE_BYTES + 1) for f in image]
+        if any(len(data) > MAX_PREDICT_IMAGE_BYTES for data in images):
+            raise TooLarge(f"each image may be at most {MAX_PREDICT_IMAGE_BYTES} bytes")
+        return PredictionsRead(predictions=predictor.predict(images, top_k))
+
+    return json_response(await run_in_threadpool(predict))

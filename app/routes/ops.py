@@ -24,7 +24,7 @@ router = APIRouter(tags=["operations"])
         }
     },
 )
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok", "version": __version__}
 
 

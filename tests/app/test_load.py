@@ -1,0 +1,106 @@
+"""Many clients at once: every poll is answered, and the database pool is never the bottleneck.
+
+Requests go through the real ASGI app, its real thread pool and a real SQLite database; the
+pool's connections are counted as they are checked out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from app.db import POOL_SIZE, get_engine
+from tests.conftest import digits_archive, register_digits
+
+CLIENTS = 256
+
+
+class PoolWatch:
+    """The most connections the app's engine had checked out at once."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = get_engine(url)
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+        event.listen(self.engine, "checkout", self._out)
+        event.listen(self.engine, "checkin", self._in)
+
+    def _out(self, *_: object) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def _in(self, *_: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+    def close(self) -> None:
+        event.remove(self.engine, "checkout", self._out)
+        event.remove(self.engine, "checkin", self._in)
+
+
+@pytest.fixture()
+def queued_job(client, base_weights, digit_splits) -> str:
+    assert register_digits(client, base_weights).status_code == 201
+    archive = digits_archive(digit_splits[1], old_per_class=3)
+    dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+    job = client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]})
+    return job.json()["id"]  # no worker runs: it stays queued
+
+
+@pytest.fixture()
+def pool(settings):
+    watch = PoolWatch(settings.resolved_database_url)
+    yield watch
+    watch.close()
+
+
+def asgi_client(client) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=client.app), base_url="http://127.0.0.1", timeout=120
+    )
+
+
+def test_hundreds_of_concurrent_polls_are_all_answered(client, queued_job, pool):
+    async def poll() -> list[int]:
+        async with asgi_client(client) as http:
+            paths = [f"/v1/jobs/{queued_job}", "/v1/jobs?limit=20", "/healthz"]
+            responses = await asyncio.gather(
+                *(http.get(paths[i % len(paths)]) for i in range(CLIENTS * 2))
+            )
+        return [r.status_code for r in responses]
+
+    statuses = asyncio.run(poll())
+    assert statuses == [200] * len(statuses)
+    assert 0 < pool.peak <= POOL_SIZE  # requests wait for a slot, not for a connection
+
+
+def test_open_event_streams_share_one_poller_and_hold_no_connection(client, queued_job, pool):
+    watch = client.app.state.job_watch
+
+    async def follow() -> tuple[list[str], int, int]:
+        async with asgi_client(client) as http:
+            streams = [
+                asyncio.create_task(http.get(f"/v1/jobs/{queued_job}/events"))
+                for _ in range(CLIENTS)
+            ]
+            while watch.following < CLIENTS:
+                await asyncio.sleep(0.05)
+            pool.peak = pool.now  # each stream's first read is done
+            await asyncio.sleep(watch.interval * 4)  # a few polls with every stream open
+            held, peak = pool.now, pool.peak
+            cancel = await http.post(f"/v1/jobs/{queued_job}/cancel")
+            assert cancel.status_code == 202
+            bodies = [(await s).text for s in streams]
+        return bodies, held, peak
+
+    bodies, held, peak = asyncio.run(follow())
+    assert held == 0 and peak == 1  # one poller's query, not one connection per stream
+    for body in bodies:
+        assert body.startswith("event: status\n") and '"status":"queued"' in body
+        assert body.rstrip().endswith("}") and '"status":"cancelled"' in body.split("\n\n")[-2]
+    assert watch.following == 0
