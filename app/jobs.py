@@ -261,21 +261,30 @@ def job_read(job: Job) -> JobRead:
     )
 
 
-def sweep(session: Session, settings: Settings, now: datetime | None = None) -> list[str]:
-    """Find jobs the broker may have lost; return the ids to publish again after commit.
+# A job queued this recently may be between its commit and its message; not lost yet.
+PUBLISH_GRACE_S = 5.0
 
-    - queued longer than ``requeue_after_s``: publish again (claiming is conditional, so a
-      duplicate message is harmless);
+
+def sweep(
+    session: Session,
+    settings: Settings,
+    waiting: set[str] | None,
+    broker_up: bool = True,
+    now: datetime | None = None,
+) -> list[str]:
+    """Find the jobs whose doorbell must ring again; return their ids, to publish after commit.
+
+    - queued, and the broker holds no message for them (``waiting``: the ids it holds):
+      submitted while the broker was down, or lost by it. Where the broker cannot be read
+      (``waiting`` is None), those queued longer than ``requeue_after_s``. Nothing while the
+      broker is down (``broker_up`` False): they are sent once it is back;
     - running with an expired lease (the worker died): queued again, or failed once
       ``max_attempts`` are used up, or cancelled if a cancel was asked for.
+
+    Claiming is conditional, so the rare duplicate message is harmless.
     """
     now = now or utcnow()
-    stale = now - timedelta(seconds=settings.requeue_after_s)
-    republish = list(
-        session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale))
-    )
-    if republish:
-        session.execute(update(Job).where(Job.id.in_(republish)).values(queued_at=now))
+    republish = _lost(session, settings, waiting, now) if broker_up else []
     hard_limit = timedelta(seconds=settings.job_time_limit_s + settings.job_time_grace_s)
     expired = session.execute(
         select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.started_at).where(
@@ -315,4 +324,24 @@ def sweep(session: Session, settings: Settings, now: datetime | None = None) -> 
             values["status"] == JobStatus.QUEUED
         ):
             republish.append(job_id)
-    return republish
+    return republish if broker_up else []
+
+
+def _lost(
+    session: Session, settings: Settings, waiting: set[str] | None, now: datetime
+) -> list[str]:
+    if waiting is None:  # a broker that cannot be read: ring again after a while
+        stale = now - timedelta(seconds=settings.requeue_after_s)
+        ids = list(
+            session.scalars(
+                select(Job.id).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale)
+            )
+        )
+        if ids:
+            session.execute(update(Job).where(Job.id.in_(ids)).values(queued_at=now))
+        return ids
+    settled = now - timedelta(seconds=PUBLISH_GRACE_S)
+    queued = session.scalars(
+        select(Job.id).where(Job.status == JobStatus.QUEUED, Job.queued_at < settled)
+    )
+    return [job_id for job_id in queued if job_id not in waiting]

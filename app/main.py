@@ -1,10 +1,8 @@
-"""The FastAPI application: routers, problem+json errors, and the job sweep."""
+"""The FastAPI application: routers, problem+json errors, and the sweeper's lifetime."""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -17,18 +15,15 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.db import session_scope
 from app.deps import Database
 from app.errors import ServiceError, Unavailable
-from app.jobs import sweep
 from app.observability import Metrics, MetricsMiddleware
 from app.predict import PredictorCache
-from app.queue import publish_jobs
 from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
 from app.settings import Settings, get_settings
+from app.sweeper import Sweeper
 from app.uploads import BodySizeLimit
 from app.watch import JobWatch
-from app.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 PROBLEM = PROBLEM_MEDIA_TYPE
@@ -114,39 +109,6 @@ def install_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
-
-
-class Sweeper:
-    """Periodically re-publishes jobs the broker lost, re-queues jobs of dead workers, and
-    (every second) delivers due webhooks."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def run_once(self) -> int:
-        with session_scope(self.settings.resolved_database_url) as session:
-            ids = sweep(session, self.settings)
-        return publish_jobs(self.settings, ids)
-
-    def _run(self) -> None:
-        next_sweep = time.monotonic() + self.settings.sweep_interval_s
-        while not self._stop.wait(1.0):
-            try:
-                deliver_due(self.settings)
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self.settings.sweep_interval_s
-                    self.run_once()
-            except Exception:
-                log.warning("sweep failed", exc_info=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,26 +1,92 @@
-"""Ringing the broker's doorbell: only a job id travels, never the job itself."""
+"""Ringing the broker's doorbell: only a job id travels, never the job itself.
+
+A message carries the job id as its task id, so the sweep can read which queued jobs the
+broker still holds a message for (``waiting_in_broker``) and ring again for exactly the others:
+those submitted while the broker was down, and those a broker lost (a Redis restarted without
+persistence, a flushed database).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from app.settings import Settings
-from worker.celery_app import RUN_JOB_TASK, celery_for
+from worker.celery_app import QUEUE, RUN_JOB_TASK, celery_for
 
 log = logging.getLogger(__name__)
+# kombu's Redis transport keeps one list per priority step: "graft", "graft\x06\x163", ...
+_REDIS_PRIORITY_SEP = "\x06\x16"
+_REDIS_UNACKED = "unacked"
 
 
 def publish_jobs(settings: Settings, job_ids: list[str]) -> int:
     """Send each id; a failure is logged, not raised: the job is safe in the database and the
-    sweep sends it again. Returns how many were sent."""
+    sweep sends it again once the broker answers. Stops at the first failure (the broker is
+    down: each further try would only wait out its own timeout). Returns how many were sent."""
     sent = 0
     for job_id in job_ids:
         try:
-            celery_for(settings).send_task(RUN_JOB_TASK, args=[job_id])
+            celery_for(settings).send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id)
             sent += 1
-        except Exception:  # the broker is down; the sweep will retry
-            log.warning("could not publish job %s; the sweep will retry", job_id, exc_info=True)
+        except Exception as exc:  # the broker is down; the sweep will retry
+            log.warning(
+                "could not publish %d job(s) (%s); the sweep sends them when the broker is back",
+                len(job_ids) - sent,
+                exc,
+            )
+            break
     return sent
+
+
+def waiting_in_broker(settings: Settings) -> set[str] | None:
+    """The ids of the jobs the broker holds a message for (waiting, or delivered and not yet
+    acknowledged); None where the transport cannot be read. Raises when the broker is down."""
+    url = settings.resolved_broker_url
+    if url.startswith(("redis://", "rediss://")):
+        return _redis_ids(settings)
+    if url.startswith("filesystem"):
+        return _folder_ids(settings.queue_dir)
+    return None
+
+
+def _task_id(message: bytes | str) -> str | None:
+    try:
+        return json.loads(message)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _redis_ids(settings: Settings) -> set[str]:
+    with celery_for(settings).connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)  # fail fast while it is down
+        client = conn.default_channel.client
+        keys = [QUEUE] + [f"{QUEUE}{_REDIS_PRIORITY_SEP}{p}" for p in range(1, 10)]
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(_REDIS_UNACKED)
+        *queued, unacked = pipe.execute()
+    ids = {_task_id(m) for messages in queued for m in messages}
+    for entry in unacked:  # [message, exchange, routing key]
+        try:
+            ids.add(_task_id(json.dumps(json.loads(entry)[0])))
+        except (ValueError, IndexError, TypeError):
+            continue
+    ids.discard(None)
+    return ids  # type: ignore[return-value]
+
+
+def _folder_ids(folder: Path) -> set[str]:
+    ids = set()
+    for path in folder.glob(f"*.{QUEUE}.msg"):
+        try:
+            ids.add(_task_id(path.read_bytes()))
+        except OSError:  # taken by a worker meanwhile
+            continue
+    ids.discard(None)
+    return ids  # type: ignore[return-value]
 
 
 def broker_reachable(settings: Settings) -> bool:

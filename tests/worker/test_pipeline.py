@@ -96,7 +96,7 @@ def test_a_finish_from_a_lost_attempt_is_fenced_off(settings, client, job_id):
     first = pipeline.claim_job(settings, job_id)
     set_job(settings, job_id, lease_expires_at=utcnow() - timedelta(seconds=1))
     with session_scope(settings.resolved_database_url) as s:
-        assert sweep(s, settings) == [job_id]  # the worker is presumed dead: re-queued
+        assert sweep(s, settings, None) == [job_id]  # the worker is presumed dead: re-queued
     second = pipeline.claim_job(settings, job_id)
     assert (first, second) == (1, 2)
 
@@ -112,14 +112,30 @@ class _Result:
     metrics = {"old_classes": {"retention": 1.0}}
 
 
-def test_the_sweep_republishes_stale_queued_jobs(settings, job_id):
+def test_the_sweep_rings_again_only_for_queued_jobs_the_broker_lacks(settings, job_id):
+    def swept(waiting: set[str], broker_up: bool = True) -> list[str]:
+        with session_scope(settings.resolved_database_url) as s:
+            return sweep(s, settings, waiting, broker_up)
+
+    assert swept(set()) == []  # just submitted: its message may be on the way
+    set_job(settings, job_id, queued_at=utcnow() - timedelta(seconds=10))
+    assert swept({job_id}) == []  # the broker has it: no second message, however long it waits
+    set_job(settings, job_id, queued_at=utcnow() - timedelta(days=1))
+    assert swept({job_id}) == []
+    assert swept(set(), broker_up=False) == []  # down: nothing can be sent
+    assert swept(set()) == [job_id]  # lost by the broker, or never sent: ring again
+    set_job(settings, job_id, status="cancelled")
+    assert swept(set()) == []
+
+
+def test_a_broker_that_cannot_be_read_gets_stale_queued_jobs_again(settings, job_id):
     with session_scope(settings.resolved_database_url) as s:
-        assert sweep(s, settings) == []
+        assert sweep(s, settings, None) == []
     set_job(settings, job_id, queued_at=utcnow() - timedelta(hours=1))
     with session_scope(settings.resolved_database_url) as s:
-        assert sweep(s, settings) == [job_id]
+        assert sweep(s, settings, None) == [job_id]
     with session_scope(settings.resolved_database_url) as s:
-        assert sweep(s, settings) == []  # its clock was reset
+        assert sweep(s, settings, None) == []  # its clock was reset
 
 
 def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, client, job_id):
@@ -131,7 +147,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, clien
         lease_expires_at=utcnow() - timedelta(seconds=1),
     )
     with session_scope(settings.resolved_database_url) as s:
-        assert sweep(s, settings) == []
+        assert sweep(s, settings, None) == []
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
     pipeline.run_job(job_id, settings)
@@ -165,6 +181,6 @@ def test_a_worker_silent_past_the_hard_limit_is_not_retried(settings, client, jo
         lease_expires_at=utcnow() - timedelta(seconds=1),
     )
     with session_scope(settings.resolved_database_url) as s:
-        assert sweep(s, settings) == []
+        assert sweep(s, settings, None) == []
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "timeout"
