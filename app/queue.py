@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from app.settings import Settings
 from worker.celery_app import QUEUE, RUN_JOB_TASK, celery_for
 
 log = logging.getLogger(__name__)
+# Set when a message could not be sent: the sweeper checks the broker every second until it
+# has sent what is missing (app.sweeper).
+publish_failed = threading.Event()
 # kombu's Redis transport keeps one list per priority step: "graft", "graft\x06\x163", ...
 _REDIS_PRIORITY_SEP = "\x06\x16"
 _REDIS_UNACKED = "unacked"
@@ -36,6 +40,7 @@ def publish_jobs(settings: Settings, job_ids: list[str]) -> int:
                 len(job_ids) - sent,
                 exc,
             )
+            publish_failed.set()
             break
     return sent
 

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     job_lease_s: float = 120.0
     heartbeat_s: float = 5.0
     max_attempts: int = 3
+    # A worker retries its final write this long (with backoff) while the database is away.
+    db_retry_s: float = 120.0
     requeue_after_s: float = 600.0
     job_time_limit_s: float = 24 * 3600.0  # then the job stops and fails with code "timeout"
     job_time_grace_s: float = 600.0  # a worker silent past limit + grace: failed, not retried

@@ -1,8 +1,9 @@
 """The API's background thread: re-rings the broker for jobs it lacks, re-queues jobs of dead
 workers, and delivers due webhooks.
 
-While the broker is down the sweep checks every second, so jobs submitted meanwhile are sent
-within about a second of its return; otherwise every ``sweep_interval_s``.
+While the broker is down (a message could not be sent, or the last sweep could not reach it)
+the sweep runs every second, so jobs submitted meanwhile are sent within about a second of
+its return; otherwise every ``sweep_interval_s``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import threading
 import time
 
 from app.db import session_scope
-from app.jobs import sweep
-from app.queue import publish_jobs, waiting_in_broker
+from app.jobs import PUBLISH_GRACE_S, sweep
+from app.queue import publish_failed, publish_jobs, waiting_in_broker
 from app.settings import Settings
 from app.webhooks import deliver_due
 
@@ -24,6 +25,7 @@ class Sweeper:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.broker_up = True
+        self._urgent_until = 0.0  # sweep every second until then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 
@@ -36,6 +38,9 @@ class Sweeper:
 
     def run_once(self) -> int:
         """One sweep; returns how many jobs were sent to the broker."""
+        if publish_failed.is_set():  # until what it missed is past the grace and sent
+            publish_failed.clear()
+            self._urgent_until = time.monotonic() + PUBLISH_GRACE_S + 2
         try:
             waiting = waiting_in_broker(self.settings)
             if not self.broker_up:
@@ -54,8 +59,10 @@ class Sweeper:
         while not self._stop.wait(1.0):
             try:
                 deliver_due(self.settings)
-                if not self.broker_up or time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self.settings.sweep_interval_s
+                now = time.monotonic()
+                urgent = not self.broker_up or publish_failed.is_set() or now < self._urgent_until
+                if urgent or now >= next_sweep:
+                    next_sweep = now + self.settings.sweep_interval_s
                     self.run_once()
             except Exception:
                 log.warning("sweep failed", exc_info=True)

@@ -1,55 +1,89 @@
-"""Real PostgreSQL and Redis on this machine. Without them these tests skip, unless
-GRAFT_REQUIRE_SERVICES=1 (CI), where a missing service is a failure."""
+"""Real PostgreSQL and Redis servers, private to the test run: a PostgreSQL cluster per session
+(a fresh database per test) and a Redis server per test, each on a free loopback port. Without
+the server binaries these tests skip, unless GRAFT_REQUIRE_SERVICES=1 (CI), where a missing
+service is a failure."""
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
 
-PG = os.environ.get("GRAFT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-REDIS = os.environ.get("GRAFT_TEST_REDIS", "redis://127.0.0.1:6379")
+from app.server import db_upgrade
+from app.settings import Settings
+from tests.conftest import digits_archive, register_digits
+from tests.support.cluster import Cluster
+from tests.support.services import PostgresCluster, RedisServer, ServiceUnavailable, unavailable
 
 
-def unavailable(what: str, exc: Exception) -> None:
-    message = f"{what} is not reachable: {exc}"
-    if os.environ.get("GRAFT_REQUIRE_SERVICES") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster for the whole session; tests may stop and restart it."""
+    try:
+        cluster = PostgresCluster()
+    except ServiceUnavailable as exc:
+        unavailable("PostgreSQL", exc)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture()
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty database, dropped afterwards."""
-    import psycopg
-
-    name = f"graft_test_{secrets.token_hex(4)}"
-    admin = PG.replace("postgresql+psycopg", "postgresql") + "/test"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        unavailable("PostgreSQL", exc)
-    yield f"{PG}/{name}"
+def postgres_url(pg_cluster: PostgresCluster) -> Iterator[str]:
+    """A fresh, empty database on the private cluster, dropped afterwards."""
+    pg_cluster.start()  # in case a test before this one left it stopped
+    url = pg_cluster.create_database()
+    yield url
     from app.db import get_engine
 
-    get_engine(f"{PG}/{name}").dispose()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    get_engine(url).dispose()
+    pg_cluster.start()
+    pg_cluster.drop_database(url)
 
 
 @pytest.fixture()
-def redis_url() -> Iterator[str]:
-    """A Redis database of its own (index 9), emptied before and after."""
-    import redis
-
-    url = f"{REDIS}/9"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private, empty Redis server for this test alone; it may stop, kill or restart it."""
     try:
-        client.flushdb()
-    except redis.exceptions.ConnectionError as exc:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except ServiceUnavailable as exc:
         unavailable("Redis", exc)
-    yield url
-    client.flushdb()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_server: RedisServer) -> str:
+    """The private Redis server's URL (database 0)."""
+    return redis_server.url
+
+
+@pytest.fixture()
+def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits):
+    env = {
+        "GRAFT_DATABASE_URL": postgres_url,
+        "GRAFT_BROKER_URL": redis_url,
+        "GRAFT_DATA_DIR": str(tmp_path / "shared"),
+        "GRAFT_JOB_LEASE_S": "3",
+        "GRAFT_LOG_LEVEL": "INFO",
+    }
+    settings = Settings(
+        database_url=postgres_url,
+        broker_url=redis_url,
+        data_dir=tmp_path / "shared",
+        job_lease_s=3,
+        requeue_after_s=1,
+        sweep_interval_s=0,
+    )
+    db_upgrade(settings)
+    c = Cluster(settings, env, tmp_path)
+    assert register_digits(c.client, base_weights).status_code == 201
+    archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
+    c.dataset_id = c.client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()["id"]
+    yield c
+    c.close()

@@ -35,3 +35,49 @@ class DataError(EngineError):
 
 class JobCancelled(Exception):
     """Raised between steps when the caller asked the engine to stop."""
+
+
+class OutOfMemory(EngineError):
+    code = "out_of_memory"
+
+
+class DiskFull(EngineError):
+    code = "disk_full"
+
+
+_MEMORY_SIGNS = (
+    "cannot allocate memory",
+    "can't allocate memory",
+    "out of memory",
+    "failed to allocate",
+)
+_DISK_SIGNS = ("no space left on device", "database or disk is full", "disk quota exceeded")
+
+
+def resource_error(exc: BaseException) -> EngineError | None:
+    """The out-of-memory or disk-full condition behind ``exc`` (or any exception it came
+    from), as an error that says what to change; None if there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).lower()
+        errno = getattr(current, "errno", None)
+        if isinstance(current, MemoryError) or errno == 12 or any(s in text for s in _MEMORY_SIGNS):
+            return OutOfMemory(
+                f"the worker ran out of memory ({_short(current)}). Use fewer images per job, "
+                "lower GRAFT_FEATURE_MEMORY_MB (cached features beyond it are memory-mapped "
+                "from disk) or the job's batch_size, or run it on a worker with more memory"
+            )
+        if errno in (28, 122) or any(s in text for s in _DISK_SIGNS):
+            return DiskFull(
+                f"the worker's disk is full ({_short(current)}). Free space under its "
+                "GRAFT_DATA_DIR (or the database's disk), then submit the job again"
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

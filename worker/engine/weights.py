@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from worker.engine.architectures import build_model
-from worker.engine.errors import WeightsError
+from worker.engine.errors import WeightsError, resource_error
 from worker.engine.heads import Head, find_head
 
 _SHOW = 5  # how many offending keys an error message lists
@@ -97,7 +97,8 @@ def tensor_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 for k in f.keys()  # noqa: SIM118
             }
     except Exception as exc:  # the parser's own errors: bad header, offsets beyond the file
-        raise WeightsError(f"unreadable safetensors file: {exc}") from None
+        # mmap fails with ENOMEM when memory is short: that is not the user's file's fault
+        raise resource_error(exc) or WeightsError(f"unreadable safetensors file: {exc}") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

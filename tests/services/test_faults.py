@@ -1,0 +1,75 @@
+"""Outages of the broker and the database, on private Redis and PostgreSQL servers: queued jobs
+start once the broker is back, the sweep sends each lost message once, and a job whose work is
+done survives the database going away at its final write."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import timedelta
+
+import redis
+from sqlalchemy import update
+
+from app.db import session_scope, utcnow
+from app.models import Job
+from app.sweeper import Sweeper
+from tests.support.cluster import FINAL, SLOW
+
+
+def test_jobs_submitted_while_the_broker_is_down_start_when_it_is_back(cluster, redis_server):
+    # A sweep interval far longer than the test: only noticing the outage can send the jobs.
+    sweeper = Sweeper(cluster.settings.model_copy(update={"sweep_interval_s": 3600}))
+    sweeper.start()
+    try:
+        cluster.worker()
+        redis_server.stop()
+        job_ids = [cluster.submit({"epochs": 2}) for _ in range(2)]  # 202: safe in the database
+        assert {cluster.job(j)["status"] for j in job_ids} == {"queued"}
+        redis_server.start()
+        jobs = cluster.wait(job_ids, FINAL, timeout=180, sweep=False)
+    finally:
+        sweeper.stop()
+    assert [j["status"] for j in jobs] == ["succeeded"] * 2
+    assert all(j["attempt"] == 1 for j in jobs)
+
+
+def test_the_sweep_sends_each_lost_message_once(cluster, redis_url):
+    broker = redis.Redis.from_url(redis_url)
+    job_ids = [cluster.submit() for _ in range(3)]  # no worker: they wait in the queue
+    with session_scope(cluster.settings.resolved_database_url) as session:
+        long_ago = utcnow() - timedelta(days=1)
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(queued_at=long_ago))
+    assert broker.llen("graft") == 3
+    for _ in range(3):
+        assert cluster.sweeper.run_once() == 0  # the broker holds them: nothing to send
+    assert broker.llen("graft") == 3
+    broker.flushdb()  # the broker forgets
+    assert cluster.sweeper.run_once() == 3
+    assert cluster.sweeper.run_once() == 0
+    assert broker.llen("graft") == 3
+    cluster.worker()
+    jobs = cluster.wait(job_ids, FINAL, timeout=240, sweep=False)
+    assert [j["attempt"] for j in jobs] == [1, 1, 1]
+    assert cluster.versions() == [1, 2, 3, 4]
+
+
+def test_a_job_done_while_the_database_is_down_is_recorded_when_it_is_back(cluster, pg_cluster):
+    worker = cluster.worker(GRAFT_JOB_LEASE_S="120")  # the default lease outlasts the outage
+    job_id = cluster.submit(SLOW)
+    cluster.wait_running(job_id)
+    worker.send_signal(signal.SIGSTOP)
+    pg_cluster.stop()
+    worker.send_signal(signal.SIGCONT)
+    log = cluster.logs / "worker0.log"
+    deadline = time.monotonic() + 300
+    while "recording the new version: the database is unreachable" not in log.read_text():
+        assert time.monotonic() < deadline and worker.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(5)  # a few retries fail
+    pg_cluster.start()
+    (job,) = cluster.wait([job_id], FINAL, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    assert cluster.versions() == [1, 2]
+    assert len(cluster.stored_files()) == 6  # nothing discarded, nothing twice
+    assert list(cluster.settings.tmp_dir.iterdir()) == []

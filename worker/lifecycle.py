@@ -1,0 +1,256 @@
+"""A job's lifecycle on a worker: claim the row, keep its lease alive, fence every final
+write on the attempt number, and retry those writes while the database is away.
+
+- ``claim_job``: queued -> running, attempt + 1, a lease; None if someone else has it.
+- ``Heartbeat``: extends the lease, flushes progress, reads the cancel flag, once a second.
+- ``fenced_finish`` / ``finish``: the final status, only while this attempt owns the job.
+- ``release``: back to the queue without using up an attempt (shutdown, database gone).
+
+The API side (re-queueing jobs whose lease ran out) is ``app.jobs.sweep``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from app.db import session_scope, utcnow
+from app.jobs import progress_record
+from app.logs import current_job
+from app.models import Job, JobStatus
+from app.queue import publish_jobs
+from app.settings import Settings
+from worker.engine.errors import resource_error
+from worker.engine.expand import Progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the job now (our lease expired and the sweep re-queued it)."""
+
+
+def claim_job(settings: Settings, job_id: str) -> int | None:
+    """Take the job if it is queued; return our attempt number, or None."""
+    now = utcnow()
+    with session_scope(settings.resolved_database_url) as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempt < Job.max_attempts)
+            .values(
+                status=JobStatus.RUNNING,
+                attempt=Job.attempt + 1,
+                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
+                started_at=now,
+                worker=f"{socket.gethostname()}/{os.getpid()}",
+                progress=progress_record("loading", 0.0, "claimed"),
+            )
+        ).rowcount
+        if not claimed:
+            return None
+        return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+# Set when the worker process is asked to stop (SIGTERM): the running job is handed back.
+shutdown_requested = threading.Event()
+
+
+class StopReason(enum.StrEnum):
+    LOST = "lost"  # another attempt owns the job
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+    TIMEOUT = "timeout"
+
+
+class Heartbeat:
+    """Keeps the lease alive, flushes progress and reads the cancel flag, once a second; knows
+    why the job should stop, if it should."""
+
+    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+        self.settings, self.job_id, self.attempt = settings, job_id, attempt
+        self.cancel_requested = False
+        self.lost = False
+        self.deadline = time.monotonic() + settings.job_time_limit_s
+        self._pending: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, progress: Progress) -> None:
+        with self._lock:
+            self._pending = asdict(progress)
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        if self.lost:
+            return StopReason.LOST
+        if self.cancel_requested:
+            return StopReason.CANCELLED
+        if shutdown_requested.is_set():
+            return StopReason.SHUTDOWN
+        if time.monotonic() > self.deadline:
+            return StopReason.TIMEOUT
+        return None
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def _run(self) -> None:
+        current_job.set(self.job_id)  # threads do not inherit the context
+        while not self._stop.wait(1.0):
+            try:
+                self.beat()
+            except Exception:  # a database hiccup: the lease has slack, try again next second
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def beat(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        values: dict[str, Any] = {
+            "lease_expires_at": utcnow() + timedelta(seconds=self.settings.job_lease_s)
+        }
+        if pending is not None:
+            values["progress"] = pending
+        with session_scope(self.settings.resolved_database_url) as session:
+            kept = session.execute(
+                update(Job)
+                .where(
+                    Job.id == self.job_id,
+                    Job.attempt == self.attempt,
+                    Job.status == JobStatus.RUNNING,
+                )
+                .values(**values)
+            ).rowcount
+            self.lost = self.lost or not kept
+            self.cancel_requested = bool(
+                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+            )
+
+
+def job_error(code: str, message: object) -> dict[str, str]:
+    return {"code": code, "message": str(message)}
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """A lost or refused database connection (worth retrying), not a bad statement."""
+    return isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    )
+
+
+def with_retries(settings: Settings, what: str, write: Callable[[], T]) -> T:
+    """Run a database write, retrying with backoff while the database is unreachable, for up
+    to ``db_retry_s``; a disk that is full is not retried."""
+    deadline = time.monotonic() + settings.db_retry_s
+    delay = 0.25
+    while True:
+        try:
+            return write()
+        except DBAPIError as exc:
+            if (
+                not database_unreachable(exc)
+                or resource_error(exc) is not None
+                or time.monotonic() + delay > deadline
+            ):
+                raise
+            log.warning("%s: the database is unreachable; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def fenced_finish(
+    session: Session, job_id: str, attempt: int, status: JobStatus, **values: Any
+) -> bool:
+    """Set the final status if this attempt still owns the job; False if it does not."""
+    return bool(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+            .values(
+                status=status,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                progress=progress_record("done", 1.0, str(status)),
+                **values,
+            )
+        ).rowcount
+    )
+
+
+def finish(
+    settings: Settings,
+    job_id: str,
+    attempt: int,
+    status: JobStatus,
+    error: dict[str, str] | None,
+) -> None:
+    def write() -> None:
+        with session_scope(settings.resolved_database_url) as session:
+            fenced_finish(session, job_id, attempt, status, error=error)
+
+    try:
+        with_retries(settings, f"job {job_id}: recording {status}", write)
+    except Exception:  # its lease runs out, and the sweep takes it from there
+        log.exception("job %s: could not record %s", job_id, status)
+        return
+    log.info("job %s: %s %s", job_id, status, error or "")
+
+
+def stopped(settings: Settings, job_id: str, attempt: int, reason: StopReason | None) -> None:
+    if reason == StopReason.CANCELLED:
+        finish(settings, job_id, attempt, JobStatus.CANCELLED, None)
+    elif reason == StopReason.TIMEOUT:
+        limit = settings.job_time_limit_s
+        error = job_error("timeout", f"the job ran longer than {limit:.0f} s")
+        finish(settings, job_id, attempt, JobStatus.FAILED, error)
+
+
+def release(settings: Settings, job_id: str, attempt: int, why: str) -> None:
+    """Hand the job back to the queue, as if this attempt had not begun: a worker told to stop
+    (or a database that went away mid-job) is not the job's failure, so it uses up none of the
+    job's attempts. The attempt number is handed back too, which is safe because this attempt
+    writes nothing after this."""
+
+    def write() -> int:
+        with session_scope(settings.resolved_database_url) as session:
+            return session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+                .values(
+                    status=JobStatus.QUEUED,
+                    attempt=attempt - 1,
+                    queued_at=utcnow(),
+                    lease_expires_at=None,
+                    progress=progress_record("queued", 0.0, f"re-queued: {why}"),
+                )
+            ).rowcount
+
+    try:
+        released = with_retries(settings, f"job {job_id}: handing it back", write)
+    except Exception:  # its lease runs out, and the sweep re-queues it
+        log.exception("job %s: could not hand it back", job_id)
+        return
+    if released:
+        publish_jobs(settings, [job_id])
+        log.info("job %s: handed back to the queue (%s)", job_id, why)
