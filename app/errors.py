@@ -65,3 +65,9 @@ class Unavailable(ServiceError):
     status = 503
     title = "Service unavailable"
     type_ = "https://graft.dev/problems/unavailable"
+
+
+class InsufficientStorage(ServiceError):
+    status = 507
+    title = "Insufficient storage"
+    type_ = "https://graft.dev/problems/insufficient-storage"

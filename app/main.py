@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.deps import Database
-from app.errors import ServiceError, Unavailable
+from app.errors import InsufficientStorage, ServiceError, Unavailable
 from app.observability import Metrics, MetricsMiddleware
 from app.predict import PredictorCache
 from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
@@ -24,6 +24,7 @@ from app.settings import Settings, get_settings
 from app.sweeper import Sweeper
 from app.uploads import BodySizeLimit
 from app.watch import JobWatch
+from worker.engine.errors import DiskFull, resource_error
 
 log = logging.getLogger(__name__)
 PROBLEM = PROBLEM_MEDIA_TYPE
@@ -77,8 +78,21 @@ def install_error_handlers(app: FastAPI) -> None:
             response.headers[key] = value
         return response
 
+    def disk_full(exc: Exception) -> JSONResponse | None:
+        if not isinstance(resource_error(exc), DiskFull):
+            return None
+        log.error("the disk is full: %s", exc)
+        return problem(
+            507,
+            InsufficientStorage.title,
+            "the server's disk is full; nothing was stored. Retry once space has been freed",
+            InsufficientStorage.type_,
+        )
+
     @app.exception_handler(DBAPIError)
     async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        if full := disk_full(exc):  # SQLite: "database or disk is full"
+            return full
         if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
             log.warning("database unreachable: %s", exc.orig)
             response = problem(
@@ -94,6 +108,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if full := disk_full(exc):
+            return full
         log.exception("unhandled error", exc_info=exc)
         return problem(500, "Internal server error", "an unexpected error occurred")
 

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     reference_selection: Literal["random", "herding"] = "random"
     # Fewer old-label images than this: retention is not measured, the version is unverified.
     min_retention_images: int = Field(20, ge=1)
+    # Uploads that would leave less free disk under data_dir are refused (507); /readyz fails
+    # and workers do not start jobs below it.
+    min_free_disk_mb: int = Field(256, ge=0)
+    # Seconds a stopping API waits for requests in flight (uploads) before closing them.
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+    # Temporary folders and stored objects that nothing owns are removed after this long.
+    orphan_grace_s: float = Field(3600.0, ge=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

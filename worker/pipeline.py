@@ -20,10 +20,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
+from app.disk import free_bytes, has_room
 from app.logs import current_job
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.registry import add_version, artifact_metadata
-from app.settings import Settings
+from app.settings import MiB, Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.errors import EngineError, JobCancelled, resource_error
@@ -69,6 +70,15 @@ def _run_job(job_id: str, settings: Settings) -> None:
         return
     log.info("job %s: attempt %d started", job_id, attempt)
     settings.ensure_dirs()
+    if not has_room(settings):
+        free = free_bytes(settings) // MiB
+        message = (
+            f"the worker's disk is full: {free} MB free under its GRAFT_DATA_DIR, below the "
+            f"{settings.min_free_disk_mb} MB it keeps free (GRAFT_MIN_FREE_DISK_MB). Free "
+            "space on the worker, then submit the job again"
+        )
+        finish(settings, job_id, attempt, JobStatus.FAILED, job_error("disk_full", message))
+        return
     for stale in settings.tmp_dir.glob(f"job-{job_id}-*"):  # left by a killed attempt
         shutil.rmtree(stale, ignore_errors=True)
     storage = open_storage(settings)

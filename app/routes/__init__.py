@@ -17,6 +17,7 @@ _DESCRIPTIONS = {
     413: "Request body over the size limit",
     422: "Invalid input; `errors` names the fields",
     503: "A dependency is unreachable",
+    507: "Not enough free disk for the upload; `detail` says how much is needed",
 }
 
 

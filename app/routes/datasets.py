@@ -10,13 +10,16 @@ from sqlalchemy.orm import Session
 
 from app import datasets
 from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
+from app.disk import ensure_room
 from app.errors import TooLarge
 from app.routes import json_response, problems
 from app.schemas import DatasetRead, Page
 from app.uploads import upload_size
 
 router = APIRouter(
-    prefix="/v1/datasets", tags=["datasets"], responses=problems(400, 401, 404, 409, 413, 422, 503)
+    prefix="/v1/datasets",
+    tags=["datasets"],
+    responses=problems(400, 401, 404, 409, 413, 422, 503, 507),
 )
 
 
@@ -32,6 +35,8 @@ async def create_dataset(
     size = upload_size(archive)
     if size > settings.max_upload_bytes:
         raise TooLarge(f"the archive is larger than {settings.max_upload_bytes} bytes")
+    # the images, unpacked and packed again, and the stored copy (local storage)
+    ensure_room(settings, 3 * size, "this archive")
     limits = datasets.ArchiveLimits(
         max_members=settings.max_archive_members,
         max_member_bytes=settings.max_member_bytes,

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app import references, registry
 from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
+from app.disk import ensure_room
 from app.errors import Invalid, NotFound, TooLarge
 from app.routes import json_response, problems
 from app.schemas import (
@@ -25,11 +26,11 @@ from app.schemas import (
     ReferenceRead,
 )
 from app.storage import iter_chunks
-from app.uploads import save_upload
+from app.uploads import save_upload, upload_size
 
 MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024
 router = APIRouter(
-    prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422, 503)
+    prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422, 503, 507)
 )
 
 
@@ -52,6 +53,8 @@ async def register_model(
         ),
     ] = None,
 ) -> Response:
+    # the upload's copy, a converted copy, and the stored copy (local storage)
+    ensure_room(settings, 3 * upload_size(weights), "these weights")
     with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
         path = await run_in_threadpool(
             save_upload, weights, Path(tmp) / "weights", settings.max_upload_bytes

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from app import __version__
 from app.db import get_engine
 from app.deps import SettingsDep
+from app.disk import has_room
 from app.queue import broker_reachable
 
 router = APIRouter(tags=["operations"])
@@ -37,8 +38,8 @@ def _database_reachable(url: str) -> bool:
         return False
 
 
-READY = {"status": "ready", "checks": {"database": True, "broker": True}}
-NOT_READY = {"status": "unavailable", "checks": {"database": True, "broker": False}}
+READY = {"status": "ready", "checks": {"database": True, "broker": True, "disk": True}}
+NOT_READY = {"status": "unavailable", "checks": {"database": True, "broker": False, "disk": True}}
 
 
 @router.get(
@@ -55,6 +56,7 @@ async def readyz(settings: SettingsDep) -> JSONResponse:
     checks = {
         "database": await run_in_threadpool(_database_reachable, settings.resolved_database_url),
         "broker": await run_in_threadpool(broker_reachable, settings),
+        "disk": has_room(settings),  # at least GRAFT_MIN_FREE_DISK_MB free under data_dir
     }
     ready = all(checks.values())
     return JSONResponse(

@@ -385,6 +385,7 @@ class TestOperations:
         assert ready.status_code == 200 and ready.json()["checks"] == {
             "database": True,
             "broker": True,
+            "disk": True,
         }
         metrics = client.get("/metrics").text
         assert 'graft_jobs{status="queued"} 0.0' in metrics
