@@ -42,6 +42,8 @@ def run_api(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through Graft's handler (text or JSON)
         proxy_headers=True,
+        # a stopping API finishes what is in flight, but does not wait forever on a slow upload
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 
 

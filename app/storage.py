@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -49,6 +50,7 @@ class Storage(Protocol):
     def local_path(self, key: str) -> Path: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]: ...
 
 
 class LocalStorage:
@@ -92,6 +94,18 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """Every file under ``prefix`` (a folder), with when it was last written; the
+        leftovers of an interrupted ``put_file`` (``.incoming-*``) included."""
+        base = self.root.joinpath(*PurePosixPath(prefix).parts) if prefix else self.root
+        for path in base.rglob("*"):
+            try:
+                if path.is_file():
+                    mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                    yield path.relative_to(self.root).as_posix(), mtime
+            except FileNotFoundError:  # deleted meanwhile
+                continue
 
 
 class S3Storage:
@@ -153,6 +167,22 @@ class S3Storage:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         self.cache_dir.joinpath(*PurePosixPath(key).parts).unlink(missing_ok=True)
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """Every object under ``prefix``, with its last-modified time. (An upload cut off
+        midway leaves no object, only an incomplete multipart upload: a bucket lifecycle rule
+        aborts those.)"""
+        if prefix:
+            full = self._key(prefix.strip("/")) + "/"
+        else:
+            full = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full
+        )
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"][strip:], item["LastModified"]
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -1,5 +1,5 @@
 """The API's background thread: re-rings the broker for jobs it lacks, re-queues jobs of dead
-workers, and delivers due webhooks.
+workers, delivers due webhooks, and removes what nothing owns (app.janitor).
 
 While the broker is down (a message could not be sent, or the last sweep could not reach it)
 the sweep runs every second, so jobs submitted meanwhile are sent within about a second of
@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from app import janitor
 from app.db import session_scope
 from app.jobs import PUBLISH_GRACE_S, sweep
 from app.queue import publish_failed, publish_jobs, waiting_in_broker
@@ -56,9 +57,14 @@ class Sweeper:
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.settings.sweep_interval_s
+        clean_every = max(self.settings.orphan_grace_s / 4, 60.0)
+        next_clean = time.monotonic() + min(clean_every, 300.0)
         while not self._stop.wait(1.0):
             try:
                 deliver_due(self.settings)
+                if time.monotonic() >= next_clean:
+                    next_clean = time.monotonic() + clean_every
+                    janitor.clean(self.settings)
                 now = time.monotonic()
                 urgent = not self.broker_up or publish_failed.is_set() or now < self._urgent_until
                 if urgent or now >= next_sweep:

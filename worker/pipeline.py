@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.disk import free_bytes, has_room
+from app.janitor import clean_tmp
 from app.logs import current_job
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.registry import add_version, artifact_metadata
@@ -61,6 +62,10 @@ def run_job(job_id: str, settings: Settings) -> None:
         _run_job(job_id, settings)
     finally:
         current_job.reset(token)
+        try:  # what killed attempts of any job left on this worker's disk
+            clean_tmp(settings)
+        except Exception:
+            log.warning("could not clean the temporary folder", exc_info=True)
 
 
 def _run_job(job_id: str, settings: Settings) -> None:
