@@ -24,7 +24,7 @@ from app.settings import Settings, get_settings
 from app.sweeper import Sweeper
 from app.uploads import BodySizeLimit
 from app.watch import JobWatch
-from worker.engine.errors import DiskFull, resource_error
+from worker.engine.errors import DiskFull, OutOfMemory, resource_error
 
 log = logging.getLogger(__name__)
 PROBLEM = PROBLEM_MEDIA_TYPE
@@ -78,20 +78,22 @@ def install_error_handlers(app: FastAPI) -> None:
             response.headers[key] = value
         return response
 
-    def disk_full(exc: Exception) -> JSONResponse | None:
-        if not isinstance(resource_error(exc), DiskFull):
-            return None
-        log.error("the disk is full: %s", exc)
-        return problem(
-            507,
-            InsufficientStorage.title,
-            "the server's disk is full; nothing was stored. Retry once space has been freed",
-            InsufficientStorage.type_,
-        )
+    def out_of_resources(exc: Exception) -> JSONResponse | None:
+        """507 for a full disk, 503 for memory the server could not get; None otherwise."""
+        error = resource_error(exc)
+        if isinstance(error, DiskFull):
+            log.error("the disk is full: %s", exc)
+            detail = "the server's disk is full; nothing was stored. Retry once space is freed"
+            return problem(507, InsufficientStorage.title, detail, InsufficientStorage.type_)
+        if isinstance(error, OutOfMemory):
+            log.error("out of memory: %s", exc)
+            detail = "the server ran out of memory handling this request; nothing was stored"
+            return problem(503, Unavailable.title, detail, Unavailable.type_)
+        return None
 
     @app.exception_handler(DBAPIError)
     async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
-        if full := disk_full(exc):  # SQLite: "database or disk is full"
+        if full := out_of_resources(exc):  # SQLite: "database or disk is full"
             return full
         if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
             log.warning("database unreachable: %s", exc.orig)
@@ -108,7 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if full := disk_full(exc):
+        if full := out_of_resources(exc):
             return full
         log.exception("unhandled error", exc_info=exc)
         return problem(500, "Internal server error", "an unexpected error occurred")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import __version__, references
 from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
-from app.models import Model, ModelVersion, Promotion, VersionStatus, new_id
+from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
     NAME_PATTERN,
     ModelRead,
@@ -24,9 +26,9 @@ from app.schemas import (
     PromotionRead,
     VersionSummary,
 )
-from app.storage import Storage
+from app.storage import Storage, StoredObject
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
-from worker.engine.errors import EngineError, UnknownArchitecture
+from worker.engine.errors import EngineError, UnknownArchitecture, resource_error
 from worker.engine.weights import (
     convert_to_safetensors,
     is_safetensors,
@@ -81,23 +83,34 @@ def parse_preprocessing(raw: str | None, architecture: str) -> Preprocessing:
     return Preprocessing.from_dict(spec.model_dump())
 
 
-def register_model(
+@dataclass
+class Registration:
+    """A checked registration request, and (once ``store_registration`` ran) its files."""
+
+    owner: str
+    name: str
+    architecture: str
+    labels: list[str]
+    preprocessing: Preprocessing
+    dataset: Dataset | None
+    model_id: str = field(default_factory=new_id)
+    version_id: str = field(default_factory=new_id)
+    weights: StoredObject | None = None
+    reference: dict[str, Any] | None = None
+    written: list[str] = field(default_factory=list)
+
+
+def check_registration(
     session: Session,
-    storage: Storage,
     owner: str,
     *,
     name: str,
     architecture: str,
     labels_json: str,
-    weights: Path,
     preprocessing_json: str | None,
     reference_dataset_id: str | None = None,
-    reference_per_label: int = 100,
-    tmp_root: Path | None = None,
-) -> ModelVersion:
-    """Check the weights against the architecture and store them as version 1, with the
-    images of ``reference_dataset_id`` (every folder a label of the model) as its reference
-    set."""
+) -> Registration:
+    """Everything about a registration that needs no file: 409/422 before a byte is stored."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise Invalid(f"name must match {NAME_PATTERN}", "name")
     if find_model(session, owner, name) is not None:
@@ -108,14 +121,6 @@ def register_model(
     except UnknownArchitecture as exc:
         raise Invalid(str(exc), "architecture") from None
     prep = parse_preprocessing(preprocessing_json, architecture)
-    try:
-        if not is_safetensors(weights):
-            converted = weights.with_suffix(".safetensors")
-            convert_to_safetensors(weights, converted)
-            weights = converted
-        model, _head = load_classifier(architecture, len(labels), weights)
-    except EngineError as exc:
-        raise Invalid(str(exc), "weights") from None
     dataset = None
     if reference_dataset_id:
         dataset = references.dataset_for_reference(
@@ -128,52 +133,87 @@ def register_model(
                 f"{strangers[:5]}; a reference set holds images of the model's own labels",
                 "reference_dataset_id",
             )
+    return Registration(owner, name, architecture, labels, prep, dataset)
 
-    row = Model(owner=owner, name=name)
-    session.add(row)
-    session.flush()  # the unique (owner, name) constraint speaks now, before any file is written
-    version_id = new_id()
-    key = f"models/{row.id}/{version_id}/model.safetensors"
-    written: list[str] = []
+
+def store_registration(
+    storage: Storage,
+    registration: Registration,
+    weights: Path,
+    reference_per_label: int,
+    tmp_root: Path,
+) -> Registration:
+    """Check the weights against the architecture and store version 1's files (outside any
+    transaction): the weights as safetensors, and the reference dataset's images."""
+    r = registration
+    try:
+        if not is_safetensors(weights):
+            converted = weights.with_suffix(".safetensors")
+            convert_to_safetensors(weights, converted)
+            weights = converted
+        model, _head = load_classifier(r.architecture, len(r.labels), weights)
+    except EngineError as exc:
+        raise resource_error(exc) or Invalid(str(exc), "weights") from None
     try:
         with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
             path = Path(tmp) / "model.safetensors"
-            save_safetensors(
-                path, model, artifact_metadata(name, architecture, labels, prep.to_dict(), None)
+            metadata = artifact_metadata(
+                r.name, r.architecture, r.labels, r.preprocessing.to_dict(), None
             )
-            stored = storage.put_file(key, path)
-            written.append(key)
-        reference = None
-        if dataset is not None:
-            reference, _, images = references.extend_reference(
+            save_safetensors(path, model, metadata)
+            key = f"models/{r.model_id}/{r.version_id}/model.safetensors"
+            r.weights = storage.put_file(key, path)
+            r.written.append(key)
+        if r.dataset is not None:
+            r.reference, _, images = references.extend_reference(
                 storage,
-                row.id,
-                version_id,
+                r.model_id,
+                r.version_id,
                 None,
-                dataset,
-                set(labels),
+                r.dataset,
+                set(r.labels),
                 reference_per_label,
-                tmp_root or Path(tempfile.gettempdir()),
+                tmp_root,
             )
-            if reference is not None:
-                written += images + [reference["manifest"]["key"]]
+            if r.reference is not None:
+                r.written += images + [r.reference["manifest"]["key"]]
     except BaseException:
-        for written_key in written:  # the model is new: nothing else points at its files
-            storage.delete(written_key)
+        discard_registration(storage, r)
         raise
+    return r
+
+
+def discard_registration(storage: Storage, registration: Registration) -> None:
+    """Delete what ``store_registration`` wrote: the model is new, nothing else points at it."""
+    for key in registration.written:
+        storage.delete(key)
+
+
+def record_registration(session: Session, registration: Registration) -> ModelVersion:
+    """Write the model and its version 1 (a short transaction); 409 if the name was taken
+    meanwhile, in which case the caller discards the files."""
+    r = registration
+    row = Model(id=r.model_id, owner=r.owner, name=r.name)
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"a model named {r.name!r} already exists") from None
+    assert r.weights is not None
     return add_version(
         session,
         row,
-        version_id=version_id,
+        version_id=r.version_id,
         parent_version=None,
         job_id=None,
-        architecture=architecture,
-        labels=labels,
-        preprocessing=prep.to_dict(),
+        architecture=r.architecture,
+        labels=r.labels,
+        preprocessing=r.preprocessing.to_dict(),
         status=VersionStatus.PROMOTED,
         metrics=None,
-        artifacts={SAFETENSORS: stored.__dict__},
-        reference=reference,
+        artifacts={SAFETENSORS: asdict(r.weights)},
+        reference=r.reference,
     )
 
 

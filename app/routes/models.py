@@ -55,28 +55,41 @@ async def register_model(
 ) -> Response:
     # the upload's copy, a converted copy, and the stored copy (local storage)
     ensure_room(settings, 3 * upload_size(weights), "these weights")
+    # Checked in one short transaction, the files stored outside any, the rows written in
+    # another: a slow upload holds no lock (SQLite has one for all writers).
+    checked = await db(
+        lambda session, owner: registry.check_registration(
+            session,
+            owner,
+            name=name,
+            architecture=architecture,
+            labels_json=labels,
+            preprocessing_json=preprocessing,
+            reference_dataset_id=reference_dataset_id or None,
+        )
+    )
     with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
         path = await run_in_threadpool(
             save_upload, weights, Path(tmp) / "weights", settings.max_upload_bytes
         )
+        stored = await run_in_threadpool(
+            registry.store_registration,
+            storage,
+            checked,
+            path,
+            settings.reference_per_label,
+            Path(tmp),
+        )
 
-        def work(session: Session, owner: str) -> ModelVersionRead:
-            version = registry.register_model(
-                session,
-                storage,
-                owner,
-                name=name,
-                architecture=architecture,
-                labels_json=labels,
-                weights=path,
-                preprocessing_json=preprocessing,
-                reference_dataset_id=reference_dataset_id or None,
-                reference_per_label=settings.reference_per_label,
-                tmp_root=Path(tmp),
-            )
-            return registry.version_read(version.model, version)
+    def record(session: Session) -> ModelVersionRead:
+        version = registry.record_registration(session, stored)
+        return registry.version_read(version.model, version)
 
-        return json_response(await db(work), 201)
+    try:
+        return json_response(await db.database.run(record), 201)
+    except BaseException:
+        await run_in_threadpool(registry.discard_registration, storage, stored)
+        raise
 
 
 @router.get("", response_model=Page[ModelRead])

@@ -1,4 +1,5 @@
-"""Many clients at once: every poll is answered, and the database pool is never the bottleneck.
+"""Many clients at once: every poll is answered, the database pool is never the bottleneck, and
+concurrent writes of one thing make one thing.
 
 Requests go through the real ASGI app, its real thread pool and a real SQLite database; the
 pool's connections are counted as they are checked out.
@@ -104,3 +105,50 @@ def test_open_event_streams_share_one_poller_and_hold_no_connection(client, queu
         assert body.startswith("event: status\n") and '"status":"queued"' in body
         assert body.rstrip().endswith("}") and '"status":"cancelled"' in body.split("\n\n")[-2]
     assert watch.following == 0
+
+
+def test_concurrent_submits_with_one_idempotency_key_make_one_job(client, queued_job):
+    body = client.get(f"/v1/jobs/{queued_job}").json()
+    request = {"model": "digits", "dataset_id": body["dataset_id"]}
+
+    async def submit() -> list[httpx.Response]:
+        async with asgi_client(client) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/v1/jobs", json=request, headers={"Idempotency-Key": "k"})
+                    for _ in range(30)
+                )
+            )
+
+    responses = asyncio.run(submit())
+    ids = {r.json()["id"] for r in responses if r.status_code == 202}
+    assert len(ids) == 1 and queued_job not in ids
+    for r in responses:
+        assert r.status_code == 202 or (r.status_code == 409 and r.headers["Retry-After"] == "1")
+    assert len(client.get("/v1/jobs").json()["items"]) == 2
+
+
+def test_concurrent_registrations_of_one_name_make_one_model_and_leave_no_file(
+    client, settings, base_weights
+):
+    async def register() -> list[httpx.Response]:
+        data = {
+            "name": "twins",
+            "architecture": "timm:resnet18",
+            "labels": '["0","1","2","3","4","5","6","7","8"]',
+        }
+        weights = base_weights.read_bytes()
+        async with asgi_client(client) as http:
+            return await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/models", data=data, files={"weights": ("w.safetensors", weights)}
+                    )
+                    for _ in range(4)
+                )
+            )
+
+    statuses = sorted(r.status_code for r in asyncio.run(register()))
+    assert statuses == [201, 409, 409, 409]
+    stored = [p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file()]
+    assert len(stored) == 1  # the winner's weights; the others' were never kept
