@@ -54,7 +54,11 @@ def test_a_job_runs_on_a_separate_worker_through_redis_and_postgres(
     )
     try:
         with TestClient(create_app(settings)) as client:
-            assert client.get("/readyz").json()["checks"] == {"database": True, "broker": True}
+            assert client.get("/readyz").json()["checks"] == {
+                "database": True,
+                "broker": True,
+                "disk": True,
+            }
             assert register_digits(client, base_weights).status_code == 201
             archive = digits_archive(digit_splits[1], old_per_class=20, new_shots=10)
             dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
@@ -86,4 +90,4 @@ def test_readyz_reports_an_unreachable_broker(postgres_url, tmp_path):
     with TestClient(create_app(settings)) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["checks"] == {"database": True, "broker": False}
+    assert response.json()["checks"] == {"database": True, "broker": False, "disk": True}
