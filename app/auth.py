@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -36,6 +37,7 @@ def create_key(session: Session, owner: str) -> tuple[str, ApiKey]:
     row = ApiKey(owner=owner, prefix=prefix, key_hash=_hash(key))
     session.add(row)
     session.flush()
+    _with_keys.add(_database(session))
     return key, row
 
 
@@ -63,8 +65,29 @@ def owner_of(session: Session, key: str) -> str | None:
     return row.owner if hmac.compare_digest(_hash(key), row.key_hash) else None
 
 
+# Databases known to have a key: once one exists, one always does (revoked keys are kept).
+# "No key yet" is asked again after a second, so the first key made by `graft keys create`
+# in another process turns authentication on within a second.
+_with_keys: set[str] = set()
+_keyless_until: dict[str, float] = {}
+KEYLESS_RECHECK_S = 1.0
+
+
+def _database(session: Session) -> str:
+    return str(session.get_bind().url)
+
+
 def any_keys(session: Session) -> bool:
-    return session.scalar(select(ApiKey.id).limit(1)) is not None
+    database = _database(session)
+    if database in _with_keys:
+        return True
+    if time.monotonic() < _keyless_until.get(database, 0.0):
+        return False
+    if session.scalar(select(ApiKey.id).limit(1)) is not None:
+        _with_keys.add(database)
+        return True
+    _keyless_until[database] = time.monotonic() + KEYLESS_RECHECK_S
+    return False
 
 
 def is_loopback(host: str) -> bool:

@@ -59,11 +59,13 @@ class Model(Base):
     latest_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
+    # Loaded when read (a job's model is loaded with every job: it must not bring every
+    # version along); listings ask for them with selectinload.
     versions: Mapped[list[ModelVersion]] = relationship(
-        back_populates="model", order_by="ModelVersion.version", lazy="selectin"
+        back_populates="model", order_by="ModelVersion.version"
     )
     promotions: Mapped[list[Promotion]] = relationship(
-        order_by="Promotion.id.desc()", lazy="selectin", cascade="all, delete-orphan"
+        order_by="Promotion.id.desc()", cascade="all, delete-orphan"
     )
 
 
@@ -163,8 +165,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
-    model: Mapped[Model] = relationship(lazy="joined")
-    dataset: Mapped[Dataset] = relationship(lazy="joined")
+    model: Mapped[Model] = relationship(lazy="joined")  # a job's answer names its model
+    dataset: Mapped[Dataset] = relationship()
 
 
 class ApiKey(Base):

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app import __version__, references
 from app.db import paginate
@@ -240,8 +240,14 @@ def find_model(session: Session, owner: str, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.owner == owner, Model.name == name))
 
 
+# What model_read shows, loaded in one query each rather than one per model.
+WITH_VERSIONS = (selectinload(Model.versions), selectinload(Model.promotions))
+
+
 def get_model(session: Session, owner: str, name: str) -> Model:
-    model = find_model(session, owner, name)
+    model = session.scalar(
+        select(Model).where(Model.owner == owner, Model.name == name).options(*WITH_VERSIONS)
+    )
     if model is None:
         raise NotFound(f"no model named {name!r}")
     return model
@@ -262,7 +268,7 @@ def get_version(session: Session, owner: str, name: str, version: int) -> ModelV
 def list_models(
     session: Session, owner: str, limit: int, cursor: str | None
 ) -> tuple[list[Model], str | None]:
-    query = select(Model).where(Model.owner == owner)
+    query = select(Model).where(Model.owner == owner).options(*WITH_VERSIONS)
     return paginate(session, query, Model.name, limit, cursor)
 
 
