@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import KEY_PREFIX, authenticate
 from app.db import POOL_SIZE, session_scope
+from app.pollcache import PollCache
 from app.settings import Settings
 from app.storage import Storage, open_storage
 
@@ -52,13 +53,28 @@ class Db:
     ``work(session, owner)``, where ``owner`` is who the request's key belongs to (the key is
     checked in the same session)."""
 
-    def __init__(self, database: Database, host: str, key: str | None) -> None:
+    def __init__(
+        self, database: Database, host: str, key: str | None, poll_cache: PollCache
+    ) -> None:
         self.database, self.host, self.key = database, host, key
+        self.poll_cache = poll_cache
 
     async def __call__(self, work: Callable[[Session, str], T]) -> T:
-        return await self.database.run(
-            lambda session: work(session, authenticate(session, self.host, self.key))
-        )
+        def unit(session: Session) -> T:
+            owner = authenticate(session, self.host, self.key)
+            self.poll_cache.remember_owner(self.key, owner)
+            return work(session, owner)
+
+        return await self.database.run(unit)
+
+    async def known_owner(self) -> str:
+        """Who the key belongs to: as checked within GRAFT_POLL_CACHE_S, else checked now
+        (once for every request asking at the same moment)."""
+
+        async def check() -> tuple[str, str]:
+            return "", await self.owner()
+
+        return await self.poll_cache.owners.through(self.key, "", check)
 
     async def owner(self) -> str:
         """Who the request's key belongs to, checked in a short session of its own (for
@@ -92,6 +108,7 @@ async def get_db(
         request.app.state.database,
         request.app.state.settings.host,
         credentials.credentials if credentials else None,
+        request.app.state.poll_cache,
     )
 
 

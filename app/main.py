@@ -19,6 +19,7 @@ from app import __version__
 from app.deps import Database
 from app.errors import InsufficientStorage, ServiceError, Unavailable
 from app.observability import Metrics, MetricsMiddleware
+from app.pollcache import PollCache
 from app.predict import PredictorCache
 from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
 from app.settings import Settings, get_settings
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.database = Database(settings.resolved_database_url)
     app.state.job_watch = JobWatch(app.state.database)
+    app.state.poll_cache = PollCache(settings.poll_cache_s)
     app.state.predictors = PredictorCache()
     app.state.metrics = Metrics(settings.resolved_database_url)
     install_error_handlers(app)

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(256, ge=0)
     # Seconds a stopping API waits for requests in flight (uploads) before closing them.
     shutdown_timeout_s: float = Field(30.0, ge=0)
+    # Repeated polls of a job (or a page of jobs) within this window are answered from memory.
+    poll_cache_s: float = Field(0.5, ge=0)
     # Temporary folders and stored objects that nothing owns are removed after this long.
     orphan_grace_s: float = Field(3600.0, ge=0)
     log_level: str = "INFO"

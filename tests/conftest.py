@@ -54,7 +54,9 @@ def base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path
 
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
-    s = Settings(data_dir=tmp_path / "var", sweep_interval_s=0, job_lease_s=30)
+    # poll_cache_s=0: tests read right after writing behind the API's back (tests/app/test_load.py
+    # covers the cache itself)
+    s = Settings(data_dir=tmp_path / "var", sweep_interval_s=0, job_lease_s=30, poll_cache_s=0)
     db_upgrade(s)
     return s
 
@@ -66,7 +68,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def register_digits(
-    client: TestClient, weights: Path, name: str = "digits", reference: str | None = None
+    client: TestClient,
+    weights: Path,
+    name: str = "digits",
+    reference: str | None = None,
+    headers: dict[str, str] | None = None,
 ):
     """Register the digits 0-8 model; ``reference``: a dataset id for its reference set."""
     data = {
@@ -78,7 +84,9 @@ def register_digits(
     if reference:
         data["reference_dataset_id"] = reference
     with weights.open("rb") as f:
-        return client.post("/v1/models", data=data, files={"weights": ("digits.safetensors", f)})
+        return client.post(
+            "/v1/models", data=data, files={"weights": ("digits.safetensors", f)}, headers=headers
+        )
 
 
 def digits_archive(held: D.Digits, old_per_class: int = 20, new_shots: int = 10) -> bytes:

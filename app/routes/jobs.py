@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -10,8 +11,9 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from app import jobs, reports
-from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep
+from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep
 from app.errors import Conflict
+from app.pollcache import Window
 from app.queue import publish_jobs
 from app.routes import json_response, problems
 from app.schemas import JobCreate, JobRead, Page
@@ -35,6 +37,7 @@ async def submit_job(
     )
     if created:  # the row is committed before the doorbell rings
         await run_in_threadpool(publish_jobs, settings, [read.id])
+        db.poll_cache.changed(read.id)
     return json_response(read, 202, {"Location": f"/v1/jobs/{read.id}"})
 
 
@@ -53,18 +56,36 @@ async def list_jobs(
     limit: LimitQuery = 50,
     cursor: CursorQuery = None,
 ) -> Response:
-    def work(session: Session, owner: str) -> Page[JobRead]:
+
+    def work(session: Session, owner: str) -> tuple[str, str]:
         rows, next_cursor = jobs.list_jobs(
             session, owner, status=status, model=model, limit=limit, cursor=cursor
         )
-        return Page(items=[jobs.job_read(j) for j in rows], next_cursor=next_cursor)
+        page = Page(items=[jobs.job_read(j) for j in rows], next_cursor=next_cursor)
+        return owner, page.model_dump_json()
 
-    return json_response(await db(work))
+    return await _polled(db, db.poll_cache.pages, (status, model, limit, cursor), work)
 
 
 @router.get("/{job_id}", response_model=JobRead)
 async def get_job(job_id: str, db: DbDep) -> Response:
-    return json_response(await db(lambda session, owner: _read(session, owner, job_id)))
+    """The job, its progress and, once finished, its metrics. Repeated polls within
+    GRAFT_POLL_CACHE_S (0.5 s) are answered from memory."""
+
+    def work(session: Session, owner: str) -> tuple[str, str]:
+        return owner, _read(session, owner, job_id).model_dump_json()
+
+    return await _polled(db, db.poll_cache.jobs, job_id, work)
+
+
+async def _polled(
+    db: Db, window: Window, key: Hashable, work: Callable[[Session, str], tuple[str, str]]
+) -> Response:
+    """A polled read: from the poll cache when the key's owner is known and the answer is
+    fresh, else from the database (once, for every request asking at the same moment)."""
+    owner = await db.known_owner()
+    body = await window.through(key, owner, lambda: db(work))
+    return Response(body, media_type="application/json")
 
 
 def _read(session: Session, owner: str, job_id: str) -> JobRead:
@@ -76,6 +97,7 @@ async def cancel_job(job_id: str, db: DbDep) -> Response:
     cancelled = await db(
         lambda session, owner: jobs.job_read(jobs.cancel_job(session, owner, job_id))
     )
+    db.poll_cache.changed(job_id)
     return json_response(cancelled, 202)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
 
-from app.db import POOL_SIZE, get_engine
+from app.db import POOL_SIZE, get_engine, session_scope
+from app.models import Job
 from tests.conftest import digits_archive, register_digits
 
 CLIENTS = 256
@@ -152,3 +154,46 @@ def test_concurrent_registrations_of_one_name_make_one_model_and_leave_no_file(
     assert statuses == [201, 409, 409, 409]
     stored = [p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file()]
     assert len(stored) == 1  # the winner's weights; the others' were never kept
+
+
+def test_repeated_polls_within_the_window_are_answered_from_memory(
+    settings, base_weights, digit_splits
+):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.app.test_auth import bearer, new_key
+
+    cached = settings.model_copy(update={"poll_cache_s": 0.3})
+    with TestClient(create_app(cached)) as client:
+        key = new_key(cached, "alice")
+        headers = bearer(key)
+        assert register_digits(client, base_weights, headers=headers).status_code == 201
+        archive = digits_archive(digit_splits[1], old_per_class=3)
+        dataset = client.post(
+            "/v1/datasets", files={"archive": ("d.zip", archive)}, headers=headers
+        ).json()
+        job_id = client.post(
+            "/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]}, headers=headers
+        ).json()["id"]
+        watch = PoolWatch(cached.resolved_database_url)
+        try:
+            first = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+            used = watch.peak
+            watch.peak = watch.now
+            again = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+            assert again == first and used >= 1 and watch.peak == 0  # no connection at all
+            # another owner's key never gets the remembered answer
+            other = bearer(new_key(cached, "bob"))
+            assert client.get(f"/v1/jobs/{job_id}", headers=other).status_code == 404
+            # a change through the API shows at once; one behind its back within the window
+            cancelled = client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).json()
+            assert client.get(f"/v1/jobs/{job_id}", headers=headers).json() == cancelled
+            with session_scope(cached.resolved_database_url) as s:
+                s.execute(update(Job).where(Job.id == job_id).values(warnings=["changed"]))
+            time.sleep(0.4)
+            assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["warnings"] == [
+                "changed"
+            ]
+        finally:
+            watch.close()

@@ -79,6 +79,7 @@ def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits):
         job_lease_s=3,
         requeue_after_s=1,
         sweep_interval_s=0,
+        poll_cache_s=0,  # the tests read right after a worker writes
     )
     db_upgrade(settings)
     c = Cluster(settings, env, tmp_path)
