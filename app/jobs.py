@@ -1,15 +1,15 @@
-"""Jobs: submission, reading, cancellation, and the sweep that keeps none of them lost.
+"""Jobs: submission, reading and cancellation.
 
 Submitting writes the job row; the caller commits and only then rings the broker with the id.
-A job that the broker forgot is still queued in the database, and the sweep rings again.
+A job that the broker forgot is still queued in the database, and the sweep (app.sweeper)
+rings again.
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -259,89 +259,3 @@ def job_read(job: Job) -> JobRead:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
-
-
-# A job queued this recently may be between its commit and its message; not lost yet.
-PUBLISH_GRACE_S = 5.0
-
-
-def sweep(
-    session: Session,
-    settings: Settings,
-    waiting: set[str] | None,
-    broker_up: bool = True,
-    now: datetime | None = None,
-) -> list[str]:
-    """Find the jobs whose doorbell must ring again; return their ids, to publish after commit.
-
-    - queued, and the broker holds no message for them (``waiting``: the ids it holds):
-      submitted while the broker was down, or lost by it. Where the broker cannot be read
-      (``waiting`` is None), those queued longer than ``requeue_after_s``. Nothing while the
-      broker is down (``broker_up`` False): they are sent once it is back;
-    - running with an expired lease (the worker died): queued again, or failed once
-      ``max_attempts`` are used up, or cancelled if a cancel was asked for.
-
-    Claiming is conditional, so the rare duplicate message is harmless.
-    """
-    now = now or utcnow()
-    republish = _lost(session, settings, waiting, now) if broker_up else []
-    hard_limit = timedelta(seconds=settings.job_time_limit_s + settings.job_time_grace_s)
-    expired = session.execute(
-        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.started_at).where(
-            Job.status == JobStatus.RUNNING,
-            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
-        )
-    ).all()
-    for job_id, attempt, max_attempts, cancel_requested, started_at in expired:
-        fence = (Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
-        if cancel_requested:
-            values = {"status": JobStatus.CANCELLED, "finished_at": now}
-        elif started_at is not None and now - started_at > hard_limit:
-            values = {
-                "status": JobStatus.FAILED,
-                "finished_at": now,
-                "error": {
-                    "code": "timeout",
-                    "message": "the job's worker went silent after its time limit",
-                },
-            }
-        elif attempt >= max_attempts:
-            values = {
-                "status": JobStatus.FAILED,
-                "finished_at": now,
-                "error": {
-                    "code": "worker_lost",
-                    "message": f"the worker stopped responding on all {attempt} attempts",
-                },
-            }
-        else:
-            values = {
-                "status": JobStatus.QUEUED,
-                "queued_at": now,
-                "progress": progress_record("queued", 0.0, "re-queued: worker lost"),
-            }
-        if session.execute(update(Job).where(*fence).values(**values)).rowcount and (
-            values["status"] == JobStatus.QUEUED
-        ):
-            republish.append(job_id)
-    return republish if broker_up else []
-
-
-def _lost(
-    session: Session, settings: Settings, waiting: set[str] | None, now: datetime
-) -> list[str]:
-    if waiting is None:  # a broker that cannot be read: ring again after a while
-        stale = now - timedelta(seconds=settings.requeue_after_s)
-        ids = list(
-            session.scalars(
-                select(Job.id).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale)
-            )
-        )
-        if ids:
-            session.execute(update(Job).where(Job.id.in_(ids)).values(queued_at=now))
-        return ids
-    settled = now - timedelta(seconds=PUBLISH_GRACE_S)
-    queued = session.scalars(
-        select(Job.id).where(Job.status == JobStatus.QUEUED, Job.queued_at < settled)
-    )
-    return [job_id for job_id in queued if job_id not in waiting]

@@ -8,8 +8,9 @@ are submitted so that the worker is always training while the API is measured (`
 starts no worker: the jobs stay queued and the machine is quiet).
 
   wrk     `wrk -t2 -cN -dSs --timeout 2s --latency` on GET /v1/jobs/{id} (a job of the model),
-          GET /v1/jobs?limit=20, and a bare FastAPI app (one `async def` route returning a
-          job's JSON as a constant, served by uvicorn with the settings `graft api` uses),
+          the same for 20 jobs in turn (a Lua script), GET /v1/jobs?limit=20, and a bare
+          FastAPI app (one `async def` route returning a job's JSON as a constant, served by
+          uvicorn with the settings `graft api` uses),
           interleaved at each connection count. Per run: requests/s, the ratio to the bare app,
           p50/p99 latency, non-2xx answers, 5xx answers (from Graft's /metrics), socket errors
           and stalls (wrk timeouts: requests that took over 2 s, which its p99 leaves out).
@@ -26,8 +27,8 @@ Prints a markdown report with the goals: no stalls and no 5xx, at least half the
 requests/s, p99 at most 50 ms on a quiet machine. Takes about 3.5 minutes at the defaults on a
 2-core machine (about 3 with `--seconds 8`; the base model is trained once, for one epoch).
 `.venv/bin/python bench/load.py [--mode embedded|production|both] [--seconds 10]
-[--connections 64 256] [--quiet-machine] [--poll-cache-s 0]` (0: no poll cache, so every
-request reads the database, as when each client polls a different job)
+[--connections 64 256] [--quiet-machine] [--poll-cache-s 0]` (0: nothing is remembered;
+requests for the same answer at the same moment still share one database read).
 """
 
 from __future__ import annotations
@@ -448,12 +449,15 @@ def wrk(
     pid: int,
     pg: Postgres | None,
     count_5xx: Callable[[], int | None] | None,
+    script: Path | None = None,
 ) -> Run:
     before = count_5xx() if count_5xx else None
     monitor = Monitor(health_url, pid, pg)
     monitor.start()
     threads = f"-t{min(2, run.connections)}"  # wrk wants a connection per thread at least
     argv = ["wrk", threads, f"-c{run.connections}", f"-d{seconds}s", "--timeout", "2s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
     try:
         done = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 60)
     finally:
@@ -632,12 +636,39 @@ def measure_mode(
                     graft.responses_5xx,
                 ),
             ]
+            # every job of the first page in turn: polls of different jobs, fewer shared answers
+            rotate = folder / "rotate.lua"
+            paths = ", ".join(f'"/v1/jobs/{j}"' for j in graft.jobs[:20])
+            rotate.write_text(
+                f"local paths = {{{paths}}}\nlocal i = 0\n"
+                "request = function()\n  i = i % #paths + 1\n"
+                '  return wrk.format("GET", paths[i])\nend\n'
+            )
+            targets.insert(
+                2,
+                (
+                    f"GET /v1/jobs/{{id}}, {min(20, len(graft.jobs))} jobs in turn",
+                    graft.url,
+                    f"{graft.url}/healthz",
+                    graft.api.pid,
+                    pg,
+                    graft.responses_5xx,
+                ),
+            )
             for connections in args.connections:
                 bare_rps = None
                 for target, url, health, pid, db, count_5xx in targets:
                     print(f"  {name}: {target}, {connections} connections", flush=True)
+                    script = rotate if "in turn" in target else None
                     run = wrk(
-                        url, Run(target, connections), args.seconds, health, pid, db, count_5xx
+                        url,
+                        Run(target, connections),
+                        args.seconds,
+                        health,
+                        pid,
+                        db,
+                        count_5xx,
+                        script,
                     )
                     if target == "bare":
                         bare_rps = run.requests_per_s
@@ -767,7 +798,8 @@ def main() -> None:
         "--poll-cache-s",
         type=float,
         default=None,
-        help="GRAFT_POLL_CACHE_S for the API (0: every poll reads the database)",
+        help="GRAFT_POLL_CACHE_S for the API (0: nothing remembered; requests for the same "
+        "answer at the same moment still share one read)",
     )
     parser.add_argument("--sse-streams", type=int, default=256)
     parser.add_argument("--sse-seconds", type=float, default=10.0)

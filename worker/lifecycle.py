@@ -6,7 +6,7 @@ write on the attempt number, and retry those writes while the database is away.
 - ``fenced_finish`` / ``finish``: the final status, only while this attempt owns the job.
 - ``release``: back to the queue without using up an attempt (shutdown, database gone).
 
-The API side (re-queueing jobs whose lease ran out) is ``app.jobs.sweep``.
+The API side (re-queueing jobs whose lease ran out) is ``app.sweeper.sweep``.
 """
 
 from __future__ import annotations

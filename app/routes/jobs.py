@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -71,11 +72,11 @@ async def list_jobs(
 async def get_job(job_id: str, db: DbDep) -> Response:
     """The job, its progress and, once finished, its metrics. Repeated polls within
     GRAFT_POLL_CACHE_S (0.5 s) are answered from memory."""
+    return await _polled(db, db.poll_cache.jobs, job_id, partial(_read_json, job_id=job_id))
 
-    def work(session: Session, owner: str) -> tuple[str, str]:
-        return owner, _read(session, owner, job_id).model_dump_json()
 
-    return await _polled(db, db.poll_cache.jobs, job_id, work)
+def _read_json(session: Session, owner: str, *, job_id: str) -> tuple[str, str]:
+    return owner, _read(session, owner, job_id).model_dump_json()
 
 
 async def _polled(
@@ -140,9 +141,10 @@ async def job_events(job_id: str, request: Request, db: DbDep) -> StreamingRespo
     """Server-sent events: ``progress`` while the job changes, ``status`` when its status
     changes, a ``: keep-alive`` comment every 15 s of silence; the stream ends after the final
     status."""
-    first = await db(lambda session, owner: _read(session, owner, job_id))  # 404 up front
+    # 404 before the stream starts; many streams opening at once share one read
+    first = await _polled(db, db.poll_cache.jobs, job_id, partial(_read_json, job_id=job_id))
     return StreamingResponse(
-        request.app.state.job_watch.events(first),
+        request.app.state.job_watch.events(JobRead.model_validate_json(first.body)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.db import session_scope, utcnow
-from app.jobs import sweep
 from app.models import Job, ModelVersion
 from app.storage import open_storage
+from app.sweeper import sweep
 from tests.conftest import digits_archive, register_digits
 from worker import pipeline
 from worker.spec import load_spec
