@@ -10,6 +10,7 @@ COPY pyproject.toml README.md alembic.ini /src/
 COPY app /src/app
 COPY worker /src/worker
 COPY migrations /src/migrations
+COPY graft /src/graft
 RUN python -m venv /opt/graft && /opt/graft/bin/pip install "/src[production]" \
  && useradd --create-home --uid 10001 graft && mkdir /data && chown graft /data
 ENV PATH=/opt/graft/bin:$PATH GRAFT_DATA_DIR=/data GRAFT_HOST=0.0.0.0
