@@ -2,24 +2,95 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import Float, Select, case, func, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import session_scope
 from app.models import Job, JobStatus
 
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, float("inf"))
+RECENT_JOBS = 20  # graft_images_per_second is the mean of this many last succeeded jobs
+
+
+class seconds_between(FunctionElement):  # noqa: N801 (used like a SQL function)
+    """``seconds_between(start, end)``: ``end - start`` in seconds, computed by the database."""
+
+    type = Float()
+    inherit_cache = True
+    name = "seconds_between"
+
+
+@compiles(seconds_between)
+def _seconds_between(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(c, **kw) for c in element.clauses)
+    return f"EXTRACT(EPOCH FROM ({end} - {start}))"
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_between_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(c, **kw) for c in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+@dataclass(frozen=True)
+class Durations:
+    """The histogram of succeeded jobs' run times: cumulative (le, count) buckets, and the
+    sum of all run times."""
+
+    buckets: list[tuple[str, float]]
+    total_s: float
+
+
+def _durations(session: Session) -> Durations:
+    """One row of sums, however many jobs have succeeded."""
+    seconds = seconds_between(Job.started_at, Job.finished_at)
+    finite = [b for b in DURATION_BUCKETS if not math.isinf(b)]
+    count, total, *within = session.execute(
+        select(
+            func.count(),
+            func.sum(seconds),
+            *(func.sum(case((seconds <= b, 1), else_=0)) for b in finite),
+        ).where(
+            Job.status == JobStatus.SUCCEEDED,
+            Job.started_at.is_not(None),
+            Job.finished_at.is_not(None),
+        )
+    ).one()
+    buckets = [(str(b), float(n or 0)) for b, n in zip(finite, within, strict=True)]
+    return Durations([*buckets, ("+Inf", float(count))], float(total or 0.0))
+
+
+def _mean_recent_rate() -> Select:
+    """The mean images per second of the last RECENT_JOBS succeeded jobs that recorded one
+    (read from the metrics in the database, not loaded with them)."""
+    rate = Job.metrics[("timing", "images_per_s")].as_float().label("rate")
+    recent = (
+        select(rate)
+        .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
+        .order_by(Job.finished_at.desc())
+        .limit(RECENT_JOBS)
+        .subquery()
+    )
+    return select(func.avg(recent.c.rate)).where(recent.c.rate > 0)
 
 
 class JobsCollector(Collector):
     """Read from the database at scrape time, so every API replica reports the same numbers
-    whichever worker ran the jobs."""
+    whichever worker ran the jobs. The database does the sums: a scrape reads a handful of
+    rows however many jobs have ever run."""
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
@@ -29,11 +100,8 @@ class JobsCollector(Collector):
             counts = dict(
                 session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
             )
-            finished = session.execute(
-                select(Job.started_at, Job.finished_at, Job.metrics)
-                .where(Job.status == JobStatus.SUCCEEDED)
-                .order_by(Job.finished_at.desc())
-            ).all()
+            durations = _durations(session)
+            rate = session.scalar(_mean_recent_rate())
         gauge = GaugeMetricFamily("graft_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
             gauge.add_metric([status.value], counts.get(status.value, 0))
@@ -43,26 +111,16 @@ class JobsCollector(Collector):
             "Jobs waiting for a worker",
             value=counts.get(JobStatus.QUEUED.value, 0),
         )
-        durations = [(end - start).total_seconds() for start, end, _ in finished if start and end]
-        buckets = [
-            ("+Inf" if b == float("inf") else str(b), sum(d <= b for d in durations))
-            for b in DURATION_BUCKETS
-        ]
         yield HistogramMetricFamily(
             "graft_job_duration_seconds",
             "Run time of succeeded jobs (their last attempt)",
-            buckets=buckets,
-            sum_value=sum(durations),
+            buckets=durations.buckets,
+            sum_value=durations.total_s,
         )
-        rates = [
-            m["timing"]["images_per_s"]
-            for _, _, m in finished[:20]
-            if m and m.get("timing", {}).get("images_per_s")
-        ]
         yield GaugeMetricFamily(
             "graft_images_per_second",
-            "Feature-extraction throughput, mean of the last 20 jobs",
-            value=sum(rates) / len(rates) if rates else 0.0,
+            f"Feature-extraction throughput, mean of the last {RECENT_JOBS} jobs",
+            value=float(rate or 0.0),
         )
 
 
