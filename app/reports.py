@@ -257,17 +257,21 @@ are 95 %.</small></p>
 
 
 def render_png(job: JobRead) -> bytes:
-    """The report's charts as one PNG (matplotlib, no display needed)."""
-    import matplotlib
+    """The report's charts as one PNG (matplotlib, no display needed).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a figure of its own with the object-oriented API, never pyplot: renders run at
+    the same time in the API's thread pool, and pyplot's current figure and backend are one
+    global state for the whole process."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     m = job.metrics or {}
     per_class = m.get("per_class", {})
     before = m.get("old_classes", {}).get("recall_before", {})
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9), dpi=100)
+    fig = Figure(figsize=(12, 9), dpi=100)
+    FigureCanvasAgg(fig)  # attaches itself: the figure draws with Agg, whatever the backend
+    axes = fig.subplots(2, 2)
     (ax_old, ax_new), (ax_cm, ax_curve) = axes
 
     old = list(before)
@@ -318,7 +322,6 @@ def render_png(job: JobRead) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 
