@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -32,6 +34,15 @@ from app.schemas import DatasetRead, JobRead, ModelRead, ModelVersionRead, Refer
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL = ("succeeded", "failed", "cancelled")
 ProgressCallback = Callable[[JobRead], None]
+# The API sends a keep-alive every 15 s: an event stream silent this long is dead.
+STREAM_SILENCE_S = 45.0
+# The longest ``wait`` gives its last poll once its timeout is (nearly) spent.
+LAST_LOOK_S = 1.0
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value); None without one."""
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def verify_signature(body: bytes, header: str, secret: str, tolerance_s: float = 300) -> bool:
@@ -247,36 +258,91 @@ class Client:
         timeout: float | None = None,
     ) -> JobRead:
         """Follow the job until its final status, calling ``on_progress`` on every change.
-        Uses the server-sent event stream, and polling when the stream is unavailable."""
+        Uses the server-sent event stream, and polling when the stream is unavailable, breaks
+        off or stays silent for STREAM_SILENCE_S. Raises :class:`GraftError` (status 0) once
+        ``timeout`` seconds have passed without a final status, whatever the stream does."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        events: queue.SimpleQueue[JobRead | BaseException | None] = queue.SimpleQueue()
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._follow, args=(job_id, events, stop), name="graft-events", daemon=True
+        )
+        reader.start()
         try:
-            for job in self._events(job_id):
-                if on_progress:
-                    on_progress(job)
-                if job.status in FINAL:
-                    return job
-        except (httpx.TransportError, GraftError) as exc:
-            if isinstance(exc, GraftError) and exc.status == 404:
-                raise
-        while True:  # the stream broke off or is unsupported: poll
-            job = self.get_job(job_id)
+            while (left := _left(deadline)) is None or left > 0:
+                try:
+                    item = events.get(timeout=left)
+                except queue.Empty:
+                    break  # the deadline: one last look, by polling
+                if isinstance(item, JobRead):
+                    if on_progress:
+                        on_progress(item)
+                    if item.status in FINAL:
+                        return item
+                    continue
+                if isinstance(item, GraftError) and item.status == 404:
+                    raise item
+                if item is not None and not isinstance(item, httpx.TransportError | GraftError):
+                    raise item
+                break  # the stream ended, broke off or is unsupported: poll
+        finally:
+            stop.set()  # the reader stops at the stream's next line, or its read timeout
+        while True:
+            job = self._poll(job_id, _left(deadline))
             if on_progress:
                 on_progress(job)
             if job.status in FINAL:
                 return job
-            if deadline is not None and time.monotonic() > deadline:
+            left = _left(deadline)
+            if left is not None and left <= 0:
                 raise GraftError(0, f"job {job_id} did not finish within {timeout} s")
-            time.sleep(poll_interval)
+            time.sleep(poll_interval if left is None else min(poll_interval, left))
 
-    def _events(self, job_id: str) -> Iterator[JobRead]:
-        timeout = httpx.Timeout(self.http.timeout.connect, read=None)
+    def _follow(
+        self,
+        job_id: str,
+        events: queue.SimpleQueue[JobRead | BaseException | None],
+        stop: threading.Event,
+    ) -> None:
+        """Put the job's events on ``events`` (in a thread of its own, so that ``wait`` never
+        blocks on the stream past its deadline). The last item is None when the stream ends,
+        or the exception that ended it."""
+        try:
+            for job in self._events(job_id, stop):
+                events.put(job)
+            events.put(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting thread)
+            events.put(exc)
+
+    def _events(self, job_id: str, stop: threading.Event | None = None) -> Iterator[JobRead]:
+        """The job's events until the stream ends or ``stop`` is set (checked at every line,
+        keep-alives included). A stream silent for STREAM_SILENCE_S raises ReadTimeout."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=STREAM_SILENCE_S)
         with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
             if response.status_code >= 400:
                 response.read()
                 self._raise(response)
             for line in response.iter_lines():
+                if stop is not None and stop.is_set():
+                    return
                 if line.startswith("data: "):
                     yield JobRead.model_validate_json(line.removeprefix("data: "))
+
+    def _poll(self, job_id: str, left: float | None) -> JobRead:
+        """The job now, asked with the client's timeouts, none longer than ``left`` seconds
+        (but at least LAST_LOOK_S, for one last look at the deadline)."""
+        if left is None:
+            return self.get_job(job_id)
+        cap = max(left, LAST_LOOK_S)
+        limits = self.http.timeout
+        timeout = httpx.Timeout(
+            connect=min(limits.connect or cap, cap),
+            read=min(limits.read or cap, cap),
+            write=min(limits.write or cap, cap),
+            pool=min(limits.pool or cap, cap),
+        )
+        response = self._request("GET", f"/v1/jobs/{job_id}", timeout=timeout)
+        return JobRead.model_validate(response.json())
 
     # Helpers --------------------------------------------------------------------------------
 
