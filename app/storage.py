@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +19,9 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 CHUNK = 1024 * 1024
+S3_CACHE_BYTES = 10 * 1024**3  # GRAFT_S3_CACHE_MB's default
+DOWNLOAD_PREFIX = ".download-"  # a download in progress, in the cache folder
+STALE_DOWNLOAD_S = 3600.0  # a download not written to for this long was cut off
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,8 @@ class S3Storage:
     a multipart upload, is atomic); each carries its sha256, checked when it is cached locally.
 
     Credentials come from the usual AWS variables or instance roles; ``endpoint_url`` points at
-    MinIO or another S3-compatible server.
+    MinIO or another S3-compatible server. Local copies are cached in ``cache_dir``, at most
+    ``cache_max_bytes`` of them: the least recently used go first.
     """
 
     def __init__(
@@ -123,10 +129,12 @@ class S3Storage:
         cache_dir: Path,
         endpoint_url: str | None = None,
         region: str | None = None,
+        cache_max_bytes: int = S3_CACHE_BYTES,
     ) -> None:
         import boto3
 
         self.bucket, self.prefix, self.cache_dir = bucket, prefix.strip("/"), cache_dir
+        self.cache_max_bytes = cache_max_bytes
         self.client = boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1"
         )
@@ -146,14 +154,20 @@ class S3Storage:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
 
     def local_path(self, key: str) -> Path:
-        """A verified local copy, downloaded once into the cache folder."""
+        """A verified local copy, downloaded into the cache folder unless it is there. Each
+        use marks it recently used; a download makes room by evicting the least recently used
+        copies (see ``evict``)."""
         target = self.cache_dir.joinpath(*PurePosixPath(check_key(key)).parts)
         head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         expected = head.get("Metadata", {}).get("sha256")
-        if target.is_file() and target.stat().st_size == head["ContentLength"]:
-            return target
+        try:
+            if target.stat().st_size == head["ContentLength"]:
+                os.utime(target)  # used now (access times are often not kept: noatime)
+                return target
+        except FileNotFoundError:  # not cached, or evicted meanwhile
+            pass
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=DOWNLOAD_PREFIX)
         os.close(fd)
         try:
             self.client.download_file(self.bucket, self._key(key), tmp)
@@ -162,7 +176,39 @@ class S3Storage:
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        self.evict(keep=target)
         return target
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete the least recently used cached copies until the cache holds at most
+        ``cache_max_bytes``; returns how many went. Never ``keep`` (the copy just asked for,
+        which may alone exceed the bound) nor a download in progress; downloads cut off long
+        ago go. A copy that a reader has open stays readable to it after its deletion (POSIX),
+        and is downloaded again by the next ``local_path``."""
+        copies: list[tuple[int, Path, int]] = []
+        total, removed = 0, 0
+        stale = time.time() - STALE_DOWNLOAD_S
+        for path in self.cache_dir.rglob("*"):
+            try:
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if path.name.startswith(DOWNLOAD_PREFIX):
+                    if info.st_mtime < stale:
+                        path.unlink()
+                    continue
+            except FileNotFoundError:  # evicted or renamed meanwhile
+                continue
+            total += info.st_size
+            if path != keep:
+                copies.append((info.st_mtime_ns, path, info.st_size))
+        for _, path, size in sorted(copies):
+            if total <= self.cache_max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
@@ -206,12 +252,16 @@ def iter_chunks(stream: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:
 
 
 @lru_cache
-def _open(url: str, cache_dir: Path, endpoint_url: str | None, region: str | None) -> Storage:
+def _open(
+    url: str, cache_dir: Path, endpoint_url: str | None, region: str | None, cache_max_bytes: int
+) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return LocalStorage(Path(unquote(parsed.path)))
     if parsed.scheme == "s3":
-        return S3Storage(parsed.netloc, parsed.path, cache_dir, endpoint_url, region)
+        return S3Storage(
+            parsed.netloc, parsed.path, cache_dir, endpoint_url, region, cache_max_bytes
+        )
     raise ValueError(f"unsupported storage URL scheme {parsed.scheme!r} (supported: file, s3)")
 
 
@@ -222,4 +272,5 @@ def open_storage(settings: Settings) -> Storage:
         settings.data_dir.resolve() / "cache",
         settings.s3_endpoint_url,
         settings.s3_region,
+        settings.s3_cache_mb << 20,
     )

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -22,10 +24,12 @@ from tests.support.net import free_port
 from worker import pipeline
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
+@contextmanager
+def moto_server(log_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A moto S3 server on a free loopback port with the bucket ``graft-test``: its endpoint
+    and its process (which a test may stop early)."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    log = (log_dir / "moto.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
@@ -34,15 +38,24 @@ def s3_endpoint(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(AWS_ACCESS_KEY_ID="graft", AWS_SECRET_ACCESS_KEY="graft-secret")
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="graft-test")
-            break
-        except Exception:
-            time.sleep(0.1)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
+    try:
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="graft-test")
+                break
+            except Exception:
+                time.sleep(0.1)
+        yield endpoint, server
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    with moto_server(tmp_path_factory.mktemp("moto")) as (endpoint, _):
+        yield endpoint
 
 
 def test_local_store_writes_atomically_and_keeps_keys_inside(tmp_path):
@@ -123,3 +136,42 @@ def test_a_job_keeps_every_artifact_in_s3(s3_endpoint, tmp_path, base_weights, d
     assert not (settings.data_dir / "artifacts").exists()
     assert isinstance(open_storage(settings), S3Storage)
     assert not list(Path(settings.tmp_dir).iterdir())
+
+
+def test_the_s3_download_cache_keeps_to_its_bound(s3_endpoint, tmp_path):
+    """Workers cache what they download; the cache stays under GRAFT_S3_CACHE_MB by dropping
+    the least recently used files, which are downloaded again when next needed."""
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        storage_url="s3://graft-test/lru",
+        s3_endpoint_url=s3_endpoint,
+        s3_cache_mb=1,
+    )
+    store = open_storage(settings)
+    cache = settings.data_dir.resolve() / "cache"
+    blobs = {f"datasets/d{i}/images.tar": os.urandom(400 * 1024) for i in range(6)}
+    for key, blob in blobs.items():
+        source = tmp_path / "blob"
+        source.write_bytes(blob)
+        store.put_file(key, source)
+    keys = list(blobs)
+
+    def cached() -> dict[str, int]:
+        return {
+            p.relative_to(cache).as_posix(): p.stat().st_size
+            for p in cache.rglob("*")
+            if p.is_file()
+        }
+
+    assert store.local_path(keys[0]).read_bytes() == blobs[keys[0]]
+    assert store.local_path(keys[1]).read_bytes() == blobs[keys[1]]
+    assert store.local_path(keys[0]).read_bytes() == blobs[keys[0]]  # used again: now newest
+    store.local_path(keys[2])  # 1.2 MiB: the least recently used goes
+    assert set(cached()) == {keys[0], keys[2]}
+    for key in keys[3:]:
+        assert store.local_path(key).read_bytes() == blobs[key]
+        assert sum(cached().values()) <= 1024 * 1024, cached()
+    assert keys[-1] in cached()  # the most recently used stays
+    assert keys[1] not in cached()
+    assert store.local_path(keys[1]).read_bytes() == blobs[keys[1]]  # downloaded again
+    assert sum(cached().values()) <= 1024 * 1024
