@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import stat
 import tarfile
 import tempfile
@@ -38,6 +39,8 @@ IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF
 ALLOWED_DECODERS = list(IMAGE_FORMATS)
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 RATIO_CHECK_AFTER = 16 * 1024 * 1024  # compression ratios of tiny archives say nothing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,9 @@ def list_datasets(
 
 
 def delete_dataset(session: Session, owner: str, dataset_id: str) -> str:
-    """Mark the dataset deleted; returns the key of its images, to delete once committed."""
+    """Mark the dataset deleted; returns the key of its images, for ``remove_images`` once
+    the deletion is committed (never before: a deletion that fails to commit must leave the
+    dataset whole)."""
     row = get_dataset(session, owner, dataset_id)
     active = session.scalar(
         select(Job.id).where(
@@ -326,6 +331,15 @@ def delete_dataset(session: Session, owner: str, dataset_id: str) -> str:
     row.deleted_at = utcnow()
     session.flush()
     return row.storage_key
+
+
+def remove_images(storage: Storage, key: str) -> None:
+    """Delete the images of a dataset whose deletion is committed. If the store refuses now,
+    they stay until the sweep (``app.janitor``) removes them: no row owns them any more."""
+    try:
+        storage.delete(key)
+    except Exception:  # noqa: BLE001 (the deletion stands; the sweep finishes it)
+        log.warning("could not delete %s now; the sweep will", key, exc_info=True)
 
 
 def dataset_read(row: Dataset) -> DatasetRead:

@@ -80,6 +80,7 @@ async def get_dataset(dataset_id: str, db: DbDep) -> Response:
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)
 async def delete_dataset(dataset_id: str, db: DbDep, storage: StorageDep) -> Response:
+    # ``db`` commits before it returns: the images go only once the deletion stands.
     key = await db(lambda session, owner: datasets.delete_dataset(session, owner, dataset_id))
-    await run_in_threadpool(storage.delete, key)  # once the deletion is committed
+    await run_in_threadpool(datasets.remove_images, storage, key)
     return Response(status_code=204)
