@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(None, description="default: data_dir/artifacts; or s3://…")
     s3_endpoint_url: str | None = Field(None, description="for MinIO and other S3 servers")
     s3_region: str | None = None
+    # Local copies of S3 objects (datasets, weights) kept in data_dir/cache, at most this many
+    # MiB; the least recently used go first.
+    s3_cache_mb: int = Field(10240, ge=0)
 
     max_upload_bytes: int = 2048 * MiB
     max_archive_members: int = 200_000
@@ -49,6 +52,11 @@ class Settings(BaseSettings):
     webhook_allow_private: bool | None = None
     device: str = "auto"
     extract_workers: int = 0
+    # On a GPU: auto (bf16 from compute capability 8.0, fp16 with loss scaling below it), or
+    # bf16, fp16 or fp32 (no autocast). CPUs always run float32.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Images per pass of the backbone; a pass out of GPU memory is retried once at half of it.
+    extract_batch_size: int = Field(64, ge=1, le=4096)
     # Cached features of a job beyond this many MiB are memory-mapped from files under tmp/.
     feature_memory_mb: int = Field(2048, ge=0)
     # Reference sets: images of a version's labels kept for later jobs (per label at most).

@@ -12,16 +12,26 @@ For each architecture, at 224 px, over the same N images (digit scans, upscaled)
 Prints seconds and the ratios graft/inference and seed-style/graft, measured in one run (graft
 and inference interleaved, best of --repeat each, after a warm-up at full batch size).
 `.venv/bin/python bench/speed.py [--images N] [--views K] [--arch timm:resnet18 ...]`
+
+On a GPU (`--device cuda`), `--extraction` also prints the throughput of the engine's
+extraction pass (loader workers decoding into pinned memory, the backbone under autocast to
+the chosen dtype, float32 features back in host memory) against a pure forward of the same
+backbone in the same dtype on a batch already on the GPU: the most the GPU itself can give.
+More images than the digit scans hold (about 90 per digit) are made by shifting and rotating
+them a little, each one distinct (a job counts an image once by its bytes), e.g.
+`--images 10000 --views 1 --no-seed --extraction --device cuda --workers 8`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -37,8 +47,9 @@ from worker.engine.data import (  # noqa: E402
     eval_transform,
     scan_image_folder,
 )
+from worker.engine.device import PRECISIONS, compute_dtype, precision_name  # noqa: E402
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
-from worker.engine.features import autocast_for, pick_device  # noqa: E402
+from worker.engine.features import autocast_for, extract_features, pick_device  # noqa: E402
 from worker.engine.heads import expand_head, find_head  # noqa: E402
 
 PREP = Preprocessing(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -48,8 +59,28 @@ OLD = [str(d) for d in range(9)]
 def images(root: Path, n: int) -> list:
     _, held = D.load()
     per_label = max(1, n // 10)
-    folders = {str(d): [im.resize((64, 64)) for im in held.of(d)[:per_label]] for d in range(10)}
+    folders = {
+        str(d): [im.resize((64, 64)) for im in _enough(held.of(d), per_label)] for d in range(10)
+    }
     return scan_image_folder(D.write_image_folder(root, folders))
+
+
+def _enough(scans: list, n: int) -> list:
+    """``n`` images of a digit: its scans, then (only if more are wanted than there are) the
+    scans shifted and rotated a little, each variant marked in a corner pixel so that no two
+    files are the same bytes."""
+    out = list(scans[:n])
+    rng = np.random.default_rng(0)
+    k = 0
+    while len(out) < n:
+        im = scans[k % len(scans)].rotate(
+            float(rng.uniform(-8, 8)), translate=tuple(int(v) for v in rng.integers(-2, 3, 2))
+        )
+        im.putpixel((0, 0), (k // len(scans)) % 256)
+        im.putpixel((1, 0), (k // len(scans)) // 256)
+        out.append(im)
+        k += 1
+    return out
 
 
 def extracted_by_graft(samples: list, views: int) -> list:
@@ -58,9 +89,19 @@ def extracted_by_graft(samples: list, views: int) -> list:
     return samples * views
 
 
-def graft_job(arch: str, weights: Path, samples: list, views: int, device: str) -> float:
+def graft_job(
+    arch: str,
+    weights: Path,
+    samples: list,
+    views: int,
+    device: str,
+    workers: int = 2,
+    precision: str = "auto",
+) -> float:
     aug = Augmentation(views=views, rotation_degrees=5, scale=(0.9, 1.1))
-    config = ExpansionConfig(augmentation=aug, device=device, num_workers=2)
+    config = ExpansionConfig(
+        augmentation=aug, device=device, num_workers=workers, precision=precision
+    )
     request = ExpansionRequest(arch, OLD, weights, PREP, samples, ["9"], config)
     started = time.perf_counter()
     expand_classifier(request)
@@ -68,16 +109,26 @@ def graft_job(arch: str, weights: Path, samples: list, views: int, device: str) 
 
 
 @torch.inference_mode()
-def inference_pass(model: torch.nn.Module, samples: list, views: int, device: str) -> float:
+def inference_pass(
+    model: torch.nn.Module,
+    samples: list,
+    views: int,
+    device: str,
+    workers: int = 2,
+    dtype: torch.dtype | None = None,
+) -> float:
     dev = torch.device(device)
     loader = DataLoader(
-        ImageDataset(samples, PREP, eval_transform(PREP), views), batch_size=64, num_workers=2
+        ImageDataset(samples, PREP, eval_transform(PREP), views),
+        batch_size=64,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
     )
     model.to(dev, memory_format=torch.channels_last).eval()  # as fast as the engine's pass
     started = time.perf_counter()
     for batch, _ in loader:
-        with autocast_for(dev):
-            model(batch.to(dev).contiguous(memory_format=torch.channels_last))
+        with autocast_for(dev, dtype):
+            model(batch.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -85,7 +136,53 @@ def inference_pass(model: torch.nn.Module, samples: list, views: int, device: st
     return elapsed
 
 
-def seed_style(arch: str, model: torch.nn.Module, samples: list, device: str) -> float:
+def extraction(
+    model: torch.nn.Module,
+    samples: list,
+    device: str,
+    dtype: torch.dtype,
+    workers: int,
+    batch_size: int = 64,
+) -> tuple[float, float]:
+    """Images per second: the engine's extraction pass over ``samples``, and a pure forward of
+    the same backbone in the same dtype over as many images, on a batch already on the device
+    (same memory format; no decoding, no copies)."""
+    dev = torch.device(device)
+    head = find_head(model)
+    loader = DataLoader(
+        ImageDataset(samples, PREP, eval_transform(PREP)),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+    )
+    started = time.perf_counter()
+    feats, _ = extract_features(model, head, loader, dev, dtype=dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    ours = len(feats) / (time.perf_counter() - started)
+
+    x = torch.randn(batch_size, *PREP.input_size, device=dev)
+    x = x.contiguous(memory_format=torch.channels_last)
+    model.to(dev, memory_format=torch.channels_last).eval()
+    steps = math.ceil(len(samples) / batch_size)
+    with torch.inference_mode(), autocast_for(dev, dtype):
+        for _ in range(3):  # warm-up (cuDNN picks its algorithms)
+            model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    pure = steps * batch_size / (time.perf_counter() - started)
+    model.to(memory_format=torch.contiguous_format)
+    return ours, pure
+
+
+def seed_style(
+    arch: str, model: torch.nn.Module, samples: list, device: str, workers: int = 2
+) -> float:
     dev = torch.device(device)
     head = expand_head(model, find_head(model), 1)
     model.requires_grad_(False).to(dev).eval()
@@ -96,7 +193,7 @@ def seed_style(arch: str, model: torch.nn.Module, samples: list, device: str) ->
         ImageDataset(samples, PREP, eval_transform(PREP)),
         batch_size=32,
         shuffle=True,
-        num_workers=2,
+        num_workers=workers,
     )
     optimizer = torch.optim.Adam(head.module.parameters(), lr=1e-3)
     started = time.perf_counter()
@@ -120,10 +217,20 @@ def main() -> None:
     )
     parser.add_argument("--device", default=str(pick_device()))
     parser.add_argument("--repeat", type=int, default=2, help="runs of graft and inference")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="the GPU's (GRAFT_PRECISION)"
+    )
+    parser.add_argument("--no-seed", action="store_true", help="skip the seed-style loop")
+    parser.add_argument(
+        "--extraction", action="store_true", help="also: extraction pass against a pure forward"
+    )
     args = parser.parse_args()
+    dtype = compute_dtype(torch.device(args.device), args.precision)
     print(
         f"{args.images} images at 224 px, {args.views} views per training image, "
         f"device {args.device}, torch {torch.__version__}"
+        + (f", {_gpu()}, backbone in {precision_name(dtype)}" if args.device != "cpu" else "")
     )
     print(
         f"{'architecture':<28} {'graft s':>8} {'infer s':>8} {'seed s':>8} "
@@ -138,18 +245,41 @@ def main() -> None:
             safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in model.state_dict().items()}, str(weights)
             )
-            inference_pass(model, samples[:64], 1, args.device)  # warm-up at full batches
+            workers, device, precision = args.workers, args.device, args.precision
+            inference_pass(model, samples[:64], 1, device, workers, dtype)  # warm-up, full batch
             extracted = extracted_by_graft(samples, args.views)
             graft_s, infer_s = float("inf"), float("inf")
             for _ in range(args.repeat):  # interleaved; the best of each
-                graft_s = min(graft_s, graft_job(arch, weights, samples, args.views, args.device))
-                infer_s = min(infer_s, inference_pass(model, extracted, 1, args.device))
-            seed_s = seed_style(arch, model, samples, args.device)
+                job_s = graft_job(arch, weights, samples, args.views, device, workers, precision)
+                graft_s = min(graft_s, job_s)
+                infer_s = min(infer_s, inference_pass(model, extracted, 1, device, workers, dtype))
+            if args.no_seed:
+                seed, ratio = f"{'-':>8}", f"{'-':>10}"
+            else:
+                seed_s = seed_style(arch, model, samples, device, workers)
+                seed, ratio = f"{seed_s:>8.2f}", f"{seed_s / graft_s:>10.1f}"
             print(
-                f"{arch:<28} {graft_s:>8.2f} {infer_s:>8.2f} {seed_s:>8.2f} "
-                f"{graft_s / infer_s:>11.2f} {seed_s / graft_s:>10.1f}",
+                f"{arch:<28} {graft_s:>8.2f} {infer_s:>8.2f} {seed} "
+                f"{graft_s / infer_s:>11.2f} {ratio}",
                 flush=True,
             )
+            if args.extraction:
+                torch.manual_seed(0)
+                backbone = build_model(arch, len(OLD))
+                ours, pure = extraction(backbone, samples, device, dtype, workers)
+                print(
+                    f"  extraction of {len(samples)} images: graft {ours:.0f} images/s, "
+                    f"pure {precision_name(dtype)} forward {pure:.0f} images/s "
+                    f"({ours / pure:.2f} of it)",
+                    flush=True,
+                )
+
+
+def _gpu() -> str:
+    if not torch.cuda.is_available():
+        return "no GPU"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (capability {major}.{minor})"
 
 
 if __name__ == "__main__":

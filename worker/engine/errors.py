@@ -51,6 +51,11 @@ _MEMORY_SIGNS = (
     "out of memory",
     "failed to allocate",
 )
+_GPU_MEMORY_SIGNS = (
+    "cuda out of memory",
+    "cuda error: out of memory",
+    "cublas_status_alloc_failed",
+)
 _DISK_SIGNS = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
 
@@ -63,6 +68,11 @@ def resource_error(exc: BaseException) -> EngineError | None:
         seen.add(id(current))
         text = str(current).lower()
         errno = getattr(current, "errno", None)
+        if any(s in text for s in _GPU_MEMORY_SIGNS):
+            return OutOfMemory(
+                f"the GPU ran out of memory ({_short(current)}). Lower GRAFT_EXTRACT_BATCH_SIZE "
+                "or the job's batch_size, or run the job on a worker with a larger GPU"
+            )
         if isinstance(current, MemoryError) or errno == 12 or any(s in text for s in _MEMORY_SIGNS):
             return OutOfMemory(
                 f"the worker ran out of memory ({_short(current)}). Use fewer images per job, "

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -25,8 +27,16 @@ from torch import nn
 from worker.engine.architectures import Preprocessing
 from worker.engine.calibrate import Calibration
 from worker.engine.data import Augmentation, Sample, eval_transform, stratified_split
+from worker.engine.device import (
+    DEFAULT_PRECISION,
+    compute_dtype,
+    halving_on_oom,
+    pick_device,
+    precision_name,
+    release_memory,
+)
 from worker.engine.evaluate import expansion_metrics
-from worker.engine.features import FeatureCache, pick_device
+from worker.engine.features import FeatureCache
 from worker.engine.finetune import Finetuning, finetune, predict
 from worker.engine.gather import (
     REFERENCE,
@@ -45,6 +55,8 @@ from worker.engine.reference import (
 )
 from worker.engine.train import HeadTraining, linear_logits
 from worker.engine.weights import load_classifier
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,10 @@ class ExpansionConfig:
     training: HeadTraining = field(default_factory=HeadTraining)
     validation_split: float = 0.2  # held out for measurement when the backbone is fine-tuned
     augmentation: Augmentation = field(default_factory=Augmentation)
-    batch_size: int = 64  # for feature extraction
-    num_workers: int = 0
+    batch_size: int = 64  # images per pass of the backbone (extraction, evaluation)
+    num_workers: int = 0  # loader processes (on a GPU fine-tuning and evaluation use them too)
     device: str = "auto"
+    precision: str = DEFAULT_PRECISION  # auto | bf16 | fp16 | fp32, on a GPU (see device.py)
     freeze: str = "head"  # head | last_block | none
     calibration: Calibration = field(default_factory=Calibration)
     feature_memory_bytes: int = 2 << 30  # cached features beyond this spill to disk
@@ -103,6 +116,48 @@ class ExpansionResult:
     backbone_changed: bool = False
 
 
+# what to lower when a step runs out of GPU memory (the worker's setting, the job's field)
+EXTRACT_BATCH_SETTING = "GRAFT_EXTRACT_BATCH_SIZE"
+FINETUNE_BATCH_SETTING = "the job's batch_size"
+
+
+@dataclass
+class _Compute:
+    """Where the backbone runs, in what dtype, and at what batch size (halved for the rest
+    of the job once a pass runs out of GPU memory)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # step -> batch size it ran at
+
+    def run(
+        self,
+        step: str,
+        doing: str,
+        fn: Callable[[int], T],
+        progress: ProgressFn,
+        stage: str,
+        batch_size: int | None = None,
+        lower: str = EXTRACT_BATCH_SETTING,
+        on_retry: Callable[[int], None] | None = None,
+    ) -> T:
+        """``fn(batch size)``, once more at half of it when it runs out of GPU memory."""
+        size = self.batch_size if batch_size is None else batch_size
+
+        def retry(half: int) -> None:
+            message = f"out of GPU memory {doing} at batch size {size}; trying {half}"
+            progress(Progress(stage, 0.0, message=message))
+            if on_retry is not None:
+                on_retry(half)
+
+        out, used = halving_on_oom(fn, size, doing, lower, self.device, retry)
+        self.batch_sizes[step] = used
+        if batch_size is None:
+            self.batch_size = used
+        return out
+
+
 def _noop(_: Progress) -> None:
     pass
 
@@ -112,10 +167,21 @@ def expand_classifier(
     progress: ProgressFn = _noop,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ExpansionResult:
-    """Return the model with ``len(labels) + len(new_labels)`` outputs and its metrics."""
+    """Return the model with ``len(labels) + len(new_labels)`` outputs and its metrics.
+
+    The model comes back on the CPU; on a GPU, what the job held there is released when it
+    ends, however it ends."""
     cfg = request.config
-    with FeatureCache(cfg.feature_memory_bytes, cfg.spill_dir) as cache:
-        return _expand(request, cache, progress, should_stop)
+    device = pick_device(cfg.device)
+    try:
+        with FeatureCache(cfg.feature_memory_bytes, cfg.spill_dir) as cache:
+            return _expand(request, cache, progress, should_stop, device)
+    except BaseException as exc:
+        if device.type == "cuda":  # the failed frames hold GPU tensors: drop them now
+            traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_memory(device)
 
 
 def _expand(
@@ -123,14 +189,17 @@ def _expand(
     cache: FeatureCache,
     progress: ProgressFn,
     should_stop: Callable[[], bool],
+    device: torch.device,
 ) -> ExpansionResult:
     started = time.perf_counter()
     cfg = request.config
-    device = pick_device(cfg.device)
+    compute = _Compute(device, compute_dtype(device, cfg.precision), cfg.batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     progress(Progress("loading", 0.0, message=f"building {request.architecture}"))
     model, head = load_classifier(request.architecture, len(request.labels), request.weights)
     model.requires_grad_(False)
-    fingerprint = backbone_fingerprint(model, head, request.preprocessing)
+    fingerprint = backbone_fingerprint(model, head, request.preprocessing, compute.dtype)
     labels = list(request.labels) + list(request.new_labels)
     tuned = cfg.freeze != "head"
     reference = request.reference
@@ -152,33 +221,42 @@ def _expand(
     def on_batch(done: int, total: int) -> None:
         progress(Progress("extracting", done / total, message=f"{done}/{total} images"))
 
-    rows = extract_rows(
-        model,
-        head,
-        images,
-        train,
-        request.preprocessing,
-        cfg.augmentation.views,
-        cfg.augmentation,
-        cfg.batch_size,
-        cfg.num_workers,
-        seed,
-        device,
-        cache,
-        on_batch,
-        should_stop,
-    )
+    mark = cache.mark()
+
+    def extract(batch_size: int) -> Rows:
+        cache.release_since(mark)  # what a failed attempt allocated
+        return extract_rows(
+            model,
+            head,
+            images,
+            train,
+            request.preprocessing,
+            cfg.augmentation.views,
+            cfg.augmentation,
+            batch_size,
+            cfg.num_workers,
+            seed,
+            device,
+            cache,
+            on_batch,
+            should_stop,
+            compute.dtype,
+        )
+
+    rows = compute.run("extract", "extracting features", extract, progress, "extracting")
     extract_s = time.perf_counter() - started
 
     stage = _fit_and_measure if not tuned else _fit_and_finetune
     grown, metrics, history = stage(
-        request, model, head, images, rows, train, val, device, progress, should_stop
+        request, model, head, images, rows, train, val, compute, progress, should_stop
     )
     train_s = time.perf_counter() - started - extract_s
     progress(Progress("evaluating", 1.0, message="choosing the reference set"))
     kept = _new_reference(images, rows, cfg)
     total_s = time.perf_counter() - started
     views = images.extracted
+    if device.type == "cuda":
+        metrics["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     metrics |= {
         "history": history,
         "timing": {
@@ -193,6 +271,8 @@ def _expand(
             "reference_cached": images.cached_count,
         },
         "device": str(device),
+        "precision": precision_name(compute.dtype),  # the backbone's; the layer's is fp32
+        "batch_size": dict(compute.batch_sizes),
         "reference": {
             "used": images.reference_count(),
             "kept": _count_labels(kept),
@@ -260,7 +340,7 @@ def _fit_and_measure(
     rows: Rows,
     train: list[int],
     val: list[int],
-    device: torch.device,
+    compute: _Compute,
     progress: ProgressFn,
     should_stop: Callable[[], bool],
 ) -> tuple[nn.Module, dict, list[dict]]:
@@ -300,7 +380,7 @@ def _fit_and_finetune(
     rows: Rows,
     train: list[int],
     val: list[int],
-    device: torch.device,
+    compute: _Compute,
     progress: ProgressFn,
     should_stop: Callable[[], bool],
 ) -> tuple[nn.Module, dict, list[dict]]:
@@ -319,34 +399,64 @@ def _fit_and_finetune(
     fitted = recipe.fit(train_rows, cfg.calibration.folds, on_epoch).layer
     grown = expand_head(model, head, len(labels) - num_old)
     _load_layer(grown, fitted.weight, fitted.bias)
-    history = fitted.history + finetune(
-        model,
-        grown,
-        teacher,
-        [images.samples[i] for i in train],
-        images.targets[train],
-        num_old,
-        Finetuning(
-            policy=cfg.freeze,
-            epochs=cfg.training.epochs,
-            learning_rate=cfg.training.learning_rate,
-            batch_size=cfg.training.batch_size,
-            weight_decay=cfg.training.weight_decay,
-            old_rows_frozen=cfg.training.old_rows_frozen,
-            old_rows_lr_scale=cfg.training.old_rows_lr_scale,
-            seed=cfg.training.seed,
-        ),
-        prep,
-        train_transform(prep, cfg.augmentation),
-        device,
-        _epoch_progress(cfg, progress, f"{cfg.freeze}: "),
-        should_stop,
+    settings = Finetuning(
+        policy=cfg.freeze,
+        epochs=cfg.training.epochs,
+        learning_rate=cfg.training.learning_rate,
+        batch_size=cfg.training.batch_size,
+        weight_decay=cfg.training.weight_decay,
+        old_rows_frozen=cfg.training.old_rows_frozen,
+        old_rows_lr_scale=cfg.training.old_rows_lr_scale,
+        seed=cfg.training.seed,
+        num_workers=cfg.num_workers,
     )
+    device = compute.device
+    # the warm model, to start again from if fine-tuning runs out of GPU memory
+    warm = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def tune(batch_size: int) -> list[dict]:
+        return finetune(
+            model,
+            grown,
+            teacher,
+            [images.samples[i] for i in train],
+            images.targets[train],
+            num_old,
+            replace(settings, batch_size=batch_size),
+            prep,
+            train_transform(prep, cfg.augmentation),
+            device,
+            _epoch_progress(cfg, progress, f"{cfg.freeze}: "),
+            should_stop,
+            compute.dtype,
+        )
+
+    history = fitted.history + compute.run(
+        "finetune",
+        "fine-tuning",
+        tune,
+        progress,
+        "training",
+        batch_size=settings.batch_size,
+        lower=FINETUNE_BATCH_SETTING,
+        on_retry=lambda _: model.load_state_dict(warm),
+    )
+    del warm
     progress(Progress("evaluating", 0.0, message=f"{len(val)} held-out images"))
     val_samples = [images.samples[i] for i in val]
     clean = eval_transform(prep)
-    before = predict(teacher, val_samples, prep, clean, device)
-    after = predict(model, val_samples, prep, clean, device)
+
+    def predictions(of: nn.Module) -> Callable[[int], torch.Tensor]:
+        def run(batch_size: int) -> torch.Tensor:
+            return predict(
+                of, val_samples, prep, clean, device, batch_size, compute.dtype, cfg.num_workers
+            )
+
+        return run
+
+    doing = "measuring on the held-out images"
+    before = compute.run("evaluate", doing, predictions(teacher), progress, "evaluating")
+    after = compute.run("evaluate", doing, predictions(model), progress, "evaluating")
     groups = torch.tensor(val, dtype=torch.long)
     targets = images.targets[groups]
     metrics = expansion_metrics(targets, before, after, labels, num_old, cfg.training.seed)

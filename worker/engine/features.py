@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -13,8 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from worker.engine.device import autocast_for, float32_head, pick_device
 from worker.engine.errors import DataError, JobCancelled, UnsupportedHead
 from worker.engine.heads import Head
+
+__all__ = ["FeatureCache", "autocast_for", "extract_features", "pick_device"]
 
 BatchDone = Callable[[int, int], None]  # (images done, images total)
 
@@ -43,6 +45,19 @@ class FeatureCache:
         mapped = np.memmap(name, dtype=np.float32, mode="w+", shape=(max(rows, 1), dim))
         return torch.from_numpy(mapped)[:rows]
 
+    def mark(self) -> tuple[int, int]:
+        """Where the allocations stand, for ``release_since``."""
+        return self.in_memory, len(self.files)
+
+    def release_since(self, mark: tuple[int, int]) -> None:
+        """Forget what was allocated after ``mark`` (an attempt that failed and is tried
+        again): its memory no longer counts against the budget and its files are deleted."""
+        in_memory, files = mark
+        self.in_memory = in_memory
+        for path in self.files[files:]:
+            path.unlink(missing_ok=True)
+        del self.files[files:]
+
     @property
     def spilled_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files if p.exists())
@@ -63,20 +78,6 @@ def _in_memory(rows: int, dim: int) -> torch.Tensor:
     return torch.empty(rows, dim)
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs that support it, fp16 on older ones, nothing on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def extract_features(
     model: nn.Module,
     head: Head,
@@ -85,9 +86,13 @@ def extract_features(
     on_batch: BatchDone | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     allocate: Callable[[int, int], torch.Tensor] = _in_memory,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, indices)``: the classifier layer's float32 inputs, one row per loader item,
-    written into a tensor from ``allocate(rows, dim)`` (see :class:`FeatureCache`).
+    written into a tensor from ``allocate(rows, dim)`` (see :class:`FeatureCache`). On a GPU
+    the backbone runs under autocast to ``dtype`` (default: the ``auto`` choice, see
+    ``device.autocast_dtype``); its features are cast to float32 before the classifier layer,
+    which runs in float32.
 
     On the first batch it checks that the classifier layer's output *is* the model's output;
     otherwise training the layer on cached features would not be training the model.
@@ -105,16 +110,16 @@ def extract_features(
     # parameters are converted outside inference mode, so that they stay trainable.
     model.to(device, memory_format=torch.channels_last).eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), float32_head(model, head):
             for batch, index in loader:
                 if should_stop():
                     raise JobCancelled()
                 batch = batch.to(device, non_blocking=True)
                 if batch.ndim == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                with autocast_for(device):
+                with autocast_for(device, dtype):
                     logits = model(batch)
-                rows = captured["input"].float().flatten(1).cpu()
+                rows = captured["input"].flatten(1).cpu()  # float32: see float32_head
                 if feats is None:
                     _check_head_is_output(captured, logits)
                     feats = allocate(total, rows.shape[1])

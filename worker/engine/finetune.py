@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from worker.engine.architectures import Preprocessing
 from worker.engine.data import ImageDataset, Sample
+from worker.engine.device import autocast_for, compute_dtype, float32_head, grad_scaler
 from worker.engine.errors import JobCancelled, UnsupportedHead
-from worker.engine.features import autocast_for
-from worker.engine.heads import Head
+from worker.engine.heads import Head, find_head
 from worker.engine.train import balanced_class_weights
 
 
@@ -37,6 +37,31 @@ class Finetuning:
     distillation_weight: float = 1.0
     temperature: float = 2.0
     seed: int = 0
+    num_workers: int = 0  # loader processes decoding images, on a GPU only (as on CPU: none)
+
+
+def image_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    passes: int = 1,
+) -> DataLoader:
+    """A loader feeding the model on ``device``: on a GPU, ``num_workers`` processes decode
+    images into pinned memory (kept alive across ``passes`` > 1 epochs) while it computes; on
+    a CPU the images are decoded in the loop, as they always were."""
+    workers = num_workers if device.type == "cuda" else 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0 and passes > 1,
+    )
 
 
 def trainable_backbone(model: nn.Module, head: Head, policy: str) -> list[nn.Parameter]:
@@ -78,8 +103,12 @@ def finetune(
     device: torch.device,
     on_epoch: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """Train the unfrozen block and the classifier layer end to end; returns the history.
+
+    On a GPU the model runs under autocast to ``dtype`` (default: the ``auto`` choice), the
+    classifier layer and the loss in float32; under fp16 the loss is scaled (``GradScaler``).
 
     With ``old_rows_frozen`` the old rows of the classifier layer are put back after every
     step, so they stay bit-identical (their logits still move with the features, which the
@@ -104,51 +133,64 @@ def finetune(
     )
     class_weights = balanced_class_weights(targets, head.module.out_features).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
+    loader = image_loader(
         ImageDataset(samples, prep, transform),
-        batch_size=cfg.batch_size,
+        cfg.batch_size,
+        device,
+        cfg.num_workers,
         shuffle=True,
         generator=generator,
+        passes=cfg.epochs,
     )
+    scaler = grad_scaler(device, _dtype(device, dtype))
     history = []
     t = cfg.temperature
-    for epoch in range(1, cfg.epochs + 1):
-        total, seen = 0.0, 0
-        for batch, index in loader:
-            if should_stop():
-                raise JobCancelled()
-            batch, y = batch.to(device), targets[index].to(device)
-            with autocast_for(device):
-                logits = model(batch).float()
+    with float32_head(model, head), float32_head(teacher, find_head(teacher)):
+        for epoch in range(1, cfg.epochs + 1):
+            total, seen = 0.0, 0
+            for batch, index in loader:
+                if should_stop():
+                    raise JobCancelled()
+                batch = batch.to(device, non_blocking=True)
+                y = targets[index].to(device, non_blocking=True)
+                with autocast_for(device, dtype):
+                    logits = model(batch)
+                    with torch.no_grad():
+                        taught = teacher(batch)
+                loss = F.cross_entropy(logits, y, weight=class_weights)
+                if num_old and cfg.distillation_weight:
+                    loss = loss + cfg.distillation_weight * t * t * F.kl_div(
+                        F.log_softmax(logits[:, :num_old] / t, dim=1),
+                        F.softmax(taught / t, dim=1),
+                        reduction="batchmean",
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                before = [p.detach()[:num_old].clone() for p in old_rows]
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+                scaler.update()
                 with torch.no_grad():
-                    taught = teacher(batch).float()
-            loss = F.cross_entropy(logits, y, weight=class_weights)
-            if num_old and cfg.distillation_weight:
-                loss = loss + cfg.distillation_weight * t * t * F.kl_div(
-                    F.log_softmax(logits[:, :num_old] / t, dim=1),
-                    F.softmax(taught / t, dim=1),
-                    reduction="batchmean",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            before = [p.detach()[:num_old].clone() for p in old_rows]
-            optimizer.step()
-            with torch.no_grad():
-                for p, was in zip(old_rows, before, strict=True):
-                    p[:num_old] = was + keep * (p[:num_old] - was)
-            total += loss.item() * len(index)
-            seen += len(index)
-        record = {
-            "epoch": epoch,
-            "train_loss": total / max(seen, 1),
-            "val_accuracy": None,
-            "stage": "finetune",
-        }
-        history.append(record)
-        if on_epoch:
-            on_epoch(record)
+                    for p, was in zip(old_rows, before, strict=True):
+                        p[:num_old] = was + keep * (p[:num_old] - was)
+                total += loss.item() * len(index)
+                seen += len(index)
+            record = {
+                "epoch": epoch,
+                "train_loss": total / max(seen, 1),
+                "val_accuracy": None,
+                "stage": "finetune",
+            }
+            history.append(record)
+            if on_epoch:
+                on_epoch(record)
     model.requires_grad_(False)
     return history
+
+
+def _dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return dtype if dtype is not None else compute_dtype(device)
 
 
 @torch.inference_mode()
@@ -159,11 +201,17 @@ def predict(
     transform: Callable,
     device: torch.device,
     batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
 ) -> torch.Tensor:
-    loader = DataLoader(ImageDataset(samples, prep, transform), batch_size=batch_size)
+    """The model's predictions: the backbone under autocast to ``dtype`` on a GPU, the
+    classifier layer in float32 on float32 features (as exported)."""
+    loader = image_loader(ImageDataset(samples, prep, transform), batch_size, device, num_workers)
     model.to(device).eval()
     out = []
-    for batch, _ in loader:
-        with autocast_for(device):
-            out.append(model(batch.to(device)).float().argmax(dim=1).cpu())
+    with float32_head(model, find_head(model)):
+        for batch, _ in loader:
+            with autocast_for(device, dtype):
+                logits = model(batch.to(device, non_blocking=True))
+            out.append(logits.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

@@ -162,10 +162,11 @@ def extract_rows(
     cache: FeatureCache,
     on_batch: Callable[[int, int], None],
     should_stop: Callable[[], bool],
+    dtype: torch.dtype | None = None,
 ) -> Rows:
     """Feature rows of every image: ``views`` rows (the clean view first) for the job's own
     training images, one clean row for reference and held-out images, and the cached rows.
-    One DataLoader, one pass of the backbone."""
+    One DataLoader, one pass of the backbone (under autocast to ``dtype`` on a GPU)."""
     in_train = set(train)
     viewed = [
         g
@@ -210,6 +211,7 @@ def extract_rows(
         on_batch,
         should_stop,
         lambda rows, dim: cache.allocate(rows + len(cached), dim),
+        dtype,
     )
     if not total:
         feats = cache.allocate(len(cached), head.in_features)

@@ -73,11 +73,17 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def backbone_fingerprint(model: nn.Module, head: Head, prep: Preprocessing) -> str:
+def backbone_fingerprint(
+    model: nn.Module, head: Head, prep: Preprocessing, dtype: torch.dtype = torch.float32
+) -> str:
     """Identifies what turns an image into the classifier layer's input: every parameter and
-    buffer outside the classifier layer, and the preprocessing. Two versions with the same
-    fingerprint give the same features for the same image."""
+    buffer outside the classifier layer, the preprocessing, and the dtype the backbone runs in
+    (features computed under bf16 or fp16 autocast are rounded: they are cached apart from
+    float32 ones, whose fingerprint names no dtype). Two versions with the same fingerprint
+    give the same features for the same image."""
     digest = hashlib.sha256(repr(sorted(prep.to_dict().items())).encode())
+    if dtype != torch.float32:
+        digest.update(f"autocast:{dtype}".encode())
     skip = f"{head.path}."
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith(skip):

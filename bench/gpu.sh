@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Graft on a GPU, in one go, from the repository root: `bench/gpu.sh`.
+#
+#   1. the environment: .venv (made by `make install` only if it is missing), nvidia-smi,
+#      torch's view of the GPU and the precision Graft will choose there;
+#   2. the CUDA tests (tests/engine/test_cuda.py, `-m cuda`: skipped on machines without one):
+#      a fine-tuning job under autocast (auto, fp16 with loss scaling, fp32), the dtype chosen
+#      on the real device, no out-of-memory retry on a normal job, GPU memory given back after
+#      a job (and after a cancelled one);
+#   3. bench/speed.py on the GPU: a job on 10,000 images against one inference pass over them,
+#      and the engine's extraction pass against a pure forward of the same backbone in the
+#      same dtype.
+#
+# Everything goes to stdout and, when $OUT is set, to $OUT/gpu.log (the tests' JUnit report to
+# $OUT/cuda-tests.xml). Every step has a time limit (about 8 minutes in all, past `make
+# install`), so the script cannot hang. Exits non-zero if any step failed; later steps still run.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/gpu.log") 2>&1
+fi
+
+WORKERS=$(( $(nproc) > 10 ? 8 : ( $(nproc) > 2 ? $(nproc) - 2 : 1 ) ))
+failed=()
+
+step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+# run NAME SECONDS COMMAND...: a step with a hard time limit; a failure is noted, not fatal
+run() {
+  local name=$1 limit=$2 status=0
+  shift 2
+  timeout --kill-after=15 "$limit" "$@" || status=$?
+  if (( status != 0 )); then
+    (( status == 124 || status == 137 )) && echo "!! $name: stopped after ${limit}s"
+    echo "!! $name failed (exit $status)"
+    failed+=("$name")
+  fi
+}
+
+step "environment"
+# The project's .venv where there is one; else a python3 that already holds the ML stack (a GPU
+# machine's image: the engine, its tests and bench/speed.py need no web stack); else install.
+if [[ -x .venv/bin/python ]] && timeout 120 .venv/bin/python -c 'import torch, timm' 2>/dev/null
+then
+  PY=.venv/bin/python
+elif timeout 120 python3 -c 'import torch, timm, sklearn, safetensors, pytest' 2>/dev/null; then
+  PY=python3
+else
+  timeout 900 make install
+  PY=.venv/bin/python
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+echo "python: $PY ($("$PY" --version 2>&1))"
+timeout 30 nvidia-smi || echo "nvidia-smi: not available"
+run "torch info" 60 "$PY" - <<'EOF'
+import torch
+
+from worker.engine.device import compute_dtype, precision_name
+
+print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+print(f"cuda available: {torch.cuda.is_available()}, devices: {torch.cuda.device_count()}")
+if not torch.cuda.is_available():
+    raise SystemExit("no CUDA device: this script is for a machine with a GPU")
+device = torch.device("cuda")
+props = torch.cuda.get_device_properties(device)
+print(f"{props.name}: capability {props.major}.{props.minor}, {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs")
+print(f"bf16 supported (emulation included): {torch.cuda.is_bf16_supported()}")
+print(f"Graft's backbone precision here: {precision_name(compute_dtype(device))} (GRAFT_PRECISION=auto)")
+EOF
+if (( ${#failed[@]} )); then
+  echo "no usable GPU: nothing more to run"
+  exit 1
+fi
+
+step "CUDA tests"
+junit=()
+[[ -n "${OUT:-}" ]] && junit=(--junitxml "$OUT/cuda-tests.xml")
+run "CUDA tests" 270 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
+  -rs --durations=5 ${junit[@]+"${junit[@]}"}
+
+step "bench/speed.py: a job on 10,000 images, and the extraction pass, on the GPU"
+run "speed" 180 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --repeat 1 \
+  --arch timm:resnet18 --no-seed --extraction --workers "$WORKERS"
+
+step "done"
+if (( ${#failed[@]} )); then
+  echo "failed: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"

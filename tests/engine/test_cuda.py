@@ -1,0 +1,136 @@
+"""The engine on a real GPU (skipped without one; bench/gpu.sh runs them on a GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ARCH, OLD, digits_request
+from tests.support import digits as D
+from worker.engine.architectures import build_model
+from worker.engine.data import eval_transform, open_image, stratified_split
+from worker.engine.device import autocast_for, compute_dtype, precision_name
+from worker.engine.errors import JobCancelled
+from worker.engine.evaluate import confusion_matrix
+from worker.engine.expand import ExpansionConfig, Progress, expand_classifier
+from worker.engine.gather import gather_images
+from worker.engine.train import HeadTraining
+from worker.engine.weights import read_state_dict
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.timeout(150),
+]
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, digit_splits):
+    _, held = digit_splits
+    folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:20]}
+    return D.write_image_folder(tmp_path_factory.mktemp("cuda-images"), folders)
+
+
+def finetuning(precision: str = "auto", batch_size: int = 32) -> ExpansionConfig:
+    training = HeadTraining(epochs=2, learning_rate=1e-3, batch_size=batch_size)
+    return ExpansionConfig(
+        freeze="last_block", training=training, device="cuda", precision=precision
+    )
+
+
+def expected_dtype() -> torch.dtype:
+    major, _ = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def test_the_dtype_chosen_is_the_one_the_gpu_runs():
+    device = torch.device("cuda")
+    dtype = compute_dtype(device)
+    assert dtype == expected_dtype()
+    conv = build_model(ARCH, 9).to(device).eval().conv1
+    with torch.inference_mode(), autocast_for(device, dtype):
+        out = conv(torch.randn(2, 3, 32, 32, device=device))
+    assert out.dtype == dtype
+    assert compute_dtype(device, "fp32") == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp16", "fp32"])
+def test_a_fine_tuning_job_runs_on_the_gpu_in_its_precision(
+    precision, images, base_weights, digit_splits
+):
+    request = digits_request(base_weights, images, finetuning(precision))
+    result = expand_classifier(request)
+    m = result.metrics
+    dtype = {"auto": expected_dtype(), "fp16": torch.float16, "fp32": torch.float32}[precision]
+    assert m["device"].startswith("cuda") and m["precision"] == precision_name(dtype)
+    assert m["method"] == "imprint+refit+finetune:last_block"
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in m["history"])
+    # a normal job is never halved
+    assert m["batch_size"] == {"extract": 64, "finetune": 32, "evaluate": 64}
+    assert m["gpu_peak_memory_mb"] > 0
+
+    state = result.model.state_dict()
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    base = read_state_dict(base_weights)
+    assert torch.equal(state["fc.weight"][:9], base["fc.weight"])  # old rows bit-identical
+    backbone = {k: v for k, v in base.items() if not k.startswith("fc.")}
+    changed = [k for k, v in backbone.items() if not torch.equal(state[k], v)]
+    assert changed and all(k.startswith("layer4.1.") for k in changed)  # the last block only
+
+    # what was reported is what the exported float32 file predicts (on the CPU), up to the
+    # backbone's rounding on a few borderline images
+    images_ = gather_images(request.samples, result.labels, 9, [], lambda _: [], {}, 512)
+    _, val = stratified_split(images_.targets.tolist(), 0.2, 0)
+    transform = eval_transform(D.PREP)
+    x = torch.stack([transform(open_image(images_.samples[i].path, D.PREP)) for i in val])
+    with torch.inference_mode():
+        predicted = result.model(x).argmax(1)
+    matrix = torch.tensor(m["confusion_matrix"]["matrix"])
+    exported = confusion_matrix(images_.targets[val], predicted, len(result.labels))
+    assert (matrix - exported).abs().sum().item() <= max(2, len(val) // 25)
+
+
+def test_a_head_job_on_the_gpu_caches_float32_features(images, base_weights):
+    config = ExpansionConfig(device="cuda")
+    result = expand_classifier(digits_request(base_weights, images, config))
+    assert result.metrics["precision"] == precision_name(expected_dtype())
+    assert result.metrics["batch_size"] == {"extract": 64}
+    features = next(iter(result.features.values()))
+    assert features.dtype == torch.float32 and features.device.type == "cpu"
+    fp32 = expand_classifier(
+        digits_request(base_weights, images, ExpansionConfig(device="cuda", precision="fp32"))
+    )
+    assert fp32.fingerprint != result.fingerprint  # rounded features are cached apart
+
+
+def test_a_job_gives_back_the_gpu_memory_it_used(images, base_weights):
+    config = finetuning()
+    expand_classifier(digits_request(base_weights, images, config))  # one-time allocations
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    result = expand_classifier(digits_request(base_weights, images, config))
+    torch.cuda.synchronize()
+    assert result.metrics["gpu_peak_memory_mb"] * MiB > allocated + 16 * MiB  # it did use some
+    assert torch.cuda.memory_allocated() <= allocated + MiB
+    assert torch.cuda.memory_reserved() <= reserved + 16 * MiB
+
+
+def test_a_cancelled_job_gives_back_the_gpu_memory_too(images, base_weights):
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    finetuning_started = []
+
+    def progress(p: Progress) -> None:  # after the first epoch: model and teacher on the GPU
+        if p.stage == "training" and p.message.startswith("last_block:"):
+            finetuning_started.append(p)
+
+    request = digits_request(base_weights, images, finetuning())
+    with pytest.raises(JobCancelled):
+        expand_classifier(request, progress, should_stop=lambda: bool(finetuning_started))
+    torch.cuda.synchronize()
+    assert finetuning_started
+    assert torch.cuda.memory_allocated() <= allocated + MiB
