@@ -3,9 +3,10 @@ typed request (the job's resolved config, the base version and its reference set
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import select
@@ -82,8 +83,10 @@ def expansion_config(
         ),
         validation_split=config["validation_split"],
         augmentation=Augmentation(**aug),
+        batch_size=settings.extract_batch_size,
         num_workers=settings.extract_workers,
         device=settings.device,
+        precision=settings.precision,
         freeze=config.get("freeze", "head"),
         calibration=Calibration(
             method=config.get("calibration", "auto"),
@@ -105,7 +108,7 @@ def expansion_request(
         raise EngineError("the job's dataset has been deleted")
     images = tmp / "images"
     with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
-        tar.extractall(images, filter="data")
+        extract_images(tar, images)
     keep = set(spec.labels) | set(spec.new_labels)
     samples = [s for s in scan_image_folder(images) if s.label in keep]
     return ExpansionRequest(
@@ -118,3 +121,27 @@ def expansion_request(
         config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
         reference=base_reference(storage, spec.model_id, spec.reference, tmp / "reference"),
     )
+
+
+def extract_images(tar: tarfile.TarFile, target: Path, filters: bool | None = None) -> None:
+    """Unpack a stored dataset: regular files only, every one inside ``target``. Python's
+    extraction filters do that where they exist (3.11.4 on); before them (Debian bookworm's
+    3.11.2, say) the members are checked and copied here. ``filters``: which way (default: the
+    filters where available)."""
+    if filters is None:
+        filters = hasattr(tarfile, "data_filter")
+    if filters:
+        tar.extractall(target, filter="data")
+        return
+    for member in tar:
+        parts = PurePosixPath(member.name).parts
+        if member.isdir():
+            continue
+        if not member.isfile() or not parts or parts[0] == "/" or ".." in parts:
+            raise EngineError(f"the stored dataset holds an unsafe entry: {member.name!r}")
+        path = target.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source = tar.extractfile(member)
+        assert source is not None  # a regular file
+        with source, path.open("wb") as out:
+            shutil.copyfileobj(source, out)
