@@ -1,21 +1,28 @@
-"""Shared fixtures: real digits scans, a real classifier trained on them, a real database."""
+"""Shared fixtures: real digits scans, a real classifier trained on them, a real database.
+
+The web stack (FastAPI, SQLAlchemy, settings) is imported inside the fixtures that need it, so
+that the engine's tests run where only the ML stack is installed (a GPU machine's image:
+bench/gpu.sh)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import safetensors.torch
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.server import db_upgrade
-from app.settings import Settings
 from tests.support import digits as D
 from worker.engine.data import scan_image_folder
 from worker.engine.expand import ExpansionConfig, ExpansionRequest
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
+    from app.settings import Settings
 
 OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
 ARCH = "timm:resnet18"
@@ -52,17 +59,35 @@ def base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path
     return path
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite database at the head migration, made once; each test gets a copy."""
+    from app.server import db_upgrade
+    from app.settings import Settings
+
+    s = Settings(data_dir=tmp_path_factory.mktemp("template"))
+    db_upgrade(s)
+    return s.data_dir / "graft.db"
+
+
 @pytest.fixture()
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
     # poll_cache_s=0: tests read right after writing behind the API's back (tests/app/test_load.py
     # covers the cache itself)
+    from app.settings import Settings
+
     s = Settings(data_dir=tmp_path / "var", sweep_interval_s=0, job_lease_s=30, poll_cache_s=0)
-    db_upgrade(s)
+    s.ensure_dirs()
+    shutil.copyfile(migrated_sqlite, s.data_dir / "graft.db")
     return s
 
 
 @pytest.fixture()
 def client(settings: Settings) -> Iterator[TestClient]:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
     with TestClient(create_app(settings)) as c:
         yield c
 
