@@ -35,6 +35,8 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """One handler on the root logger for everything the process logs: Graft, uvicorn, Celery,
+    and Python warnings (so that a JSON log holds nothing but JSON lines)."""
     handler = logging.StreamHandler()
     handler.addFilter(JobContext())
     handler.setFormatter(
@@ -45,3 +47,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # seven lines a start

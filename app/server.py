@@ -50,16 +50,17 @@ def run_api(settings: Settings) -> None:
 def worker_argv(settings: Settings) -> list[str]:
     from worker.celery_app import QUEUE
 
-    # One job per process, in the process itself: a worker is one GPU (CUDA_VISIBLE_DEVICES);
-    # scale by running more workers. Graft enforces time limits and hand-back on SIGTERM itself.
+    # The pool (solo: one job, in the process itself) is in the Celery configuration, so that
+    # `celery -A worker.celery_app:app worker` runs the same. Graft enforces time limits and
+    # hand-back on SIGTERM itself.
     argv = [
         "worker",
         f"--loglevel={settings.log_level}",
-        "--pool=solo",
-        "--concurrency=1",
         f"--queues={QUEUE}",
         f"--hostname=graft-{os.getpid()}@%h",
     ]
+    if settings.log_format == "json":
+        argv.insert(0, "--quiet")  # no start-up banner: a JSON log holds JSON lines only
     if settings.resolved_broker_url.startswith("filesystem"):
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     return argv

@@ -141,14 +141,11 @@ def keys_revoke(prefix: str) -> None:
 
 
 def _settings() -> Any:
-    import logging
-
+    from app.logs import configure_logging
     from app.settings import get_settings
 
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 

@@ -2,14 +2,18 @@
 carries the jobs.
 
     celery -A worker.celery_app:app worker      # what `graft worker` runs
+
+Either way a worker runs one job at a time in its own process (the solo pool): a worker is one
+GPU; scale by running more workers. Logs go through Graft's handler (GRAFT_LOG_FORMAT).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from celery import Celery
+from celery import Celery, signals
 
+from app.logs import configure_logging
 from app.settings import Settings, get_settings
 
 RUN_JOB_TASK = "graft.run_job"
@@ -40,6 +44,8 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        worker_pool="solo",
+        worker_concurrency=1,
         task_default_queue=QUEUE,
         task_routes={RUN_JOB_TASK: {"queue": QUEUE}},
         broker_transport_options=transport_options,
@@ -59,7 +65,16 @@ def celery_for(settings: Settings) -> Celery:
     return create_celery(settings)
 
 
+@signals.setup_logging.connect
+def _graft_logging(**_: object) -> None:
+    """A starting worker logs as the API does (text or JSON lines with the job id), instead of
+    Celery's own format."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+
 def __getattr__(name: str) -> Celery:
-    if name == "app":  # for `celery -A worker.celery_app:app` (Flower, inspection)
+    if name == "app":  # for `celery -A worker.celery_app:app` (worker, Flower, inspection)
+        _graft_logging()  # before Celery's start-up checks warn about anything
         return celery_for(get_settings())
     raise AttributeError(name)

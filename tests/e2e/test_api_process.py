@@ -4,41 +4,17 @@ nothing behind after one sweep; asked to stop, it does not wait forever on a slo
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 
 from app import janitor
 from app.settings import Settings
 from tests.support import digits as D
-from tests.support.net import free_port
-
-
-def start_api(data_dir: Path, **env: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    environ = {**os.environ, "GRAFT_DATA_DIR": str(data_dir), "GRAFT_PORT": str(port), **env}
-    subprocess.run([sys.executable, "-m", "graft.cli", "db", "upgrade"], env=environ, check=True)
-    log = (data_dir / "api.log").open("a")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "graft.cli", "api"], env=environ, stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                return process, port
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail("graft api did not start:\n" + (data_dir / "api.log").read_text())
+from tests.support.processes import start_api
 
 
 def test_an_api_killed_while_unpacking_an_upload_leaves_nothing_after_one_sweep(
