@@ -27,7 +27,7 @@ def test_jobs_submitted_while_the_broker_is_down_start_when_it_is_back(cluster, 
         job_ids = [cluster.submit({"epochs": 2}) for _ in range(2)]  # 202: safe in the database
         assert {cluster.job(j)["status"] for j in job_ids} == {"queued"}
         redis_server.start()
-        jobs = cluster.wait(job_ids, FINAL, timeout=180, sweep=False)
+        jobs = cluster.wait(job_ids, FINAL, sweep=False)
     finally:
         sweeper.stop()
     assert [j["status"] for j in jobs] == ["succeeded"] * 2
@@ -49,7 +49,7 @@ def test_the_sweep_sends_each_lost_message_once(cluster, redis_url):
     assert cluster.sweeper.run_once() == 0
     assert broker.llen("graft") == 3
     cluster.worker()
-    jobs = cluster.wait(job_ids, FINAL, timeout=240, sweep=False)
+    jobs = cluster.wait(job_ids, FINAL, sweep=False)
     assert [j["attempt"] for j in jobs] == [1, 1, 1]
     assert cluster.versions() == [1, 2, 3, 4]
 
@@ -68,7 +68,7 @@ def test_a_job_done_while_the_database_is_down_is_recorded_when_it_is_back(clust
         time.sleep(0.5)
     time.sleep(5)  # a few retries fail
     pg_cluster.start()
-    (job,) = cluster.wait([job_id], FINAL, timeout=120)
+    (job,) = cluster.wait([job_id], FINAL)
     assert job["status"] == "succeeded" and job["attempt"] == 1
     assert cluster.versions() == [1, 2]
     assert len(cluster.stored_files()) == 6  # nothing discarded, nothing twice

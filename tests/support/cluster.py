@@ -61,8 +61,10 @@ class Cluster:
         return self.client.get(f"/v1/jobs/{job_id}").json()
 
     def wait(
-        self, job_ids: list[str], until: set[str], timeout: float = 120, sweep: bool = True
+        self, job_ids: list[str], until: set[str], timeout: float = 600, sweep: bool = True
     ) -> list[dict]:
+        """Poll until every job is in ``until``; ``timeout`` is a safety net against a hang,
+        many times what the jobs take on a busy machine, not a measure of speed."""
         deadline = time.monotonic() + timeout
         while True:
             jobs = [self.job(j) for j in job_ids]
@@ -74,8 +76,10 @@ class Cluster:
             time.sleep(0.3)
 
     def wait_running(self, job_id: str) -> None:
-        self.wait([job_id], {"running"}, timeout=60, sweep=False)
+        self.wait([job_id], {"running"}, timeout=300, sweep=False)
+        deadline = time.monotonic() + 300
         while self.job(job_id)["progress"]["stage"] not in ("extracting", "training"):
+            assert time.monotonic() < deadline
             time.sleep(0.05)
 
     def worker_pid(self, job_id: str) -> int:
