@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format install bench clean
+.PHONY: run test test-docker lint format install bench bench-gpu clean
 
 run: $(STAMP)
 	$(BIN)/graft serve
@@ -13,6 +13,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The production images and compose stack, for real (needs root: installs and starts Docker if
+# absent). Builds both images, then runs tests/docker against `docker-compose up`.
+test-docker: $(STAMP)
+	VENV=$(VENV) tests/docker/build.sh
+	PATH=$(abspath $(BIN)):$$PATH GRAFT_TEST_DOCKER=1 $(BIN)/pytest -q -p no:cacheprovider tests/docker
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
