@@ -62,14 +62,16 @@ def train_base(
     architecture: str = "timm:resnet18",
     epochs: int = 6,
     seed: int = 0,
+    model: nn.Module | None = None,
 ) -> nn.Module:
-    """A classifier trained from scratch on ``classes``; output unit i is ``classes[i]``."""
+    """A classifier trained from scratch on ``classes``; output unit i is ``classes[i]``.
+    ``model``: a freshly built one to train (else ``architecture`` is built)."""
     torch.manual_seed(seed)
     keep = np.isin(digits.targets, classes)
     x = tensors([im for im, k in zip(digits.images, keep, strict=True) if k])
     remap = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([remap[int(t)] for t in digits.targets[keep]])
-    model = build_model(architecture, len(classes)).train()
+    model = (model or build_model(architecture, len(classes))).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * ((len(y) + 63) // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)

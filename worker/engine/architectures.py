@@ -1,4 +1,6 @@
-"""Build timm and torchvision classifiers by name, with random weights (no hub downloads)."""
+"""Build timm and torchvision classifiers by name, with random weights (no hub downloads).
+Hugging Face classifiers (``hf:``) are named here too, but built from their ``config.json``
+(worker/engine/hf.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import timm
 import torchvision.models
 from torch import nn
 
-from worker.engine.errors import UnknownArchitecture
+from worker.engine.errors import UnknownArchitecture, WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FAMILIES = ("timm", "torchvision")
+FAMILIES = ("timm", "torchvision", "hf")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
     family, sep, name = architecture.partition(":")
     if not sep or family not in FAMILIES:
         raise UnknownArchitecture(architecture, [f"{f}:{name or architecture}" for f in FAMILIES])
+    if family == "hf":
+        from worker.engine import hf  # noqa: PLC0415 (optional dependency)
+
+        hf.check_name(name)
+        return family, name
     if name not in _known(family):
         matches = difflib.get_close_matches(name, _known(family), n=5, cutoff=0.6)
         raise UnknownArchitecture(architecture, [f"{family}:{m}" for m in matches])
@@ -69,6 +76,8 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
 def build_model(architecture: str, num_classes: int) -> nn.Module:
     """A randomly initialised classifier with ``num_classes`` outputs, in eval mode."""
     family, name = parse_architecture(architecture)
+    if family == "hf":
+        raise WeightsError(f"{architecture} is built from its config.json, not by name")
     if family == "timm":
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     else:

@@ -164,6 +164,11 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
     is read; the label count is checked against the classifier layer's rows first, so a
     mismatch says both numbers instead of a shape error.
     """
+    if architecture.startswith("hf:"):
+        from worker.engine import hf  # noqa: PLC0415 (optional dependency)
+
+        model = hf.load(path, num_labels)  # strict, by transformers' own checkpoint mapping
+        return model, find_head(model)
     model = build_model(architecture, num_labels)
     head = find_head(model)
     layout = tensor_layout(path)
@@ -178,8 +183,20 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
     return model.eval(), find_head(model)
 
 
+def file_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty without any)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object]) -> None:
-    """Write the model's state dict with string metadata; non-strings are stored as JSON."""
+    """Write the model's state dict with string metadata; non-strings are stored as JSON.
+    A Hugging Face model is written as its own checkpoint, its config in the metadata."""
+    if getattr(model, "graft_family", None) == "hf":
+        from worker.engine import hf  # noqa: PLC0415 (optional dependency)
+
+        hf.save(path, model, metadata)
+        return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     safetensors.torch.save_file(tensors, str(path), metadata=meta)
