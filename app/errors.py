@@ -61,6 +61,18 @@ class TooLarge(ServiceError):
     type_ = "https://graft.dev/problems/too-large"
 
 
+class RangeNotSatisfiable(ServiceError):
+    """A ``Range`` a file cannot answer; says how long the file is, as RFC 9110 asks."""
+
+    status = 416
+    title = "Range not satisfiable"
+    type_ = "https://graft.dev/problems/range-not-satisfiable"
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Content-Range": f"bytes */{size}"}
+
+
 class Unavailable(ServiceError):
     status = 503
     title = "Service unavailable"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -19,6 +21,7 @@ from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
+    ARTIFACT_SUFFIXES,
     NAME_PATTERN,
     ModelRead,
     ModelVersionRead,
@@ -29,6 +32,7 @@ from app.schemas import (
 from app.storage import Storage, StoredObject
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
 from worker.engine.errors import EngineError, UnknownArchitecture, resource_error
+from worker.engine.export import EXPORTERS
 from worker.engine.weights import (
     convert_to_safetensors,
     is_safetensors,
@@ -36,15 +40,20 @@ from worker.engine.weights import (
     save_safetensors,
 )
 
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger(__name__)
 SAFETENSORS = "safetensors"
+EXPORTS = tuple(EXPORTERS)  # what version 1 gets besides safetensors: every format Graft writes
 
 
 def artifact_metadata(
     name: str, architecture: str, labels: list[str], preprocessing: dict, parent: int | None
 ) -> dict[str, Any]:
-    """What makes a stored safetensors file self-describing."""
+    """What makes a stored file self-describing, whatever its format: enough to rebuild the
+    model (architecture, labels, preprocessing) and to know where it came from."""
     return {
-        "format": "pt",
         "architecture": architecture,
         "labels": labels,
         "preprocessing": preprocessing,
@@ -52,6 +61,44 @@ def artifact_metadata(
         "parent": "" if parent is None else str(parent),
         "graft_version": __version__,
     }
+
+
+def store_model_files(
+    storage: Storage,
+    prefix: str,
+    model: nn.Module,
+    metadata: dict[str, Any],
+    preprocessing: Preprocessing,
+    exports: Sequence[str],
+    tmp: Path,
+    stored: list[StoredObject],
+) -> tuple[dict[str, StoredObject], dict[str, str]]:
+    """Store a version's files under ``prefix``, each carrying ``metadata``: the safetensors
+    file, then each format of ``exports``. A format the architecture cannot be exported to is
+    left out (the version has the others); running out of memory or disk is raised. Each
+    object is added to ``stored`` as soon as it exists, for the caller to delete should the
+    version not be recorded. Returns the stored files by format, and why each export that
+    was asked for failed."""
+    files: dict[str, StoredObject] = {}
+    failed: dict[str, str] = {}
+    for fmt in (SAFETENSORS, *exports):
+        path = tmp / f"model{ARTIFACT_SUFFIXES[fmt]}"
+        try:
+            if fmt == SAFETENSORS:  # the framework of its tensors is safetensors' own key
+                save_safetensors(path, model, {"format": "pt", **metadata})
+            else:
+                EXPORTERS[fmt](model, preprocessing, path, metadata)
+        except Exception as exc:
+            if fmt == SAFETENSORS or resource_error(exc) is not None:
+                raise
+            failed[fmt] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            log.warning("%s: no %s file: %s", prefix, fmt, failed[fmt])
+            path.unlink(missing_ok=True)
+            continue
+        files[fmt] = storage.put_file(f"{prefix}/model{ARTIFACT_SUFFIXES[fmt]}", path)
+        stored.append(files[fmt])
+        path.unlink()  # a big model's copies need not all wait on the disk
+    return files, failed
 
 
 def parse_labels(raw: str) -> list[str]:
@@ -95,7 +142,7 @@ class Registration:
     dataset: Dataset | None
     model_id: str = field(default_factory=new_id)
     version_id: str = field(default_factory=new_id)
-    weights: StoredObject | None = None
+    files: dict[str, StoredObject] = field(default_factory=dict)  # by format
     reference: dict[str, Any] | None = None
     written: list[str] = field(default_factory=list)
 
@@ -144,7 +191,8 @@ def store_registration(
     tmp_root: Path,
 ) -> Registration:
     """Check the weights against the architecture and store version 1's files (outside any
-    transaction): the weights as safetensors, and the reference dataset's images."""
+    transaction): the weights as safetensors, the same model as ONNX and TorchScript where
+    its architecture exports (else without them), and the reference dataset's images."""
     r = registration
     try:
         if not is_safetensors(weights):
@@ -154,16 +202,25 @@ def store_registration(
         model, _head = load_classifier(r.architecture, len(r.labels), weights)
     except EngineError as exc:
         raise resource_error(exc) or Invalid(str(exc), "weights") from None
+    stored: list[StoredObject] = []
     try:
         with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
-            path = Path(tmp) / "model.safetensors"
             metadata = artifact_metadata(
                 r.name, r.architecture, r.labels, r.preprocessing.to_dict(), None
             )
-            save_safetensors(path, model, metadata)
-            key = f"models/{r.model_id}/{r.version_id}/model.safetensors"
-            r.weights = storage.put_file(key, path)
-            r.written.append(key)
+            try:
+                r.files, _failed = store_model_files(  # logged; `formats` shows the rest
+                    storage,
+                    f"models/{r.model_id}/{r.version_id}",
+                    model,
+                    metadata,
+                    r.preprocessing,
+                    EXPORTS,
+                    Path(tmp),
+                    stored,
+                )
+            finally:
+                r.written += [o.key for o in stored]
         if r.dataset is not None:
             r.reference, _, images = references.extend_reference(
                 storage,
@@ -200,7 +257,7 @@ def record_registration(session: Session, registration: Registration) -> ModelVe
     except IntegrityError:
         session.rollback()
         raise Conflict(f"a model named {r.name!r} already exists") from None
-    assert r.weights is not None
+    assert SAFETENSORS in r.files
     return add_version(
         session,
         row,
@@ -212,7 +269,7 @@ def record_registration(session: Session, registration: Registration) -> ModelVe
         preprocessing=r.preprocessing.to_dict(),
         status=VersionStatus.PROMOTED,
         metrics=None,
-        artifacts={SAFETENSORS: asdict(r.weights)},
+        artifacts={fmt: asdict(obj) for fmt, obj in r.files.items()},
         reference=r.reference,
     )
 

@@ -10,6 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 T = TypeVar("T")
 
+# A version's files: safetensors always; the others exported from it where its architecture
+# allows (``formats`` of a version lists what it has). The suffix names the stored object and
+# the downloaded file.
+ArtifactFormat = Literal["safetensors", "onnx", "torchscript"]
+ExportFormat = Literal["onnx", "torchscript"]
+ARTIFACT_SUFFIXES: dict[str, str] = {
+    "safetensors": ".safetensors",
+    "onnx": ".onnx",
+    "torchscript": ".torchscript.pt",
+}
+
 
 class Page(BaseModel, Generic[T]):
     items: list[T]
@@ -115,7 +126,7 @@ class ModelVersionRead(BaseModel):
                         "gate": {"decision": "promoted", "evidence": "strong", "n": 540},
                     },
                     "reference": {"0": 60, "1": 60, "9": 15},
-                    "formats": ["safetensors", "onnx"],
+                    "formats": ["safetensors", "onnx", "torchscript"],
                     "sha256": "b698bec7f71c34a146f582df99d3d755da190f0b310ac2b215411aa6a48b0ba3",
                     "size_bytes": 44776216,
                     "created_at": "2026-11-28T03:44:22Z",
@@ -140,7 +151,9 @@ class ModelVersionRead(BaseModel):
     reference: dict[str, int] = Field(
         default_factory=dict, description="images per label kept as the reference set"
     )
-    formats: list[str]
+    formats: list[str] = Field(
+        description="the files this version can be downloaded as (artifact?format=...)"
+    )
     sha256: str
     size_bytes: int
     created_at: datetime
@@ -313,7 +326,11 @@ class JobConfig(BaseModel):
     max_old_accuracy_drop: float = Field(0.01, ge=0, le=1)
     min_old_accuracy_retention: float = Field(0.98, ge=0, le=1)
     min_images_per_label: int = Field(1, ge=1)
-    export: list[Literal["onnx"]] = ["onnx"]
+    export: list[ExportFormat] = Field(
+        ["onnx", "torchscript"],
+        description="formats to write besides safetensors; one the architecture cannot be "
+        "exported to is left out, with a warning on the job",
+    )
 
 
 class JobCreate(BaseModel):

@@ -51,7 +51,11 @@ class Storage(Protocol):
     """What the service needs of an artifact store."""
 
     def put_file(self, key: str, source: Path) -> StoredObject: ...
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, start: int = 0, stop: int | None = None) -> BinaryIO:
+        """The object's bytes from ``start``; the stream may end at ``stop`` or run on past
+        it, so a reader of a range reads ``stop - start`` bytes (``iter_chunks``)."""
+        ...
+
     def local_path(self, key: str) -> Path: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -87,8 +91,11 @@ class LocalStorage:
             raise
         return StoredObject(key, digest.hexdigest(), size)
 
-    def open(self, key: str) -> BinaryIO:
-        return self._path(key).open("rb")
+    def open(self, key: str, start: int = 0, stop: int | None = None) -> BinaryIO:
+        """The file from byte ``start`` (``stop`` is the reader's to keep)."""
+        stream = self._path(key).open("rb")
+        stream.seek(start)
+        return stream
 
     def local_path(self, key: str) -> Path:
         """A path to read the object from; for this store, the object itself."""
@@ -150,8 +157,13 @@ class S3Storage:
         )
         return StoredObject(key, digest, size)
 
-    def open(self, key: str) -> BinaryIO:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+    def open(self, key: str, start: int = 0, stop: int | None = None) -> BinaryIO:
+        """The object's bytes ``[start, stop)`` (to its end without ``stop``): a ranged GET
+        when not the whole object, so resuming a big download fetches only what is missing."""
+        extra: dict[str, str] = {}
+        if start or stop is not None:
+            extra["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
 
     def local_path(self, key: str) -> Path:
         """A verified local copy, downloaded into the cache folder unless it is there. Each
@@ -242,10 +254,19 @@ class S3Storage:
             raise
 
 
-def iter_chunks(stream: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    """Stream an object and close it, for responses that must not hold a file in memory."""
+def iter_chunks(
+    stream: BinaryIO, length: int | None = None, chunk_size: int = CHUNK
+) -> Iterator[bytes]:
+    """Stream an object (at most ``length`` bytes of it) and close it, for responses that
+    must not hold a file in memory."""
+    left = length
     try:
-        while chunk := stream.read(chunk_size):
+        while left is None or left > 0:
+            chunk = stream.read(chunk_size if left is None else min(chunk_size, left))
+            if not chunk:
+                break
+            if left is not None:
+                left -= len(chunk)
             yield chunk
     finally:
         stream.close()

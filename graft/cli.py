@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from app.reports import summary_rows
+from app.schemas import ARTIFACT_SUFFIXES
 from graft.client import FINAL, Client, GraftError
 
 app = typer.Typer(
@@ -317,7 +318,7 @@ def model_promote(
 @model_app.command("pull")
 def model_pull(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION, or NAME for the latest version")],
-    format: Annotated[str, typer.Option(help="safetensors or onnx")] = "safetensors",
+    format: Annotated[str, typer.Option(help="safetensors, onnx or torchscript")] = "safetensors",
     output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
 ) -> None:
     """Download a version, checking its sha256."""
@@ -325,7 +326,7 @@ def model_pull(
     graft = client()
     try:
         number = _number(version) if version else graft.get_model(name).latest_version
-        dest = output or Path(f"{name}-v{number}.{format}")
+        dest = output or Path(f"{name}-v{number}{ARTIFACT_SUFFIXES.get(format, '.' + format)}")
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),

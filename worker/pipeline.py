@@ -24,7 +24,7 @@ from app.disk import free_bytes, has_room
 from app.janitor import clean_tmp
 from app.logs import current_job
 from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
-from app.registry import add_version, artifact_metadata
+from app.registry import add_version, artifact_metadata, store_model_files
 from app.settings import MiB, Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
@@ -35,8 +35,6 @@ from worker.engine.expand import (
     Progress,
     expand_classifier,
 )
-from worker.engine.export import export_onnx
-from worker.engine.weights import save_safetensors
 from worker.lifecycle import (
     Heartbeat,
     LeaseLost,
@@ -98,7 +96,9 @@ def _run_job(job_id: str, settings: Settings) -> None:
                 result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
                 heartbeat.report(Progress("exporting", 0.0))
                 version_id = new_id()
-                artifacts = _store_artifacts(storage, spec, version_id, result, Path(tmp), stored)
+                artifacts, failed = _store_artifacts(
+                    storage, spec, version_id, result, Path(tmp), stored
+                )
                 reference = keep_reference(storage, spec.model_id, version_id, result, Path(tmp))
                 if reference:
                     stored.append(StoredObject(**reference["manifest"]))
@@ -106,7 +106,7 @@ def _run_job(job_id: str, settings: Settings) -> None:
                 digests = {r.digest for r in remembered}
                 cache_features(storage, spec.model_id, digests, result, Path(tmp))
             _finish_succeeded(
-                settings, job_id, attempt, spec, version_id, result, artifacts, reference
+                settings, job_id, attempt, spec, version_id, result, artifacts, reference, failed
             )
             log.info("job %s: succeeded", job_id)
         except JobCancelled:
@@ -144,10 +144,10 @@ def _store_artifacts(
     result: ExpansionResult,
     tmp: Path,
     stored: list[StoredObject],
-) -> list[StoredObject]:
+) -> tuple[dict[str, StoredObject], dict[str, str]]:
     """Write every format before the version exists; a reader never sees half a version.
-    Each object is added to ``stored`` as soon as it exists."""
-    prefix = f"models/{spec.model_id}/{version_id}"
+    Each object is added to ``stored`` as soon as it exists. A format the architecture cannot
+    be exported to is left out (and reported), not a reason to lose the job's work."""
     metadata = artifact_metadata(
         spec.model_name,
         spec.architecture,
@@ -155,17 +155,16 @@ def _store_artifacts(
         spec.preprocessing,
         spec.base_version,
     )
-    artifacts = []
-    path = tmp / "model.safetensors"
-    save_safetensors(path, result.model, metadata)
-    artifacts.append(storage.put_file(f"{prefix}/model.safetensors", path))
-    stored.append(artifacts[-1])
-    if "onnx" in spec.config.get("export", []):
-        path = tmp / "model.onnx"
-        export_onnx(result.model, Preprocessing.from_dict(spec.preprocessing), path)
-        artifacts.append(storage.put_file(f"{prefix}/model.onnx", path))
-        stored.append(artifacts[-1])
-    return artifacts
+    return store_model_files(
+        storage,
+        f"models/{spec.model_id}/{version_id}",
+        result.model,
+        metadata,
+        Preprocessing.from_dict(spec.preprocessing),
+        spec.config.get("export", []),
+        tmp,
+        stored,
+    )
 
 
 def _finish_succeeded(
@@ -175,8 +174,9 @@ def _finish_succeeded(
     spec: JobSpec,
     version_id: str,
     result: ExpansionResult,
-    artifacts: list[StoredObject],
+    artifacts: dict[str, StoredObject],
     reference: dict[str, Any] | None,
+    failed_exports: dict[str, str] | None = None,
 ) -> None:
     metrics = dict(result.metrics)
     gate = retention_gate(
@@ -189,7 +189,16 @@ def _finish_succeeded(
         settings,
         f"job {job_id}: recording the new version",
         lambda: _write_success(
-            settings, job_id, attempt, spec, version_id, result, artifacts, reference, metrics
+            settings,
+            job_id,
+            attempt,
+            spec,
+            version_id,
+            result,
+            artifacts,
+            reference,
+            metrics,
+            failed_exports or {},
         ),
     )
 
@@ -201,13 +210,19 @@ def _write_success(
     spec: JobSpec,
     version_id: str,
     result: ExpansionResult,
-    artifacts: list[StoredObject],
+    artifacts: dict[str, StoredObject],
     reference: dict[str, Any] | None,
     metrics: dict[str, Any],
+    failed_exports: dict[str, str],
 ) -> None:
     gate = metrics["gate"]
     with session_scope(settings.resolved_database_url) as session:
         warnings = list(session.scalar(select(Job.warnings).where(Job.id == job_id)) or [])
+        warnings += [
+            f"the new version has no {fmt} file: its architecture could not be exported to "
+            f"{fmt} ({reason}); its formats are {', '.join(artifacts)}"
+            for fmt, reason in failed_exports.items()
+        ]
         if gate["decision"] == VersionStatus.UNVERIFIED:
             number, name = _next_version(session, spec.model_id), spec.model_name
             warnings.append(
@@ -237,14 +252,10 @@ def _write_success(
             preprocessing=spec.preprocessing,
             status=VersionStatus(gate["decision"]),
             metrics=metrics,
-            artifacts={_format(o.key): asdict(o) for o in artifacts},
+            artifacts={fmt: asdict(o) for fmt, o in artifacts.items()},
             reference=reference,
         )
         session.execute(update(Job).where(Job.id == job_id).values(result_version=version.version))
-
-
-def _format(key: str) -> str:
-    return key.rsplit(".", 1)[-1]
 
 
 def _next_version(session: Session, model_id: str) -> int:

@@ -15,6 +15,7 @@ _DESCRIPTIONS = {
     404: "No such resource (or it belongs to another owner)",
     409: "Conflict with the resource's current state",
     413: "Request body over the size limit",
+    416: "A `Range` outside the file, or malformed; `Content-Range` gives the file's length",
     422: "Invalid input; `errors` names the fields",
     503: "A dependency is unreachable",
     507: "Not enough free disk for the upload; `detail` says how much is needed",

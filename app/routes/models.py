@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from app import references, registry
-from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
+from app import downloads, references, registry
+from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.disk import ensure_room
 from app.errors import Invalid, NotFound, TooLarge
 from app.routes import json_response, problems
 from app.schemas import (
+    ARTIFACT_SUFFIXES,
+    ArtifactFormat,
     ModelRead,
     ModelVersionRead,
     Page,
@@ -25,7 +27,6 @@ from app.schemas import (
     ReferenceAdd,
     ReferenceRead,
 )
-from app.storage import iter_chunks
 from app.uploads import save_upload, upload_size
 
 MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024
@@ -53,8 +54,9 @@ async def register_model(
         ),
     ] = None,
 ) -> Response:
-    # the upload's copy, a converted copy, and the stored copy (local storage)
-    ensure_room(settings, 3 * upload_size(weights), "these weights")
+    # the upload's copy, a converted copy, the stored files in three formats (local storage)
+    # and the one being written
+    ensure_room(settings, 6 * upload_size(weights), "these weights")
     # Checked in one short transaction, the files stored outside any, the rows written in
     # another: a slow upload holds no lock (SQLite has one for all writers).
     checked = await db(
@@ -169,37 +171,104 @@ async def promote_version(
     return json_response(await db(work))
 
 
-@router.get(
-    "/{name}/versions/{version}/artifact",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "the file"}},
-)
-async def download_artifact(
-    name: str,
-    version: int,
-    db: DbDep,
-    storage: StorageDep,
-    format: Annotated[Literal["safetensors", "onnx", "torchscript"], Query()] = "safetensors",
-) -> StreamingResponse:
-    """The artifact, streamed, with its sha256 as ETag."""
+ARTIFACT_PATH = "/{name}/versions/{version}/artifact"
+FormatQuery = Annotated[
+    ArtifactFormat,
+    Query(description="safetensors (always there), onnx or torchscript: see the version's formats"),
+]
+RangeHeader = Annotated[
+    str | None,
+    Header(
+        alias="Range",
+        description="one byte range, 'bytes=FIRST-LAST', 'bytes=FIRST-' or 'bytes=-LENGTH': "
+        "206 with those bytes (to resume a download)",
+        examples=["bytes=1048576-"],
+    ),
+]
+IfRangeHeader = Annotated[
+    str | None,
+    Header(
+        alias="If-Range",
+        description="the ETag of the partial copy: the range is answered only if the file is "
+        "still that one, else the whole file",
+    ),
+]
+_ARTIFACT_HEADERS = {
+    "ETag": {"description": "the file's sha256, quoted", "schema": {"type": "string"}},
+    "Accept-Ranges": {"description": "bytes", "schema": {"type": "string"}},
+    "Content-Length": {"description": "bytes in this answer", "schema": {"type": "integer"}},
+    "Content-Disposition": {"description": "the file's name", "schema": {"type": "string"}},
+}
+_FILE_EXAMPLE = {"application/octet-stream": {"example": "(binary)"}}
+
+
+async def _artifact(db: Db, name: str, version: int, format: str) -> tuple[dict[str, Any], str]:
+    """The stored file of ``format`` of a version, and the name to download it as; 404
+    naming the formats the version has if it lacks this one."""
     artifacts = await db(
         lambda session, owner: dict(registry.get_version(session, owner, name, version).artifacts)
     )
     artifact = artifacts.get(format)
     if artifact is None:
         raise NotFound(
-            f"version {version} of {name!r} has no {format} artifact; "
+            f"version {version} of {name!r} has no {format} file (it was stored before Graft "
+            f"wrote {format}, or its architecture cannot be exported to {format}); "
             f"available: {', '.join(artifacts)}"
         )
-    return StreamingResponse(
-        iter_chunks(await run_in_threadpool(storage.open, artifact["key"])),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(artifact["size_bytes"]),
-            "Content-Disposition": f'attachment; filename="{name}-v{version}.{format}"',
-            "ETag": f'"{artifact["sha256"]}"',
+    return artifact, f"{name}-v{version}{ARTIFACT_SUFFIXES[format]}"
+
+
+@router.get(
+    ARTIFACT_PATH,
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": _FILE_EXAMPLE, "description": "the file", "headers": _ARTIFACT_HEADERS},
+        206: {
+            "content": _FILE_EXAMPLE,
+            "description": "the bytes of the range asked for; Content-Range says which",
+            "headers": _ARTIFACT_HEADERS,
         },
+        **problems(416),
+    },
+)
+async def download_artifact(
+    name: str,
+    version: int,
+    db: DbDep,
+    storage: StorageDep,
+    format: FormatQuery = "safetensors",
+    range: RangeHeader = None,
+    if_range: IfRangeHeader = None,
+) -> Response:
+    """The artifact, streamed, with its sha256 as ETag; one byte range of it with ``Range``."""
+    artifact, filename = await _artifact(db, name, version, format)
+    return await run_in_threadpool(
+        downloads.artifact_response, storage, artifact, filename, range, if_range, True
     )
+
+
+@router.head(
+    ARTIFACT_PATH,
+    response_class=Response,
+    responses={
+        200: {"description": "the file's headers, no body", "headers": _ARTIFACT_HEADERS},
+        206: {"description": "the range's headers, no body", "headers": _ARTIFACT_HEADERS},
+        **problems(416),
+    },
+)
+async def artifact_headers(
+    name: str,
+    version: int,
+    db: DbDep,
+    storage: StorageDep,
+    format: FormatQuery = "safetensors",
+    range: RangeHeader = None,
+    if_range: IfRangeHeader = None,
+) -> Response:
+    """What a GET of the artifact would answer (size, ETag = sha256, name), without the
+    file."""
+    artifact, filename = await _artifact(db, name, version, format)
+    return downloads.artifact_response(storage, artifact, filename, range, if_range, False)
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictionsRead)

@@ -157,7 +157,13 @@ def test_concurrent_registrations_of_one_name_make_one_model_and_leave_no_file(
     statuses = sorted(r.status_code for r in asyncio.run(register()))
     assert statuses == [201, 409, 409, 409]
     stored = [p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file()]
-    assert len(stored) == 1  # the winner's weights; the others' were never kept
+    # the winner's files (one version's, in every format); the others' were never kept
+    assert len({p.parent for p in stored}) == 1
+    assert sorted(p.name for p in stored) == [
+        "model.onnx",
+        "model.safetensors",
+        "model.torchscript.pt",
+    ]
 
 
 def test_repeated_polls_within_the_window_are_answered_from_memory(

@@ -121,6 +121,8 @@ def test_a_job_keeps_every_artifact_in_s3(s3_endpoint, tmp_path, base_weights, d
         assert download.headers["etag"] == f'"{version["sha256"]}"'
         onnx = client.get("/v1/models/digits/versions/2/artifact?format=onnx")
         assert onnx.status_code == 200 and len(onnx.content) > 1000
+        assert version["formats"] == ["safetensors", "onnx", "torchscript"]
+        assert_ranges_served_from_s3(client, download.content)
 
     keys = {
         o["Key"]
@@ -131,11 +133,32 @@ def test_a_job_keeps_every_artifact_in_s3(s3_endpoint, tmp_path, base_weights, d
     images = {k for k in keys if "/reference/" in k}
     assert len(images) == 9 * 20 + 10  # v2's reference set: every image it learnt from, once
     others = sorted(k.rsplit("/", 1)[-1].split("-")[0] for k in keys - images)
-    # dataset, v1 weights, v2 weights, v2 onnx, v2's reference manifest, the feature cache
-    assert len(others) == 6 and others[-1] == "reference", others
+    # dataset, v1 and v2 each as safetensors, onnx and torchscript, v2's reference manifest,
+    # the feature cache
+    assert len(others) == 9 and others[-1] == "reference", others
     assert not (settings.data_dir / "artifacts").exists()
     assert isinstance(open_storage(settings), S3Storage)
     assert not list(Path(settings.tmp_dir).iterdir())
+
+
+def assert_ranges_served_from_s3(client, whole: bytes) -> None:
+    """HEAD and byte ranges of version 2's safetensors, read from the bucket by ranged GETs:
+    a download resumed with Range gets the same bytes."""
+    url, size = "/v1/models/digits/versions/2/artifact", len(whole)
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == size and head.headers["accept-ranges"] == "bytes"
+    assert head.headers["etag"] == f'"{hashlib.sha256(whole).hexdigest()}"'
+    first = client.get(url, headers={"Range": f"bytes=0-{size // 3}"})
+    assert first.status_code == 206 and first.content == whole[: size // 3 + 1]
+    rest = client.get(
+        url, headers={"Range": f"bytes={size // 3 + 1}-", "If-Range": head.headers["etag"]}
+    )
+    assert rest.status_code == 206 and rest.headers["content-range"].endswith(f"/{size}")
+    assert first.content + rest.content == whole
+    assert client.get(url, headers={"Range": "bytes=-10"}).content == whole[-10:]
+    refused = client.get(url, headers={"Range": f"bytes={size}-"})
+    assert refused.status_code == 416 and refused.headers["content-range"] == f"bytes */{size}"
 
 
 def test_the_s3_download_cache_keeps_to_its_bound(s3_endpoint, tmp_path):

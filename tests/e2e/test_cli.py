@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors
+import torch
 
 from tests.conftest import OLD
 from tests.support import digits as D
@@ -16,7 +19,9 @@ from tests.support import digits as D
 pytestmark = pytest.mark.slow
 
 
-def graft(server_client, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
+def graft(
+    server_client, *args: str, url: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "GRAFT_URL": url or str(server_client.base_url), "COLUMNS": "120"}
     env.pop("GRAFT_API_KEY", None)
     return subprocess.run(
@@ -25,6 +30,7 @@ def graft(server_client, *args: str, url: str | None = None) -> subprocess.Compl
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=cwd,
     )
 
 
@@ -91,6 +97,23 @@ def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
     with safetensors.safe_open(str(tmp_path / "d.safetensors"), framework="pt") as f:
         expected = client.get(f"/v1/models/digits/versions/{latest_version}").json()["labels"]
         assert json.loads(f.metadata()["labels"]) == expected
+
+    scripted = graft(client, "model", "pull", "digits@2", "--format", "torchscript", cwd=tmp_path)
+    assert scripted.returncode == 0, scripted.stderr
+    extra = {"graft.json": ""}
+    torch.jit.load(tmp_path / "digits-v2.torchscript.pt", _extra_files=extra)
+    assert json.loads(extra["graft.json"])["labels"] == [str(d) for d in OLD] + ["9"]
+
+    # HEAD and a resumed download, through the real server
+    url = "/v1/models/digits/versions/2/artifact?format=onnx"
+    whole = (tmp_path / "d.onnx").read_bytes()
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(whole)
+    assert head.headers["etag"] == f'"{hashlib.sha256(whole).hexdigest()}"'
+    cut = len(whole) // 2
+    rest = client.get(url, headers={"Range": f"bytes={cut}-", "If-Range": head.headers["etag"]})
+    assert rest.status_code == 206 and whole[:cut] + rest.content == whole
 
     listed = graft(client, "job", "list")
     assert listed.returncode == 0 and "succeeded" in listed.stdout

@@ -54,7 +54,7 @@ def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
     assert versions(settings) == 2
     version = client.get("/v1/models/digits/versions/2").json()
     assert version["status"] == "promoted" and version["parent_version"] == 1
-    assert version["formats"] == ["safetensors", "onnx"]
+    assert version["formats"] == ["safetensors", "onnx", "torchscript"]
     assert version["labels"][-1] == "9" and version["metrics"] == job["metrics"]
     assert client.get("/v1/models/digits").json()["latest_version"] == 2
     assert list(settings.tmp_dir.iterdir()) == []

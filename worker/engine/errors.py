@@ -33,6 +33,12 @@ class DataError(EngineError):
     code = "invalid_data"
 
 
+class ExportFailed(EngineError):
+    """The model cannot be written in a format (its architecture does not trace or export)."""
+
+    code = "export_failed"
+
+
 class JobCancelled(Exception):
     """Raised between steps when the caller asked the engine to stop."""
 

@@ -1,23 +1,54 @@
-"""Export an expanded classifier to ONNX (``[N,C,H,W]`` float in, ``[N,classes]`` logits out)."""
+"""Export a classifier for serving without Graft, each file carrying its own description.
+
+- ONNX: ``[N,C,H,W]`` float in, ``[N,classes]`` logits out, a dynamic batch dimension; the
+  description in the model's ``metadata_props`` (strings; lists and dicts as JSON, as in the
+  safetensors header).
+- TorchScript: the eval-mode model traced in float32 on the CPU; the description as the JSON
+  file ``graft.json`` among the archive's extra files (``torch.jit.load(path,
+  _extra_files={"graft.json": ""})`` fills it in).
+
+Each exporter checks what it wrote (the ONNX checker; the TorchScript file is loaded back and
+run on another batch size against the model itself) and raises ``ExportFailed`` rather than
+leave a file that would not serve the model. Some architectures cannot be exported to one
+format or the other; callers decide whether that loses the format or fails.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from worker.engine.architectures import Preprocessing
+from worker.engine.errors import ExportFailed
 
 OPSET = 18
+TORCHSCRIPT_DESCRIPTION = "graft.json"  # the extra file of a TorchScript archive
+
+# torch's exporters keep process-wide state (the ONNX exporter's globals, the tracer's): an
+# API serving several registrations at once exports one model at a time.
+_EXPORTING = threading.Lock()
 
 
-def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> None:
-    """Write a single-file ONNX graph with a dynamic batch dimension."""
+def string_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
+    """Strings as they are, anything else as JSON: what a string-only metadata table holds."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def export_onnx(
+    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+) -> None:
+    """Write a single-file ONNX graph with a dynamic batch dimension and ``metadata`` in its
+    ``metadata_props``."""
     model = model.float().eval().cpu()
     example = torch.randn(2, *prep.input_size)
-    with warnings.catch_warnings():
+    with _EXPORTING, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -29,3 +60,47 @@ def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, string_metadata(metadata or {}))
+    try:
+        onnx.checker.check_model(graph)
+    except onnx.checker.ValidationError as exc:
+        raise ExportFailed(f"the exported ONNX graph is invalid: {exc}") from exc
+    onnx.save(graph, str(path))
+
+
+def export_torchscript(
+    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+) -> None:
+    """Write the model traced to TorchScript, with ``metadata`` as the JSON extra file
+    ``graft.json``. The file is loaded back and must give the model's logits for a batch of
+    another size than the one traced (a trace that fixed the batch size is refused)."""
+    model = model.float().eval().cpu()
+    example = torch.randn(2, *prep.input_size)
+    extra = {TORCHSCRIPT_DESCRIPTION: json.dumps(dict(metadata or {}))}
+    with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        traced = torch.jit.trace(model, example, check_trace=False)  # checked below, once
+        torch.jit.save(traced, str(path), _extra_files=extra)
+        check = torch.randn(3, *prep.input_size)
+        try:
+            got = torch.jit.load(str(path), map_location="cpu")(check)
+        except Exception as exc:
+            raise ExportFailed(f"the traced model does not run on a batch of 3: {exc}") from exc
+        want = model(check)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        raise ExportFailed("the traced model does not give one logits tensor per image")
+    scale = max(1.0, want.abs().max().item())
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+        raise ExportFailed(
+            f"the traced model disagrees with the model (largest difference "
+            f"{(got - want).abs().max().item():.3g}): its forward pass takes paths a trace "
+            "cannot record (control flow or shapes that depend on the input)"
+        )
+
+
+Exporter = Callable[[nn.Module, Preprocessing, Path, Mapping[str, object] | None], None]
+EXPORTERS: dict[str, Exporter] = {
+    "onnx": export_onnx,
+    "torchscript": export_torchscript,
+}
