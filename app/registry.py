@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import __version__, references
+from app import __version__, datasets, references
 from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
@@ -31,8 +32,8 @@ from app.schemas import (
 )
 from app.storage import Storage, StoredObject
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
-from worker.engine.errors import EngineError, UnknownArchitecture, resource_error
-from worker.engine.export import EXPORTERS
+from worker.engine.errors import EngineError, resource_error
+from worker.engine.export import EXPORTERS, PORTABLE, native_formats
 from worker.engine.weights import (
     convert_to_safetensors,
     is_safetensors,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SAFETENSORS = "safetensors"
-EXPORTS = tuple(EXPORTERS)  # what version 1 gets besides safetensors: every format Graft writes
+EXPORTS = PORTABLE  # what version 1 gets besides safetensors (and its family's own format)
 
 
 def artifact_metadata(
@@ -81,7 +82,7 @@ def store_model_files(
     was asked for failed."""
     files: dict[str, StoredObject] = {}
     failed: dict[str, str] = {}
-    for fmt in (SAFETENSORS, *exports):
+    for fmt in (SAFETENSORS, *exports, *native_formats(model)):
         path = tmp / f"model{ARTIFACT_SUFFIXES[fmt]}"
         try:
             if fmt == SAFETENSORS:  # the framework of its tensors is safetensors' own key
@@ -140,6 +141,7 @@ class Registration:
     labels: list[str]
     preprocessing: Preprocessing
     dataset: Dataset | None
+    preprocessing_given: bool = True  # else the architecture's (or the model folder's) default
     model_id: str = field(default_factory=new_id)
     version_id: str = field(default_factory=new_id)
     files: dict[str, StoredObject] = field(default_factory=dict)  # by format
@@ -165,7 +167,7 @@ def check_registration(
     labels = parse_labels(labels_json)
     try:
         parse_architecture(architecture)
-    except UnknownArchitecture as exc:
+    except EngineError as exc:  # unknown, or its optional dependency is not installed
         raise Invalid(str(exc), "architecture") from None
     prep = parse_preprocessing(preprocessing_json, architecture)
     dataset = None
@@ -180,7 +182,15 @@ def check_registration(
                 f"{strangers[:5]}; a reference set holds images of the model's own labels",
                 "reference_dataset_id",
             )
-    return Registration(owner, name, architecture, labels, prep, dataset)
+    return Registration(
+        owner,
+        name,
+        architecture,
+        labels,
+        prep,
+        dataset,
+        preprocessing_given=bool(preprocessing_json),
+    )
 
 
 def store_registration(
@@ -195,11 +205,14 @@ def store_registration(
     its architecture exports (else without them), and the reference dataset's images."""
     r = registration
     try:
-        if not is_safetensors(weights):
-            converted = weights.with_suffix(".safetensors")
-            convert_to_safetensors(weights, converted)
-            weights = converted
-        model, _head = load_classifier(r.architecture, len(r.labels), weights)
+        if r.architecture.startswith("hf:"):
+            model = _hf_upload(r, weights, tmp_root)
+        else:
+            if not is_safetensors(weights):
+                converted = weights.with_suffix(".safetensors")
+                convert_to_safetensors(weights, converted)
+                weights = converted
+            model, _head = load_classifier(r.architecture, len(r.labels), weights)
     except EngineError as exc:
         raise resource_error(exc) or Invalid(str(exc), "weights") from None
     stored: list[StoredObject] = []
@@ -238,6 +251,41 @@ def store_registration(
         discard_registration(storage, r)
         raise
     return r
+
+
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def _hf_upload(r: Registration, archive: Path, tmp_root: Path) -> nn.Module:
+    """A Hugging Face model uploaded as a zip or tar of its ``save_pretrained`` folder: only
+    the files ``from_pretrained`` needs are unpacked (no code, no pickle). The folder's
+    preprocessing is the default; its config must name the architecture and the labels'
+    count."""
+    from worker.engine import hf  # noqa: PLC0415 (optional dependency)
+
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp, archive.open("rb") as f:
+        folder = Path(tmp)
+        for member in datasets.iter_members(f):
+            parts = datasets.safe_parts(member.name)
+            if member.kind != "file" or not parts or parts[-1] not in HF_FILES:
+                continue
+            if (folder / parts[-1]).exists():
+                raise Invalid(f"the archive holds more than one {parts[-1]}", "weights")
+            with member.open() as source, (folder / parts[-1]).open("wb") as out:
+                shutil.copyfileobj(source, out)
+        model, prep = hf.read_folder(folder)
+    named = hf.architecture_of(model.config.to_dict())
+    if named != r.architecture:
+        raise Invalid(f"the model's config.json is a {named}, not {r.architecture}", "architecture")
+    if model.config.num_labels != len(r.labels):
+        raise Invalid(
+            f"{len(r.labels)} labels were given but the model's config.json has "
+            f"{model.config.num_labels}",
+            "labels",
+        )
+    if prep is not None and not r.preprocessing_given:
+        r.preprocessing = prep
+    return model
 
 
 def discard_registration(storage: Storage, registration: Registration) -> None:

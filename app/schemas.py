@@ -13,12 +13,14 @@ T = TypeVar("T")
 # A version's files: safetensors always; the others exported from it where its architecture
 # allows (``formats`` of a version lists what it has). The suffix names the stored object and
 # the downloaded file.
-ArtifactFormat = Literal["safetensors", "onnx", "torchscript"]
+# ``hf``: a Hugging Face model's own folder (zip), which only ``hf:`` versions have.
+ArtifactFormat = Literal["safetensors", "onnx", "torchscript", "hf"]
 ExportFormat = Literal["onnx", "torchscript"]
 ARTIFACT_SUFFIXES: dict[str, str] = {
     "safetensors": ".safetensors",
     "onnx": ".onnx",
     "torchscript": ".torchscript.pt",
+    "hf": ".hf.zip",
 }
 
 

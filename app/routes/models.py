@@ -43,7 +43,14 @@ async def register_model(
     name: Annotated[str, Form(description="[a-z0-9][a-z0-9._-]{0,63}")],
     architecture: Annotated[str, Form(examples=["timm:resnet18"])],
     labels: Annotated[str, Form(description="JSON array; index = output unit")],
-    weights: Annotated[UploadFile, File(description=".safetensors or a .pt state dict")],
+    weights: Annotated[
+        UploadFile,
+        File(
+            description=".safetensors or a .pt state dict; for hf: architectures, a .zip or "
+            ".tar(.gz) of the save_pretrained folder (config.json, model.safetensors, "
+            "preprocessor_config.json)"
+        ),
+    ],
     preprocessing: Annotated[str | None, Form(description="JSON")] = None,
     reference_dataset_id: Annotated[
         str | None,

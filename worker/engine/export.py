@@ -100,7 +100,25 @@ def export_torchscript(
 
 
 Exporter = Callable[[nn.Module, Preprocessing, Path, Mapping[str, object] | None], None]
+
+
+def export_hf_folder(
+    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+) -> None:
+    from worker.engine import hf  # noqa: PLC0415 (optional dependency)
+
+    hf.export_folder(model, prep, path, metadata)
+
+
 EXPORTERS: dict[str, Exporter] = {
     "onnx": export_onnx,
     "torchscript": export_torchscript,
+    "hf": export_hf_folder,
 }
+PORTABLE = ("onnx", "torchscript")  # formats any architecture may be exported to
+
+
+def native_formats(model: nn.Module) -> tuple[str, ...]:
+    """The formats of the model's own family besides safetensors: a Hugging Face model's
+    ``from_pretrained`` folder."""
+    return ("hf",) if getattr(model, "graft_family", None) == "hf" else ()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -259,3 +260,28 @@ def write_folder(
             indent=2,
         )
     )
+
+
+def export_folder(
+    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+) -> None:
+    """The version as a zip of the folder ``from_pretrained`` loads (``config.json`` with its
+    labels, ``model.safetensors``, ``preprocessor_config.json``), plus ``graft.json`` (the
+    version's description, as in the other formats)."""
+    if not isinstance(model, HFClassifier):
+        raise WeightsError("only Hugging Face models are written as a transformers folder")
+    labels = (metadata or {}).get("labels")
+    if isinstance(labels, str):
+        labels = json.loads(labels)
+    labels = (
+        list(labels)
+        if labels is not None
+        else [model.config.id2label[i] for i in range(model.config.num_labels)]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_folder(model, labels, prep, folder)
+        (folder / "graft.json").write_text(json.dumps(dict(metadata or {}), indent=2, default=str))
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for file in sorted(folder.iterdir()):
+                zf.write(file, file.name)
