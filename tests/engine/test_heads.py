@@ -1,5 +1,6 @@
-"""Head expansion across 32 architectures: old rows and old logits stay exactly as they were,
-and the expanded model exports to ONNX with onnxruntime agreeing with torch."""
+"""Head expansion across 40 architectures (timm, torchvision, and Hugging Face transformers
+built from small configs): old rows and old logits stay exactly as they were, and the expanded
+model exports to ONNX with onnxruntime agreeing with torch."""
 
 from __future__ import annotations
 
@@ -50,11 +51,109 @@ ARCHITECTURES = [
     ("torchvision", "regnet_x_400mf", {}, 32),
     ("torchvision", "googlenet", {"aux_logits": False, "init_weights": True}, 32),
     ("torchvision", "resnext50_32x4d", {}, 32),
+    # Hugging Face: the kwargs are the config.json (small; no hub)
+    *(
+        ("hf", name, {"architectures": [name], "model_type": kind, **config}, size)
+        for name, kind, config, size in [
+            (
+                "ViTForImageClassification",
+                "vit",
+                {
+                    "image_size": 32,
+                    "patch_size": 8,
+                    "hidden_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 64,
+                },
+                32,
+            ),
+            (
+                "ResNetForImageClassification",
+                "resnet",
+                {"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1]},
+                32,
+            ),
+            (
+                "ConvNextForImageClassification",
+                "convnext",
+                {"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1]},
+                32,
+            ),
+            (
+                "SwinForImageClassification",
+                "swin",
+                {
+                    "image_size": 32,
+                    "patch_size": 4,
+                    "embed_dim": 16,
+                    "depths": [1, 1],
+                    "num_heads": [1, 2],
+                    "window_size": 4,
+                },
+                32,
+            ),
+            (
+                "DeiTForImageClassification",
+                "deit",
+                {
+                    "image_size": 32,
+                    "patch_size": 8,
+                    "hidden_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 64,
+                },
+                32,
+            ),
+            (
+                "MobileViTForImageClassification",
+                "mobilevit",
+                {
+                    "image_size": 64,
+                    "hidden_sizes": [32, 40, 48],
+                    "neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 64],
+                },
+                64,
+            ),
+            (
+                "BeitForImageClassification",
+                "beit",
+                {
+                    "image_size": 32,
+                    "patch_size": 8,
+                    "hidden_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 64,
+                    "use_mean_pooling": True,
+                },
+                32,
+            ),
+            (
+                "Dinov2ForImageClassification",
+                "dinov2",
+                {
+                    "image_size": 32,
+                    "patch_size": 8,
+                    "hidden_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                },
+                32,
+            ),
+        ]
+    ),
 ]
 
 
 def make(family: str, name: str, kwargs: dict, num_classes: int = 7) -> nn.Module:
     torch.manual_seed(0)
+    if family == "hf":
+        pytest.importorskip("transformers")
+        from worker.engine import hf
+
+        return hf.build(kwargs, num_classes)
     if family == "timm":
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     else:
