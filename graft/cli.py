@@ -165,8 +165,16 @@ def _session() -> Any:
 @model_app.command("push")
 def model_push(
     name: str,
-    weights: Annotated[Path, typer.Option(exists=True, dir_okay=False, help=".safetensors/.pt")],
-    architecture: Annotated[str, typer.Option("--arch", help="timm:NAME or torchvision:NAME")],
+    weights: Annotated[
+        Path,
+        typer.Option(
+            exists=True,
+            help=".safetensors or .pt; for hf: models, the save_pretrained folder (or its zip)",
+        ),
+    ],
+    architecture: Annotated[
+        str, typer.Option("--arch", help="timm:NAME, torchvision:NAME or hf:CLASS")
+    ],
     labels: Annotated[str, typer.Option(help="a JSON file, or labels separated by commas")],
     preprocessing: Annotated[Path | None, typer.Option(exists=True, help="a JSON file")] = None,
     reference: Annotated[
@@ -318,7 +326,12 @@ def model_promote(
 @model_app.command("pull")
 def model_pull(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION, or NAME for the latest version")],
-    format: Annotated[str, typer.Option(help="safetensors, onnx or torchscript")] = "safetensors",
+    format: Annotated[
+        str,
+        typer.Option(
+            help="safetensors, onnx, torchscript, or hf (a Hugging Face model's folder, zipped)"
+        ),
+    ] = "safetensors",
     output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
 ) -> None:
     """Download a version, checking its sha256."""

@@ -15,6 +15,7 @@ problem+json body.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,27 @@ LAST_LOOK_S = 1.0
 def _left(deadline: float | None) -> float | None:
     """Seconds until ``deadline`` (a ``time.monotonic()`` value); None without one."""
     return None if deadline is None else deadline - time.monotonic()
+
+
+# What Graft reads of a Hugging Face save_pretrained folder.
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+@contextlib.contextmanager
+def _weights_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """A weights file as it is, or a Hugging Face model folder zipped on the fly (only the
+    files Graft reads)."""
+    if not path.is_dir():
+        with path.open("rb") as f:
+            yield path.name, f
+        return
+    with tempfile.TemporaryFile() as f:
+        with zipfile.ZipFile(f, "w") as zf:
+            for name in HF_FILES:
+                if (path / name).is_file():
+                    zf.write(path / name, name)
+        f.seek(0)
+        yield f"{path.name}.zip", f
 
 
 def verify_signature(body: bytes, header: str, secret: str, tolerance_s: float = 300) -> bool:
@@ -115,9 +137,9 @@ class Client:
             data["preprocessing"] = json.dumps(preprocessing)
         if reference_dataset_id:
             data["reference_dataset_id"] = reference_dataset_id
-        with Path(weights).open("rb") as f:
+        with _weights_file(Path(weights)) as (filename, f):
             response = self._request(
-                "POST", "/v1/models", data=data, files={"weights": (Path(weights).name, f)}
+                "POST", "/v1/models", data=data, files={"weights": (filename, f)}
             )
         return ModelVersionRead.model_validate(response.json())
 

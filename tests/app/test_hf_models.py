@@ -143,3 +143,14 @@ def test_what_does_not_fit_is_a_clear_422(client, folder_zip):
     refused = register(client, pickled.getvalue())
     assert refused.status_code == 422 and "model.safetensors" in refused.json()["detail"]
     assert client.get("/v1/models").json()["items"] == []
+
+
+def test_the_python_client_registers_a_model_folder_as_it_is(client, folder_zip, tmp_path):
+    from graft.client import Client
+
+    folder = unzip_to(folder_zip, tmp_path / "unzipped") / "digits-resnet"
+    graft = Client("http://testserver")
+    graft.http = client  # the app in-process: the same requests a server would get
+    version = graft.register_model("from-folder", ARCH, LABELS, folder)
+    assert version.architecture == ARCH and version.num_classes == 9
+    assert "hf" in version.formats
