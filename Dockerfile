@@ -24,7 +24,7 @@ COPY app /src/app
 COPY worker /src/worker
 COPY migrations /src/migrations
 COPY graft /src/graft
-RUN /opt/graft/bin/pip install $PIP_ARGS "/src[production,hf]" \
+RUN /opt/graft/bin/pip install $PIP_ARGS "/src[production,hf,keras]" \
  && useradd --create-home --uid 10001 graft && mkdir /data && chown graft /data
 ENV PATH=/opt/graft/bin:$PATH GRAFT_DATA_DIR=/data GRAFT_HOST=0.0.0.0
 USER graft
@@ -46,7 +46,7 @@ RUN python3 -c "import ensurepip, venv" 2>/dev/null || ( \
 # its own, so that a change to Graft's code does not reinstall it)
 RUN python3 -m venv /opt/graft && /opt/graft/bin/pip install $PIP_ARGS torch torchvision
 COPY --from=api /src /src
-RUN /opt/graft/bin/pip install $PIP_ARGS "/src[hf]" \
+RUN /opt/graft/bin/pip install $PIP_ARGS "/src[hf,keras]" \
  && useradd --create-home --uid 10001 graft && mkdir /data && chown graft /data
 ENV PATH=/opt/graft/bin:$PATH GRAFT_DATA_DIR=/data
 USER graft

@@ -207,6 +207,8 @@ def store_registration(
     try:
         if r.architecture.startswith("hf:"):
             model = _hf_upload(r, weights, tmp_root)
+        elif r.architecture.startswith("keras:"):
+            model = _keras_upload(r, weights)
         else:
             if not is_safetensors(weights):
                 converted = weights.with_suffix(".safetensors")
@@ -285,6 +287,23 @@ def _hf_upload(r: Registration, archive: Path, tmp_root: Path) -> nn.Module:
         )
     if prep is not None and not r.preprocessing_given:
         r.preprocessing = prep
+    return model
+
+
+def _keras_upload(r: Registration, path: Path) -> nn.Module:
+    """A ``.keras`` file, opened in safe mode (no code from it runs). Its input size is the
+    default preprocessing (pixels in [0, 1])."""
+    from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
+
+    model = keras_family.read_file(path)
+    if model.fc.out_features != len(r.labels):
+        raise Invalid(
+            f"{len(r.labels)} labels were given but the Keras model has "
+            f"{model.fc.out_features} outputs",
+            "labels",
+        )
+    if not r.preprocessing_given:
+        r.preprocessing = keras_family.preprocessing_of(model)
     return model
 
 

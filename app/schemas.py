@@ -13,14 +13,16 @@ T = TypeVar("T")
 # A version's files: safetensors always; the others exported from it where its architecture
 # allows (``formats`` of a version lists what it has). The suffix names the stored object and
 # the downloaded file.
-# ``hf``: a Hugging Face model's own folder (zip), which only ``hf:`` versions have.
-ArtifactFormat = Literal["safetensors", "onnx", "torchscript", "hf"]
+# ``hf``: a Hugging Face model's own folder (zip), which only ``hf:`` versions have; ``keras``:
+# a Keras model's ``.keras`` file, which only ``keras:`` versions have.
+ArtifactFormat = Literal["safetensors", "onnx", "torchscript", "hf", "keras"]
 ExportFormat = Literal["onnx", "torchscript"]
 ARTIFACT_SUFFIXES: dict[str, str] = {
     "safetensors": ".safetensors",
     "onnx": ".onnx",
     "torchscript": ".torchscript.pt",
     "hf": ".hf.zip",
+    "keras": ".keras",
 }
 
 

@@ -40,7 +40,7 @@ fi
 
 step "wheelhouse"
 # async-timeout: redis asks for it below Python 3.11.3, which the base image has (3.11.2)
-"$VENV/bin/pip" wheel -q -w "$WORK/wheels" '.[production,hf]' 'moto[server]>=5.0' \
+"$VENV/bin/pip" wheel -q -w "$WORK/wheels" '.[production,hf,keras]' 'moto[server]>=5.0' \
   'async-timeout>=4.0.3' setuptools wheel 2>&1 | grep -v "is ignored" || true
 rm -f "$WORK"/wheels/graft-*.whl
 # A fixed port: the address is part of PIP_ARGS, a build argument, which is part of the layer

@@ -35,6 +35,7 @@ from worker.engine.device import (
     precision_name,
     release_memory,
 )
+from worker.engine.errors import EngineError
 from worker.engine.evaluate import expansion_metrics
 from worker.engine.features import FeatureCache
 from worker.engine.finetune import Finetuning, finetune, predict
@@ -202,6 +203,11 @@ def _expand(
     fingerprint = backbone_fingerprint(model, head, request.preprocessing, compute.dtype)
     labels = list(request.labels) + list(request.new_labels)
     tuned = cfg.freeze != "head"
+    if tuned and getattr(model, "graft_family", None) == "keras":
+        raise EngineError(
+            f"freeze={cfg.freeze!r}: Keras models are grown with freeze='head' (their own "
+            "layers are not fine-tuned)"
+        )
     reference = request.reference
     images = gather_images(
         request.samples,

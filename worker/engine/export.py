@@ -110,15 +110,25 @@ def export_hf_folder(
     hf.export_folder(model, prep, path, metadata)
 
 
+def export_keras_file(
+    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+) -> None:
+    from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
+
+    keras_family.export_file(model, prep, path, metadata)
+
+
 EXPORTERS: dict[str, Exporter] = {
     "onnx": export_onnx,
     "torchscript": export_torchscript,
     "hf": export_hf_folder,
+    "keras": export_keras_file,
 }
 PORTABLE = ("onnx", "torchscript")  # formats any architecture may be exported to
 
 
 def native_formats(model: nn.Module) -> tuple[str, ...]:
     """The formats of the model's own family besides safetensors: a Hugging Face model's
-    ``from_pretrained`` folder."""
-    return ("hf",) if getattr(model, "graft_family", None) == "hf" else ()
+    ``from_pretrained`` folder, a Keras model's ``.keras`` file."""
+    family = getattr(model, "graft_family", None)
+    return (family,) if family in ("hf", "keras") else ()

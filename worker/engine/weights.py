@@ -169,6 +169,11 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
 
         model = hf.load(path, num_labels)  # strict, by transformers' own checkpoint mapping
         return model, find_head(model)
+    if architecture.startswith("keras:"):
+        from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
+
+        model = keras_family.load(path, num_labels)
+        return model, find_head(model)
     model = build_model(architecture, num_labels)
     head = find_head(model)
     layout = tensor_layout(path)
@@ -191,11 +196,18 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object]) -> None:
     """Write the model's state dict with string metadata; non-strings are stored as JSON.
-    A Hugging Face model is written as its own checkpoint, its config in the metadata."""
-    if getattr(model, "graft_family", None) == "hf":
+    A Hugging Face model is written as its own checkpoint, a Keras model as its variables,
+    each with its config in the metadata."""
+    family = getattr(model, "graft_family", None)
+    if family == "hf":
         from worker.engine import hf  # noqa: PLC0415 (optional dependency)
 
         hf.save(path, model, metadata)
+        return
+    if family == "keras":
+        from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
+
+        keras_family.save(path, model, metadata)
         return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
