@@ -1,5 +1,5 @@
-"""Head expansion across 40 architectures (timm, torchvision, and Hugging Face transformers
-built from small configs): old rows and old logits stay exactly as they were, and the expanded
+"""Head expansion across 42 architectures (timm, torchvision, Hugging Face transformers built
+from small configs, and Keras): old rows and old logits stay exactly as they were, and the expanded
 model exports to ONNX with onnxruntime agreeing with torch."""
 
 from __future__ import annotations
@@ -144,11 +144,34 @@ ARCHITECTURES = [
             ),
         ]
     ),
+    # Keras 3 on its PyTorch backend: the kwargs name the layers of a small functional model
+    ("keras", "convnet", {"layers": "conv"}, 32),
+    ("keras", "mlp", {"layers": "dense"}, 32),
 ]
+
+
+def keras_model(layers: str, num_classes: int) -> nn.Module:
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    from worker.engine.keras_family import KerasClassifier
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    if layers == "conv":
+        x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        x = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    return KerasClassifier(keras.Model(inputs, outputs)).eval()
 
 
 def make(family: str, name: str, kwargs: dict, num_classes: int = 7) -> nn.Module:
     torch.manual_seed(0)
+    if family == "keras":
+        return keras_model(kwargs["layers"], num_classes)
     if family == "hf":
         pytest.importorskip("transformers")
         from worker.engine import hf
