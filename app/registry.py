@@ -209,6 +209,8 @@ def store_registration(
             model = _hf_upload(r, weights, tmp_root)
         elif r.architecture.startswith("keras:"):
             model = _keras_upload(r, weights)
+        elif r.architecture.startswith("onnx:"):
+            model = _onnx_upload(r, weights)
         else:
             if not is_safetensors(weights):
                 converted = weights.with_suffix(".safetensors")
@@ -304,6 +306,23 @@ def _keras_upload(r: Registration, path: Path) -> nn.Module:
         )
     if not r.preprocessing_given:
         r.preprocessing = keras_family.preprocessing_of(model)
+    return model
+
+
+def _onnx_upload(r: Registration, path: Path) -> nn.Module:
+    """An ``.onnx`` file whose logits come from a Gemm (or MatMul+Add) with constant weights.
+    Its input size is the default preprocessing (with ImageNet normalisation)."""
+    from worker.engine import onnx_family  # noqa: PLC0415
+
+    model = onnx_family.read_file(path)
+    if model.fc.out_features != len(r.labels):
+        raise Invalid(
+            f"{len(r.labels)} labels were given but the ONNX model has "
+            f"{model.fc.out_features} outputs",
+            "labels",
+        )
+    if not r.preprocessing_given:
+        r.preprocessing = onnx_family.preprocessing_of(model)
     return model
 
 

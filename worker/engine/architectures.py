@@ -16,7 +16,7 @@ from worker.engine.errors import UnknownArchitecture, WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FAMILIES = ("timm", "torchvision", "hf", "keras")
+FAMILIES = ("timm", "torchvision", "hf", "keras", "onnx")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
 
         hf.check_name(name)
         return family, name
+    if family == "onnx":  # any name: the graph is the file
+        if not name:
+            raise UnknownArchitecture(architecture, ["onnx:model"])
+        return family, name
     if family == "keras":  # any name: the model's config is in its file
         from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
 
@@ -83,7 +87,7 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
 def build_model(architecture: str, num_classes: int) -> nn.Module:
     """A randomly initialised classifier with ``num_classes`` outputs, in eval mode."""
     family, name = parse_architecture(architecture)
-    if family in ("hf", "keras"):
+    if family in ("hf", "keras", "onnx"):
         raise WeightsError(f"{architecture} is built from its own config, not by name")
     if family == "timm":
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)

@@ -203,9 +203,10 @@ def _expand(
     fingerprint = backbone_fingerprint(model, head, request.preprocessing, compute.dtype)
     labels = list(request.labels) + list(request.new_labels)
     tuned = cfg.freeze != "head"
-    if tuned and getattr(model, "graft_family", None) == "keras":
+    family = getattr(model, "graft_family", None)
+    if tuned and family in ("keras", "onnx"):
         raise EngineError(
-            f"freeze={cfg.freeze!r}: Keras models are grown with freeze='head' (their own "
+            f"freeze={cfg.freeze!r}: {family} models are grown with freeze='head' (their own "
             "layers are not fine-tuned)"
         )
     reference = request.reference

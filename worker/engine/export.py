@@ -118,8 +118,20 @@ def export_keras_file(
     keras_family.export_file(model, prep, path, metadata)
 
 
+def export_onnx_graph(
+    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+) -> None:
+    """ONNX: an ONNX model's own graph, grown; any other model exported by torch."""
+    if getattr(model, "graft_family", None) == "onnx":
+        from worker.engine import onnx_family  # noqa: PLC0415
+
+        onnx_family.export_file(model, prep, path, metadata)
+    else:
+        export_onnx(model, prep, path, metadata)
+
+
 EXPORTERS: dict[str, Exporter] = {
-    "onnx": export_onnx,
+    "onnx": export_onnx_graph,
     "torchscript": export_torchscript,
     "hf": export_hf_folder,
     "keras": export_keras_file,

@@ -169,6 +169,11 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
 
         model = hf.load(path, num_labels)  # strict, by transformers' own checkpoint mapping
         return model, find_head(model)
+    if architecture.startswith("onnx:"):
+        from worker.engine import onnx_family  # noqa: PLC0415
+
+        model = onnx_family.load(path, num_labels)
+        return model, find_head(model)
     if architecture.startswith("keras:"):
         from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
 
@@ -208,6 +213,11 @@ def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object
         from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
 
         keras_family.save(path, model, metadata)
+        return
+    if family == "onnx":
+        from worker.engine import onnx_family  # noqa: PLC0415
+
+        onnx_family.save(path, model, metadata)
         return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
