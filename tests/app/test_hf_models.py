@@ -68,7 +68,8 @@ def test_register_teach_and_download_a_hugging_face_model(
     _, held = digit_splits
     archive = digits_archive(held, old_per_class=20, new_shots=25)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
-    job = client.post("/v1/jobs", json={"model": "digits-hf", "dataset_id": dataset["id"]})
+    body = {"model": "digits-hf", "dataset_id": dataset["id"], "config": {"old_rows": "frozen"}}
+    job = client.post("/v1/jobs", json=body)
     assert job.status_code == 202, job.text
     pipeline.run_job(job.json()["id"], settings)
     done = client.get(f"/v1/jobs/{job.json()['id']}").json()
@@ -96,6 +97,8 @@ def test_register_teach_and_download_a_hugging_face_model(
     with torch.inference_mode():
         logits = after(pixel_values=x).logits
         old_logits = before(pixel_values=x).logits
+    # the old rows were frozen and the backbone too: old logits are the original's
+    np.testing.assert_allclose(logits[:, :9].numpy(), old_logits.numpy(), rtol=0, atol=1e-5)
     old = targets < 9
     acc_before = (old_logits.argmax(1)[old] == targets[old]).float().mean().item()
     acc_after = (logits.argmax(1)[old] == targets[old]).float().mean().item()

@@ -67,7 +67,8 @@ def test_register_teach_and_download_a_keras_model(
     _, held = digit_splits
     archive = digits_archive(held, old_per_class=20, new_shots=25)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
-    job = client.post("/v1/jobs", json={"model": "digits-keras", "dataset_id": dataset["id"]})
+    body = {"model": "digits-keras", "dataset_id": dataset["id"], "config": {"old_rows": "frozen"}}
+    job = client.post("/v1/jobs", json=body)
     assert job.status_code == 202, job.text
     pipeline.run_job(job.json()["id"], settings)
     done = client.get(f"/v1/jobs/{job.json()['id']}").json()
@@ -93,14 +94,16 @@ def test_register_teach_and_download_a_keras_model(
     assert acc_before > 0.8 and acc_after >= acc_before - 0.03, (acc_before, acc_after)
     assert (p_after.argmax(1)[~old] == 9).mean() > 0.3  # chance: 0.1
 
-    onnx_file = tmp_path / "v2.onnx"
-    onnx_file.write_bytes(
-        client.get("/v1/models/digits-keras/versions/2/artifact?format=onnx").content
-    )
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"input": x[:8].transpose(0, 3, 1, 2).copy()})  # NCHW
+    def onnx_logits(version: int) -> np.ndarray:
+        url = f"/v1/models/digits-keras/versions/{version}/artifact?format=onnx"
+        session = ort.InferenceSession(client.get(url).content, providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": x.transpose(0, 3, 1, 2).copy()})[0]  # NCHW
+
+    logits = onnx_logits(2)
     probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    np.testing.assert_allclose(probabilities, p_after[:8], atol=1e-4)
+    np.testing.assert_allclose(probabilities, p_after, atol=1e-4)  # the .keras file's softmax
+    # old rows frozen, backbone frozen: old logits are version 1's
+    np.testing.assert_allclose(logits[:, :9], onnx_logits(1), rtol=0, atol=1e-5)
 
     predicted = client.post(
         "/v1/models/digits-keras/versions/2/predict",
