@@ -34,6 +34,7 @@ from app.storage import Storage, StoredObject
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
 from worker.engine.errors import EngineError, resource_error
 from worker.engine.export import EXPORTERS, PORTABLE, native_formats
+from worker.engine.families import module_for
 from worker.engine.weights import (
     convert_to_safetensors,
     is_safetensors,
@@ -207,10 +208,8 @@ def store_registration(
     try:
         if r.architecture.startswith("hf:"):
             model = _hf_upload(r, weights, tmp_root)
-        elif r.architecture.startswith("keras:"):
-            model = _keras_upload(r, weights)
-        elif r.architecture.startswith("onnx:"):
-            model = _onnx_upload(r, weights)
+        elif r.architecture.startswith(("keras:", "onnx:")):
+            model = _file_upload(r, weights)
         else:
             if not is_safetensors(weights):
                 converted = weights.with_suffix(".safetensors")
@@ -292,37 +291,21 @@ def _hf_upload(r: Registration, archive: Path, tmp_root: Path) -> nn.Module:
     return model
 
 
-def _keras_upload(r: Registration, path: Path) -> nn.Module:
-    """A ``.keras`` file, opened in safe mode (no code from it runs). Its input size is the
-    default preprocessing (pixels in [0, 1])."""
-    from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
-
-    model = keras_family.read_file(path)
+def _file_upload(r: Registration, path: Path) -> nn.Module:
+    """A ``.keras`` file (opened in safe mode: no code from it runs) or an ``.onnx`` graph
+    (whose logits come from a Gemm or MatMul+Add with constant weights). Its input size is the
+    default preprocessing."""
+    family = module_for(r.architecture.partition(":")[0])
+    assert family is not None
+    model = family.read_file(path)
     if model.fc.out_features != len(r.labels):
         raise Invalid(
-            f"{len(r.labels)} labels were given but the Keras model has "
+            f"{len(r.labels)} labels were given but the {family.TITLE} model has "
             f"{model.fc.out_features} outputs",
             "labels",
         )
     if not r.preprocessing_given:
-        r.preprocessing = keras_family.preprocessing_of(model)
-    return model
-
-
-def _onnx_upload(r: Registration, path: Path) -> nn.Module:
-    """An ``.onnx`` file whose logits come from a Gemm (or MatMul+Add) with constant weights.
-    Its input size is the default preprocessing (with ImageNet normalisation)."""
-    from worker.engine import onnx_family  # noqa: PLC0415
-
-    model = onnx_family.read_file(path)
-    if model.fc.out_features != len(r.labels):
-        raise Invalid(
-            f"{len(r.labels)} labels were given but the ONNX model has "
-            f"{model.fc.out_features} outputs",
-            "labels",
-        )
-    if not r.preprocessing_given:
-        r.preprocessing = onnx_family.preprocessing_of(model)
+        r.preprocessing = family.preprocessing_of(model)
     return model
 
 

@@ -115,16 +115,10 @@ def test_register_teach_and_download_a_hugging_face_model(
 
     predicted = client.post(
         "/v1/models/digits-hf/versions/2/predict",
-        files=[("image", ("a.png", _png(held.of(9)[50])))],
+        files=[("image", ("a.png", D.png_bytes(held.of(9)[50])))],
     )
     assert predicted.status_code == 200, predicted.text
     assert {p["label"] for p in predicted.json()["predictions"][0]} <= {*LABELS, "9"}
-
-
-def _png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def test_what_does_not_fit_is_a_clear_422(client, folder_zip):

@@ -5,7 +5,6 @@ opens and that predicts the new label."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
@@ -17,6 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 
 from tests.conftest import OLD, digits_archive  # noqa: E402
+from tests.support import digits as D  # noqa: E402
 from worker import pipeline  # noqa: E402
 
 LABELS = [str(d) for d in OLD]
@@ -107,16 +107,10 @@ def test_register_teach_and_download_a_keras_model(
 
     predicted = client.post(
         "/v1/models/digits-keras/versions/2/predict",
-        files=[("image", ("a.png", _png(held.of(9)[50])))],
+        files=[("image", ("a.png", D.png_bytes(held.of(9)[50])))],
     )
     assert predicted.status_code == 200, predicted.text
     assert predicted.json()["predictions"][0][0]["label"] in {*LABELS, "9"}
-
-
-def _png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def test_a_keras_file_with_code_in_it_is_refused_and_never_run(client, tmp_path):

@@ -102,3 +102,10 @@ def zip_image_folder(folders: dict[str, list[Image.Image]]) -> bytes:
                 im.save(png, format="PNG")
                 zf.writestr(f"{label}/{i:04d}.png", png.getvalue())
     return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """One image as a PNG file's bytes."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

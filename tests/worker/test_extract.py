@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import digits as D
 from worker.engine.errors import EngineError
 from worker.spec import extract_images
 
@@ -26,16 +27,12 @@ def packed(entries: dict[str, bytes]) -> io.BytesIO:
     return buffer
 
 
-def png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("filters", [True, False])
 def test_a_stored_dataset_unpacks_the_same_with_or_without_filters(tmp_path, digit_splits, filters):
     _, held = digit_splits
-    entries = {f"{d}/{i}.png": png(im) for d in (3, 9) for i, im in enumerate(held.of(d)[:4])}
+    entries = {
+        f"{d}/{i}.png": D.png_bytes(im) for d in (3, 9) for i, im in enumerate(held.of(d)[:4])
+    }
     with tarfile.open(fileobj=packed(entries)) as tar:
         extract_images(tar, tmp_path / "images", filters=filters)
     found = {

@@ -37,6 +37,7 @@ from worker.engine.device import (
 )
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import expansion_metrics
+from worker.engine.families import family_of
 from worker.engine.features import FeatureCache
 from worker.engine.finetune import Finetuning, finetune, predict
 from worker.engine.gather import (
@@ -203,7 +204,7 @@ def _expand(
     fingerprint = backbone_fingerprint(model, head, request.preprocessing, compute.dtype)
     labels = list(request.labels) + list(request.new_labels)
     tuned = cfg.freeze != "head"
-    family = getattr(model, "graft_family", None)
+    family = family_of(model)
     if tuned and family in ("keras", "onnx"):
         raise EngineError(
             f"freeze={cfg.freeze!r}: {family} models are grown with freeze='head' (their own "

@@ -27,6 +27,7 @@ from torch import nn
 
 from worker.engine.architectures import Preprocessing
 from worker.engine.errors import ExportFailed
+from worker.engine.families import family_of
 
 OPSET = 18
 TORCHSCRIPT_DESCRIPTION = "graft.json"  # the extra file of a TorchScript archive
@@ -122,7 +123,7 @@ def export_onnx_graph(
     model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
 ) -> None:
     """ONNX: an ONNX model's own graph, grown; any other model exported by torch."""
-    if getattr(model, "graft_family", None) == "onnx":
+    if family_of(model) == "onnx":
         from worker.engine import onnx_family  # noqa: PLC0415
 
         onnx_family.export_file(model, prep, path, metadata)
@@ -142,5 +143,5 @@ PORTABLE = ("onnx", "torchscript")  # formats any architecture may be exported t
 def native_formats(model: nn.Module) -> tuple[str, ...]:
     """The formats of the model's own family besides safetensors: a Hugging Face model's
     ``from_pretrained`` folder, a Keras model's ``.keras`` file."""
-    family = getattr(model, "graft_family", None)
+    family = family_of(model)
     return (family,) if family in ("hf", "keras") else ()

@@ -30,6 +30,7 @@ from torch import nn
 from worker.engine.architectures import Preprocessing
 from worker.engine.errors import EngineError, WeightsError
 
+TITLE = "Keras"  # in messages
 FAMILY = "keras"
 CONFIG_KEY = "keras_config"  # safetensors metadata: the model's JSON config
 HEAD_KEY = "keras_head"  # ... and the name of its classifier layer

@@ -35,6 +35,7 @@ from torch import nn
 from worker.engine.architectures import Preprocessing
 from worker.engine.errors import EngineError, WeightsError
 
+TITLE = "ONNX"  # in messages
 FAMILY = "onnx"
 MODEL_TENSOR = "onnx_model"  # the serialized graph, as uint8
 HEAD_KEY = "onnx_head"  # safetensors metadata: the classifier layer's description

@@ -18,6 +18,7 @@ from torch import nn
 
 from worker.engine.architectures import build_model
 from worker.engine.errors import WeightsError, resource_error
+from worker.engine.families import family_of, module_for
 from worker.engine.heads import Head, find_head
 
 _SHOW = 5  # how many offending keys an error message lists
@@ -164,20 +165,9 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
     is read; the label count is checked against the classifier layer's rows first, so a
     mismatch says both numbers instead of a shape error.
     """
-    if architecture.startswith("hf:"):
-        from worker.engine import hf  # noqa: PLC0415 (optional dependency)
-
-        model = hf.load(path, num_labels)  # strict, by transformers' own checkpoint mapping
-        return model, find_head(model)
-    if architecture.startswith("onnx:"):
-        from worker.engine import onnx_family  # noqa: PLC0415
-
-        model = onnx_family.load(path, num_labels)
-        return model, find_head(model)
-    if architecture.startswith("keras:"):
-        from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
-
-        model = keras_family.load(path, num_labels)
+    family = module_for(architecture.partition(":")[0])
+    if family is not None:  # strict too, each by its own format (from_pretrained, Keras, ONNX)
+        model = family.load(path, num_labels)
         return model, find_head(model)
     model = build_model(architecture, num_labels)
     head = find_head(model)
@@ -203,21 +193,9 @@ def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object
     """Write the model's state dict with string metadata; non-strings are stored as JSON.
     A Hugging Face model is written as its own checkpoint, a Keras model as its variables,
     each with its config in the metadata."""
-    family = getattr(model, "graft_family", None)
-    if family == "hf":
-        from worker.engine import hf  # noqa: PLC0415 (optional dependency)
-
-        hf.save(path, model, metadata)
-        return
-    if family == "keras":
-        from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
-
-        keras_family.save(path, model, metadata)
-        return
-    if family == "onnx":
-        from worker.engine import onnx_family  # noqa: PLC0415
-
-        onnx_family.save(path, model, metadata)
+    family = module_for(family_of(model))
+    if family is not None:
+        family.save(path, model, metadata)
         return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
