@@ -77,12 +77,13 @@ fi
 step "CUDA tests"
 junit=()
 [[ -n "${OUT:-}" ]] && junit=(--junitxml "$OUT/cuda-tests.xml")
-run "CUDA tests" 270 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
+run "CUDA tests" 200 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
   -rs --durations=5 ${junit[@]+"${junit[@]}"}
 
 step "bench/speed.py: a job on 10,000 images, and the extraction pass, on the GPU"
-run "speed" 180 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --repeat 1 \
-  --arch timm:resnet18 --no-seed --extraction --workers "$WORKERS"
+run "speed" 260 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --repeat 1 \
+  --arch timm:resnet18 timm:resnet50 timm:vit_base_patch16_224 --no-seed --extraction \
+  --workers "$WORKERS"
 
 step "done"
 if (( ${#failed[@]} )); then
