@@ -89,6 +89,9 @@ class ModelVersion(Base):
     reference: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Bumped on every change of ``reference``: concurrent changes are refused, not lost.
     reference_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when the version is deleted: its artifacts are gone, the row stays so that the
+    # lineage of versions made from it stays readable.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
@@ -125,6 +128,13 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # "ready"; a dataset registered by reference is "importing" while it is copied in, then
+    # "ready" or "failed" (``error``). ``source``: where it is copied from.
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
@@ -135,6 +145,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
+    # "expand" (a new version) or "evaluate" (versions scored on a dataset, nothing stored)
+    kind: Mapped[str] = mapped_column(String(16), default="expand", server_default="expand")
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     base_version: Mapped[int] = mapped_column(Integer)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
