@@ -134,3 +134,37 @@ def test_a_cancelled_job_gives_back_the_gpu_memory_too(images, base_weights):
     torch.cuda.synchronize()
     assert finetuning_started
     assert torch.cuda.memory_allocated() <= allocated + MiB
+
+
+def _digit_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Digit scans as 64-d features; an old layer fitted on 0-8, a zero row for 9."""
+    from sklearn.datasets import load_digits
+
+    from worker.engine.refit import Refit, refit_layer
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    old = y < 9
+    w, b = refit_layer(x[old], y[old], torch.zeros(9, 64), torch.zeros(9), 0, Refit())
+    return x, y, torch.cat([w, torch.zeros(1, 64)]), torch.cat([b, torch.zeros(1)])
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_the_refit_on_the_gpu_agrees_with_the_cpu(monkeypatch, resident):
+    from worker.engine.refit import Refit, refit_layer
+
+    x, y, weight, bias = _digit_features()
+    cpu_w, cpu_b = refit_layer(x, y, weight, bias, 9, Refit())
+    if not resident:  # features too large for the GPU: moved chunk by chunk on every pass
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (1024, 2**34))
+    gpu_w, gpu_b = refit_layer(x, y, weight, bias, 9, Refit(), device="cuda")
+    assert gpu_w.device.type == "cpu" and gpu_b.device.type == "cpu"
+    cpu_pred = (x @ cpu_w.T + cpu_b).argmax(1)
+    gpu_pred = (x @ gpu_w.T + gpu_b).argmax(1)
+    assert float((cpu_pred == gpu_pred).float().mean()) >= 0.995
+    assert float((gpu_w - cpu_w).norm() / cpu_w.norm()) < 0.05  # one convex optimum
+    frozen_w, frozen_b = refit_layer(
+        x, y, weight, bias, 9, Refit(), device="cuda", old_rows_frozen=True
+    )
+    assert torch.equal(frozen_w[:9], weight[:9]) and torch.equal(frozen_b[:9], bias[:9])

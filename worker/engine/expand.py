@@ -312,6 +312,7 @@ def _recipe(
     rows: Rows,
     num_classes: int,
     should_stop: Callable[[], bool],
+    device: torch.device,
 ) -> LayerRecipe:
     cfg = request.config
     num_old = len(request.labels)
@@ -326,6 +327,7 @@ def _recipe(
         has_bias=head.module.bias is not None,
         images=torch.bincount(rows.y[rows.clean], minlength=num_classes),
         solver=cfg.solver,
+        device=device,
     )
 
 
@@ -356,7 +358,7 @@ def _fit_and_measure(
     cfg = request.config
     labels = list(request.labels) + list(request.new_labels)
     num_old = len(request.labels)
-    recipe = _recipe(request, head, rows, len(labels), should_stop)
+    recipe = _recipe(request, head, rows, len(labels), should_stop, compute.device)
 
     def on_fold(done: int, total: int) -> None:
         message = f"cross-fitting {done}/{total}"
@@ -401,7 +403,7 @@ def _fit_and_finetune(
     in_train = torch.zeros(len(images.targets), dtype=torch.bool)
     in_train[train] = True
     train_rows = rows.subset(in_train[rows.group])
-    recipe = _recipe(request, head, train_rows, len(labels), should_stop)
+    recipe = _recipe(request, head, train_rows, len(labels), should_stop, compute.device)
     progress(Progress("training", 0.0, 0, cfg.training.epochs))
     on_epoch = _epoch_progress(cfg, progress)
     fitted = recipe.fit(train_rows, cfg.calibration.folds, on_epoch).layer

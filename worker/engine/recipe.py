@@ -95,11 +95,13 @@ class LayerRecipe:
         images: torch.Tensor | None = None,
         solver: str = "refit",
         refit: Refit = Refit(),
+        device: torch.device | None = None,
     ) -> None:
         """``images``: images per class (all labels); None leaves every row trainable.
         ``solver``: ``refit`` the whole layer as one convex problem (see ``refit``) when there
-        are old-label images, or ``sgd``: train the new rows (and slowly the old) by epochs."""
-        self.solver, self.refit = solver, refit
+        are old-label images, or ``sgd``: train the new rows (and slowly the old) by epochs.
+        ``device``: where the refit is solved (a GPU when the job has one)."""
+        self.solver, self.refit, self.device = solver, refit, device
         self.old_weight, self.old_bias, self.has_bias = old_weight, old_bias, has_bias
         self.num_old, self.new_classes = len(old_bias), new_classes
         self.init, self.training, self.calibration = init, training, calibration
@@ -221,6 +223,7 @@ class LayerRecipe:
             old_rows_frozen=self.training.old_rows_frozen,
             train_bias=self.has_bias,
             should_stop=self.should_stop,
+            device=self.device,
         )
         few = [c for c in self.imprinted if bool((rows.y == c).any())]
         if few and self.has_bias:

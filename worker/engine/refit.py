@@ -13,7 +13,8 @@ as a whole rather than only grown: a class-balanced softmax regression over ever
 
 It is solved by full-batch L-BFGS, deterministically; the data term's gradient is summed over
 chunks of rows, so memory-mapped features are never loaded whole. The result folds back into a
-plain linear layer on the raw features.
+plain linear layer on the raw features. On a GPU the solve runs there: the features go to it
+once when they fit in a quarter of its free memory, else chunk by chunk on every pass.
 """
 
 from __future__ import annotations
@@ -38,13 +39,30 @@ class Refit:
     max_iter: int = 200
 
 
+def _to_device(
+    features: torch.Tensor, index: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows used, on ``device`` when they fit in a quarter of its free memory; else left
+    where they are (each pass then moves them chunk by chunk)."""
+    if device.type != "cuda":
+        return features, index
+    rows = len(features) if index is None else len(index)
+    if rows * features.shape[1] * 4 > torch.cuda.mem_get_info(device)[0] // 4:
+        return features, index
+    used = features if index is None else features[index]
+    return used.to(device, dtype=torch.float32), None
+
+
 def _chunks(n: int):
     for start in range(0, n, CHUNK):
         yield slice(start, min(n, start + CHUNK))
 
 
-def _rows(features: torch.Tensor, index: torch.Tensor | None, part: slice) -> torch.Tensor:
-    return (features[part] if index is None else features[index[part]]).float()
+def _rows(
+    features: torch.Tensor, index: torch.Tensor | None, part: slice, device: torch.device
+) -> torch.Tensor:
+    rows = features[part] if index is None else features[index[part].cpu()]
+    return rows.to(device, dtype=torch.float32, non_blocking=True)
 
 
 def _geometry(
@@ -58,31 +76,33 @@ def _geometry(
     """``(mean, std, U, e)``: standardisation, and the eigenvectors and eigenvalues of the
     shrunk within-class covariance of the standardised features (``U`` empty when shrunk all
     the way to the identity)."""
-    n, dim = len(targets), features.shape[1]
-    total = torch.zeros(dim, dtype=torch.float64)
-    squares = torch.zeros(dim, dtype=torch.float64)
-    by_class = torch.zeros(num_classes, dim, dtype=torch.float64)
+    n, dim, device = len(targets), features.shape[1], targets.device
+    f64 = {"dtype": torch.float64, "device": device}
+    total = torch.zeros(dim, **f64)
+    squares = torch.zeros(dim, **f64)
+    by_class = torch.zeros(num_classes, dim, **f64)
     for part in _chunks(n):
-        x = _rows(features, index, part).double()
+        x = _rows(features, index, part, device).double()
         total += x.sum(0)
         squares += (x * x).sum(0)
         by_class.index_add_(0, targets[part], x)
-    mean = total / n if center else torch.zeros(dim, dtype=torch.float64)
+    mean = total / n if center else torch.zeros(dim, **f64)
     var = (squares / n - 2 * mean * total / n + mean * mean).clamp_min(0)
     std = var.sqrt()
     std = std.clamp_min(1e-6 * float(std.mean()) + 1e-12)
     if shrink >= 1:  # the identity: standardised features, no rotation
-        ones = torch.ones(dim)
-        return mean.float(), std.float(), torch.eye(0), ones
+        ones = torch.ones(dim, device=device)
+        return mean.float(), std.float(), torch.eye(0, device=device), ones
     counts = torch.bincount(targets, minlength=num_classes).double().clamp_min(1)
     class_mean = (by_class / counts[:, None] - mean) / std
-    scatter = torch.zeros(dim, dim, dtype=torch.float64)
+    scatter = torch.zeros(dim, dim, **f64)
     for part in _chunks(n):
-        z = (_rows(features, index, part).double() - mean) / std - class_mean[targets[part]]
+        z = (_rows(features, index, part, device).double() - mean) / std
+        z -= class_mean[targets[part]]
         scatter += z.T @ z
     scatter /= n
     scatter /= scatter.diagonal().mean() + 1e-12
-    scatter = (1 - shrink) * scatter + shrink * torch.eye(dim, dtype=torch.float64)
+    scatter = (1 - shrink) * scatter + shrink * torch.eye(dim, **f64)
     e, u = torch.linalg.eigh(scatter.float())  # shrunk: well conditioned; float32 is 2x faster
     return mean.float(), std.float(), u, e.clamp_min(1e-6)
 
@@ -98,11 +118,17 @@ def refit_layer(
     old_rows_frozen: bool = False,
     train_bias: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer refitted on ``features[index]`` (every row when None) labelled ``targets``;
     ``weight``/``bias`` hold the original old rows and a starting point for the new ones.
     With ``old_rows_frozen`` the old rows come back bit-identical; without ``train_bias`` the
-    bias stays as given (and the features are not centred, which a bias would absorb)."""
+    bias stays as given (and the features are not centred, which a bias would absorb).
+    ``device``: where to solve (default the CPU); the layer comes back on the CPU."""
+    device = torch.device("cpu" if device is None else device)
+    features, index = _to_device(features, index, device)
+    targets, weight, bias = targets.to(device), weight.to(device), bias.to(device)
+    index = None if index is None else index.to(device)
     n, num_classes = len(targets), weight.shape[0]
     mean, std, u, e = _geometry(
         features, targets, index, num_classes, cfg.metric_shrink, center=train_bias
@@ -120,7 +146,7 @@ def refit_layer(
     anchor = start_q[:num_old].clone()
     counts = torch.bincount(targets, minlength=num_classes).float()
     present = counts > 0
-    class_weight = torch.zeros(num_classes)
+    class_weight = torch.zeros(num_classes, device=device)
     class_weight[present] = counts.sum() / (present.sum() * counts[present])
     scale = 200.0 / max(n, 1)
     old_ridge, new_ridge = cfg.old_anchor * scale, cfg.new_ridge * scale
@@ -154,13 +180,13 @@ def refit_layer(
         grad_w, grad_b, data = torch.zeros_like(wx), torch.zeros_like(bx), 0.0
         with torch.no_grad():
             for part in _chunks(n):
-                x, y = _rows(features, index, part), targets[part]
+                x, y = _rows(features, index, part, device), targets[part]
                 logits = x @ wx.T + bx
                 p = F.softmax(logits, dim=1)
                 w = class_weight[y]
                 data += float((F.cross_entropy(logits, y, reduction="none") * w).sum())
                 g = p * w[:, None]
-                g[torch.arange(len(y)), y] -= w
+                g[torch.arange(len(y), device=device), y] -= w
                 if num_old and cfg.distillation and not old_rows_frozen:
                     gap = logits[:, :num_old] - (x @ teacher_w.T + teacher_b)
                     data += 0.5 * cfg.distillation * float((gap * gap).sum())
@@ -182,4 +208,4 @@ def refit_layer(
             wx[:num_old], bx[:num_old] = weight[:num_old], bias[:num_old]
         if not train_bias:
             bx = bias.clone()
-    return wx.detach(), bx.detach()
+    return wx.detach().cpu(), bx.detach().cpu()
