@@ -49,6 +49,30 @@ def mcnemar_exact(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def f1_interval(tp: int, fp: int, fn: int, seed: int = 0) -> tuple[float, float] | None:
+    """95 % interval of one label's F1 = 2 tp / (2 tp + fp + fn): a Bayesian bootstrap over the
+    three counts (Dirichlet, Jeffreys prior), as for retention; it reaches 1 when nothing was
+    wrong and 0 when nothing was right, as Wilson's does. None without any image of it."""
+    if tp + fn <= 0:
+        return None
+    draws = np.random.default_rng(seed).dirichlet(np.array([tp, fp, fn], float) + 0.5, DRAWS)
+    f1 = 2 * draws[:, 0] / (2 * draws[:, 0] + draws[:, 1] + draws[:, 2])
+    low, high = np.quantile(f1, [0.025, 0.975])
+    low, high = (0.0 if tp == 0 else float(low)), (1.0 if fp + fn == 0 else float(high))
+    return round(low, 6), round(high, 6)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: each p-value made valid for testing all of them at once
+    (the family-wise error rate), in the order given."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 @dataclass(frozen=True)
 class Paired:
     """Outcomes of the same images before and after."""
@@ -83,6 +107,16 @@ class Paired:
         before = draws[:, 0] + draws[:, 1]
         ratio = (draws[:, 0] + draws[:, 2]) / before
         low, high = np.quantile(ratio, [0.025, 0.975])
+        return round(float(low), 6), round(float(high), 6)
+
+    def difference_interval(self, seed: int = 0) -> tuple[float, float] | None:
+        """95 % interval of accuracy after minus accuracy before (gained - lost over n), by
+        the same Bayesian bootstrap over the four paired outcomes."""
+        if not self.n:
+            return None
+        cells = np.array([self.both_right, self.lost, self.gained, self.both_wrong], float)
+        draws = np.random.default_rng(seed).dirichlet(cells + 0.5, size=DRAWS)
+        low, high = np.quantile(draws[:, 2] - draws[:, 1], [0.025, 0.975])
         return round(float(low), 6), round(float(high), 6)
 
     def as_dict(self) -> dict:
