@@ -168,3 +168,33 @@ def test_the_refit_on_the_gpu_agrees_with_the_cpu(monkeypatch, resident):
         x, y, weight, bias, 9, Refit(), device="cuda", old_rows_frozen=True
     )
     assert torch.equal(frozen_w[:9], weight[:9]) and torch.equal(frozen_b[:9], bias[:9])
+
+
+def test_an_evaluation_on_the_gpu_scores_as_the_cpu_does(images, base_weights, tmp_path):
+    """Versions compared on the GPU (backbone under autocast, the layers in float32) give the
+    CPU's figures, give or take an image on a borderline."""
+    from worker.engine.compare import CompareConfig, VersionFile, compare_versions
+    from worker.engine.data import scan_image_folder
+    from worker.engine.weights import save_safetensors
+
+    grown = expand_classifier(digits_request(base_weights, images))
+    path = tmp_path / "v2.safetensors"
+    save_safetensors(path, grown.model, {})
+    files = [
+        VersionFile(1, ARCH, [str(d) for d in OLD], base_weights, D.PREP),
+        VersionFile(2, ARCH, grown.labels, path, D.PREP),
+    ]
+    samples = scan_image_folder(images)
+    compare_versions(files, samples, CompareConfig(device="cuda"))  # one-time allocations
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    on_gpu = compare_versions(files, samples, CompareConfig(device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= allocated + MiB  # what it used is given back
+    on_cpu = compare_versions(files, samples, CompareConfig(device="cpu"))
+    assert on_gpu["device"].startswith("cuda") and on_gpu["backbone_passes"] == 1
+    for gpu, cpu in zip(on_gpu["versions"], on_cpu["versions"], strict=True):
+        assert gpu["overall"]["n"] == cpu["overall"]["n"]
+        right_gpu = gpu["overall"]["accuracy"] * gpu["overall"]["n"]
+        right_cpu = cpu["overall"]["accuracy"] * cpu["overall"]["n"]
+        assert abs(right_gpu - right_cpu) <= 1
