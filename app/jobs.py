@@ -18,7 +18,7 @@ from app.db import paginate, utcnow
 from app.errors import Conflict, InProgress, Invalid, NotFound
 from app.models import Job, JobStatus, Model, ModelVersion
 from app.outbound import refused_destination
-from app.registry import find_model
+from app.registry import find_model, no_model
 from app.schemas import JobCreate, JobRead
 from app.settings import Settings
 
@@ -45,18 +45,20 @@ def create_job(
     ``created`` is False.
     """
     request_hash = _request_hash(body)
-    if idempotency_key and (earlier := _earlier(session, owner, idempotency_key, request_hash)):
+    if idempotency_key and (earlier := earlier_job(session, owner, idempotency_key, request_hash)):
         return earlier, False
 
     model = find_model(session, owner, body.model)
     if model is None:
-        raise Invalid(f"no model named {body.model!r}", "model")
+        raise Invalid(no_model(session, owner, body.model), "model")
     base = _base_version(session, model, body.base_version)
     try:
         dataset = get_dataset(session, owner, body.dataset_id)
     except NotFound:
         raise Invalid(f"no dataset {body.dataset_id!r}", "dataset_id") from None
-    new_labels = _new_labels(body, base.labels, dataset.labels)
+    new_labels = _new_labels(
+        body, base.labels, dataset.labels, f"{model.name} version {base.version}"
+    )
     if body.notify_url and (refused := refused_destination(str(body.notify_url), settings)):
         raise Invalid(f"notify_url refused: {refused}", "notify_url")
     known = set(base.labels)
@@ -81,19 +83,26 @@ def create_job(
         notify_state="pending" if body.notify_url else None,
         warnings=warnings,
     )
+    return add_job(session, job, model)
+
+
+def add_job(session: Session, job: Job, model: Model) -> tuple[Job, bool]:
+    """Add a new job row; ``(job, True)``, or ``(earlier, False)`` when the same
+    Idempotency-Key and body has just been committed by a request at the same moment."""
     session.add(job)
     try:
         session.flush()
     except IntegrityError:  # the same key, submitted at the same moment, has just committed
         session.rollback()
-        if earlier := _earlier(session, owner, idempotency_key or "", request_hash):
+        key, request_hash = job.idempotency_key or "", job.request_hash or ""
+        if earlier := earlier_job(session, job.owner, key, request_hash):
             return earlier, False
         raise InProgress("a request with this Idempotency-Key is being processed; retry") from None
     job.model = model
     return job, True
 
 
-def _earlier(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
+def earlier_job(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
     """The job an Idempotency-Key already made, if any (422 if it was for another body)."""
     earlier = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
     if earlier is not None and earlier.request_hash != request_hash:
@@ -139,20 +148,32 @@ def _base_version(session: Session, model: Model, version: int | None) -> ModelV
         if number
         else None
     )
+    if number is None:
+        raise Invalid(
+            f"model {model.name!r} has no promoted version to build on; name one with base_version",
+            "base_version",
+        )
     if row is None:
         raise Invalid(f"model {model.name!r} has no version {number}", "base_version")
+    if row.deleted_at is not None:
+        raise Invalid(
+            f"version {number} of {model.name!r} was deleted; build on another version",
+            "base_version",
+        )
     return row
 
 
 def _new_labels(
-    body: JobCreate, base_labels: list[str], dataset_labels: dict[str, int]
+    body: JobCreate, base_labels: list[str], dataset_labels: dict[str, int], base: str
 ) -> list[str]:
     if body.new_labels is None:
         labels = [label for label in dataset_labels if label not in base_labels]
         if not labels:
+            which = "" if body.base_version else ", its latest promoted version"
             raise Invalid(
-                "every label of the dataset is already a label of the model; "
-                "add a folder for the new label",
+                f"every label of the dataset is already a label of {base}{which}; add a folder "
+                "of images for each new label (new_labels names them), or give base_version to "
+                "grow an earlier version that lacks them",
                 "new_labels",
             )
     else:
@@ -196,8 +217,11 @@ def list_jobs(
     model: str | None,
     limit: int,
     cursor: str | None,
+    kind: str | None = None,
 ) -> tuple[list[Job], str | None]:
     query = select(Job).where(Job.owner == owner)
+    if kind:
+        query = query.where(Job.kind == kind)
     if status:
         query = query.where(Job.status == status)
     if model:
@@ -234,6 +258,7 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
 def job_read(job: Job) -> JobRead:
     return JobRead(
         id=job.id,
+        kind=job.kind,
         status=job.status,
         model=job.model.name,
         base_version=job.base_version,

@@ -1,4 +1,5 @@
-"""The FastAPI application: routers, problem+json errors, and the sweeper's lifetime."""
+"""The FastAPI application: routers, problem+json errors, and the lifetimes of the sweeper
+and the importer."""
 
 from __future__ import annotations
 
@@ -7,21 +8,33 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.deps import Database
 from app.errors import InsufficientStorage, ServiceError, Unavailable
+from app.importer import Importer
 from app.observability import Metrics, MetricsMiddleware
 from app.pollcache import PollCache
 from app.predict import PredictorCache
-from app.routes import PROBLEM_MEDIA_TYPE, datasets, jobs, models, ops, problem_media_types
+from app.routes import (
+    PROBLEM_MEDIA_TYPE,
+    datasets,
+    evaluations,
+    jobs,
+    models,
+    ops,
+    problem_media_types,
+)
 from app.settings import Settings, get_settings
 from app.sweeper import Sweeper
 from app.uploads import BodySizeLimit
@@ -131,6 +144,25 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def install_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from files the package ships (no CDN, so it works offline)."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            swagger_js_url=f"{root}/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{root}/static/swagger-ui/favicon-32x32.png",
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
@@ -140,6 +172,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper = Sweeper(settings)
         if settings.sweep_interval_s > 0:
             sweeper.start()
+        if settings.import_bucket_names:  # datasets registered by reference are copied in
+            app.state.importer = Importer(settings)
+            app.state.importer.start()
         # What was imported to get here (torch among it) lives as long as the process: keep
         # the collector from walking it again, which paused the API for ~250 ms at a time.
         gc.collect()
@@ -148,12 +183,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.job_watch.close()
         if settings.sweep_interval_s > 0:
             sweeper.stop()
+        if importer := getattr(app.state, "importer", None):
+            importer.stop()
 
     app = FastAPI(
         title="Graft",
         version=__version__,
         summary="Teach a trained image classifier new labels, and keep the old ones.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs, from the package
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.database = Database(settings.resolved_database_url)
@@ -163,7 +202,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(settings.resolved_database_url)
     install_error_handlers(app)
     install_openapi(app)
-    for router in (models.router, datasets.router, jobs.router, ops.router):
+    install_docs(app)
+    for router in (models.router, datasets.router, jobs.router, evaluations.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

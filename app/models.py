@@ -43,6 +43,11 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class JobKind(enum.StrEnum):
+    EXPAND = "expand"  # a new version
+    EVALUATE = "evaluate"  # versions scored on a dataset; nothing stored but the figures
+
+
 class VersionStatus(enum.StrEnum):
     PROMOTED = "promoted"
     REJECTED = "rejected"
@@ -146,7 +151,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
     # "expand" (a new version) or "evaluate" (versions scored on a dataset, nothing stored)
-    kind: Mapped[str] = mapped_column(String(16), default="expand", server_default="expand")
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.EXPAND, server_default="expand")
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     base_version: Mapped[int] = mapped_column(Integer)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)

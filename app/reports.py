@@ -14,6 +14,18 @@ from typing import Any
 
 from app.schemas import JobRead
 
+STYLE = """<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
+h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+table { border-collapse: collapse; margin: .5rem 0; }
+td, th { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
+th { background: #f5f5f5; text-align: left; }
+.badge { display: inline-block; padding: .15rem .6rem; border-radius: 1rem; color: #fff; }
+.promoted { background: #2b8a3e; } .rejected { background: #c92a2a; }
+.unverified { background: #e67700; }
+.confusion td { min-width: 2rem; text-align: center; }
+</style>"""
+
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
@@ -171,7 +183,7 @@ def _curve_svg(history: list[dict[str, Any]], width: int = 560, height: int = 20
     )
 
 
-def _confusion_html(confusion: dict[str, Any]) -> str:
+def confusion_html(confusion: dict[str, Any]) -> str:
     labels, matrix = confusion["labels"], confusion["matrix"]
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     rows = []
@@ -225,17 +237,7 @@ def render_html(job: JobRead) -> str:
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Graft report: {html.escape(title)}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }}
-h1 {{ font-size: 1.4rem; }} h2 {{ font-size: 1.1rem; margin-top: 2rem; }}
-table {{ border-collapse: collapse; margin: .5rem 0; }}
-td, th {{ border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }}
-th {{ background: #f5f5f5; text-align: left; }}
-.badge {{ display: inline-block; padding: .15rem .6rem; border-radius: 1rem; color: #fff; }}
-.promoted {{ background: #2b8a3e; }} .rejected {{ background: #c92a2a; }}
-.unverified {{ background: #e67700; }}
-.confusion td {{ min-width: 2rem; text-align: center; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>{html.escape(title)}</h1>
 <p><span class="badge {decision}" id="verdict">{decision}</span>
 {html.escape(gate.get("reason", ""))}</p>
@@ -247,7 +249,7 @@ th {{ background: #f5f5f5; text-align: left; }}
 <table id="new-classes"><tr><th>label</th><th>precision</th><th>recall</th><th>images</th></tr>
 {new_rows}</table>
 <h2>Confusion matrix (every measured image)</h2>
-{_confusion_html(m["confusion_matrix"]) if "confusion_matrix" in m else ""}
+{confusion_html(m["confusion_matrix"]) if "confusion_matrix" in m else ""}
 <h2>Training</h2>
 {_curve_svg(m.get("history", []))}
 <p><small>Job {html.escape(job.id)} · measured on {html.escape(measured_on(m))}; intervals

@@ -78,16 +78,20 @@ class PreprocessingSpec(BaseModel):
         return self
 
 
-VersionStatusName = Literal["promoted", "rejected", "unverified"]
+VersionStatusName = Literal["promoted", "rejected", "unverified"]  # what a retention gate decides
+# A version's status: its gate's decision (or a promotion on purpose), or "deleted".
+VersionState = Literal["promoted", "rejected", "unverified", "deleted"]
+DELETED_AT = "when the version was deleted (its status is then 'deleted'); null while it exists"
 
 
 class VersionSummary(BaseModel):
     version: int
     parent_version: int | None
-    status: VersionStatusName
+    status: VersionState
     num_classes: int
     reference_images: int = 0
     created_at: datetime
+    deleted_at: datetime | None = Field(None, description=DELETED_AT)
 
 
 class PromotionRead(BaseModel):
@@ -147,20 +151,24 @@ class ModelVersionRead(BaseModel):
     labels: list[str]
     num_classes: int
     preprocessing: dict[str, Any]
-    status: VersionStatusName = Field(
+    status: VersionState = Field(
         description="promoted: passed its retention gate, or promoted on purpose; rejected: "
-        "lost too much old-class accuracy; unverified: retention could not be measured"
+        "lost too much old-class accuracy; unverified: retention could not be measured; "
+        "deleted: its files are gone (DELETE), its record stays so that the lineage of "
+        "versions made from it stays readable"
     )
     metrics: dict[str, Any] | None
     reference: dict[str, int] = Field(
         default_factory=dict, description="images per label kept as the reference set"
     )
     formats: list[str] = Field(
-        description="the files this version can be downloaded as (artifact?format=...)"
+        description="the files this version can be downloaded as (artifact?format=...); "
+        "empty once it is deleted"
     )
-    sha256: str
-    size_bytes: int
+    sha256: str | None = Field(description="of the safetensors file; null once it is deleted")
+    size_bytes: int | None = Field(description="of the safetensors file; null once deleted")
     created_at: datetime
+    deleted_at: datetime | None = Field(None, description=DELETED_AT)
 
 
 class ModelRead(BaseModel):
@@ -249,6 +257,26 @@ class RejectedFile(BaseModel):
     reason: str
 
 
+DatasetStatus = Literal["importing", "ready", "failed"]
+
+
+class DatasetSource(BaseModel):
+    kind: Literal["prefix", "manifest"]
+    uri: str
+
+
+class ImportProgress(BaseModel):
+    fraction: float
+    done: int = Field(description="objects handled so far")
+    total: int | None = Field(description="objects to handle; null while they are listed")
+    message: str = ""
+
+
+class DatasetError(BaseModel):
+    code: str
+    message: str
+
+
 class DatasetRead(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -276,8 +304,46 @@ class DatasetRead(BaseModel):
     labels: dict[str, int]
     num_images: int
     rejected: list[RejectedFile]
-    sha256: str
+    sha256: str | None = Field(
+        description="of the uploaded archive, or of the stored images of an imported dataset; "
+        "null until it is ready"
+    )
     created_at: datetime
+    status: DatasetStatus = Field(
+        "ready", description="importing while a dataset registered by reference is copied in"
+    )
+    source: DatasetSource | None = Field(None, description="where an import copies from")
+    progress: ImportProgress | None = Field(None, description="of an import")
+    error: DatasetError | None = Field(None, description="why an import failed")
+
+
+class DatasetImport(BaseModel):
+    """A dataset registered by reference: images already in an allowed S3 bucket."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"source": "s3://photos/pets/", "name": "pets"}]},
+    )
+
+    source: str | None = Field(
+        None,
+        max_length=1100,
+        description="s3://bucket/prefix/ in ImageFolder layout: each first-level folder under "
+        "the prefix is a label",
+    )
+    manifest: str | None = Field(
+        None,
+        max_length=1100,
+        description="s3://bucket/key of a CSV of `uri,label` lines (an optional `uri,label` "
+        "header); every uri an s3:// object in an allowed bucket",
+    )
+    name: str | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> DatasetImport:
+        if (self.source is None) == (self.manifest is None):
+            raise ValueError("give exactly one of source and manifest")
+        return self
 
 
 class AugmentationConfig(BaseModel):
@@ -418,6 +484,11 @@ class JobRead(BaseModel):
     )
 
     id: str
+    kind: Literal["expand", "evaluate"] = Field(
+        "expand",
+        description="expand: a job that adds labels (a new version); evaluate: an evaluation "
+        "(POST /v1/evaluations), whose figures are its metrics",
+    )
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str
     base_version: int
@@ -453,3 +524,55 @@ class PredictionsRead(BaseModel):
     )
 
     predictions: list[list[Prediction]]
+
+
+class EvaluationCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model": "digits", "versions": [1, 2], "dataset_id": "01M8G41ZV3798EK5"}]
+        },
+    )
+
+    model: str = Field(pattern=NAME_PATTERN)
+    versions: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1,
+        max_length=8,
+        description="the versions to score, each at most once; the first is the baseline: "
+        "its labels are the old labels, and every pair of versions is compared",
+    )
+    dataset_id: str = Field(
+        min_length=1,
+        max_length=64,
+        description="labelled images (ImageFolder): every version scores each image whose "
+        "label it knows",
+    )
+    notify_url: HttpUrl | None = Field(
+        None, description="POSTed the evaluation's job record, signed, when it ends"
+    )
+
+
+class EvaluationRead(BaseModel):
+    """An evaluation: a job of kind ``evaluate`` (it is also ``GET /v1/jobs/{id}``)."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    versions: list[int]
+    dataset_id: str
+    progress: JobProgress
+    result: dict[str, Any] | None = Field(
+        description="once succeeded: ``versions`` (per version: overall accuracy and macro F1, "
+        "accuracy on the baseline's labels and on the others, per-label precision, recall and "
+        "F1, each with n and a 95 % interval, the confusion matrix, the images it could not "
+        "score) and ``comparisons`` (per pair, on the images both can score: the paired "
+        "outcomes, the accuracy difference and its interval, the exact McNemar p-value and "
+        "its Holm adjustment, and the images whose prediction changed)"
+    )
+    error: JobError | None
+    warnings: list[str] = Field(default_factory=list)
+    attempt: int
+    notify_url: str | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

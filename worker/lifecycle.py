@@ -15,11 +15,14 @@ import enum
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import select, update
@@ -157,6 +160,13 @@ def database_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and (
         exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
     )
+
+
+@contextmanager
+def job_folder(settings: Settings, job_id: str) -> Iterator[Path]:
+    """The attempt's own temporary folder (a killed attempt's is removed by the next one)."""
+    with tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"job-{job_id}-") as tmp:
+        yield Path(tmp)
 
 
 def with_retries(settings: Settings, what: str, write: Callable[[], T]) -> T:

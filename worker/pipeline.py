@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from app.db import session_scope
 from app.disk import free_bytes, has_room
 from app.janitor import clean_tmp
 from app.logs import current_job
-from app.models import Job, JobStatus, Model, ModelVersion, VersionStatus, new_id
+from app.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.registry import add_version, artifact_metadata, store_model_files
 from app.settings import MiB, Settings
 from app.storage import Storage, StoredObject, open_storage
@@ -35,6 +34,7 @@ from worker.engine.expand import (
     Progress,
     expand_classifier,
 )
+from worker.evaluation import run_evaluation
 from worker.lifecycle import (
     Heartbeat,
     LeaseLost,
@@ -44,6 +44,7 @@ from worker.lifecycle import (
     fenced_finish,
     finish,
     job_error,
+    job_folder,
     release,
     stopped,
     with_retries,
@@ -87,27 +88,13 @@ def _run_job(job_id: str, settings: Settings) -> None:
     storage = open_storage(settings)
     stored: list[StoredObject] = []  # what to delete if the attempt does not finish
     hand_back: str | None = None
+    kind = with_retries(settings, f"job {job_id}: reading it", lambda: _kind(settings, job_id))
     with Heartbeat(settings, job_id, attempt) as heartbeat:
         try:
-            # the temporary folder is gone before the job is reported finished
-            with tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"job-{job_id}-") as tmp:
-                spec = load_spec(settings, job_id)
-                request = expansion_request(spec, storage, settings, Path(tmp))
-                result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
-                heartbeat.report(Progress("exporting", 0.0))
-                version_id = new_id()
-                artifacts, failed = _store_artifacts(
-                    storage, spec, version_id, result, Path(tmp), stored
-                )
-                reference = keep_reference(storage, spec.model_id, version_id, result, Path(tmp))
-                if reference:
-                    stored.append(StoredObject(**reference["manifest"]))
-                remembered = request.reference.images if request.reference else []
-                digests = {r.digest for r in remembered}
-                cache_features(storage, spec.model_id, digests, result, Path(tmp))
-            _finish_succeeded(
-                settings, job_id, attempt, spec, version_id, result, artifacts, reference, failed
-            )
+            if kind == JobKind.EVALUATE:
+                run_evaluation(settings, storage, job_id, attempt, heartbeat)
+            else:
+                _expand(settings, storage, job_id, attempt, heartbeat, stored)
             log.info("job %s: succeeded", job_id)
         except JobCancelled:
             _discard(storage, stored, job_id)
@@ -135,6 +122,39 @@ def _run_job(job_id: str, settings: Settings) -> None:
                 finish(settings, job_id, attempt, JobStatus.FAILED, error)
     if hand_back:  # after the heartbeat has stopped: nothing of this attempt writes again
         release(settings, job_id, attempt, hand_back)
+
+
+def _kind(settings: Settings, job_id: str) -> str:
+    with session_scope(settings.resolved_database_url) as session:
+        return session.scalar(select(Job.kind).where(Job.id == job_id)) or JobKind.EXPAND
+
+
+def _expand(
+    settings: Settings,
+    storage: Storage,
+    job_id: str,
+    attempt: int,
+    heartbeat: Heartbeat,
+    stored: list[StoredObject],
+) -> None:
+    """A new version: the engine's expansion, its artifacts, then the version's row (once
+    the job's temporary folder is gone)."""
+    with job_folder(settings, job_id) as tmp:
+        spec = load_spec(settings, job_id)
+        request = expansion_request(spec, storage, settings, tmp)
+        result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
+        heartbeat.report(Progress("exporting", 0.0))
+        version_id = new_id()
+        artifacts, failed = _store_artifacts(storage, spec, version_id, result, tmp, stored)
+        reference = keep_reference(storage, spec.model_id, version_id, result, tmp)
+        if reference:
+            stored.append(StoredObject(**reference["manifest"]))
+        remembered = request.reference.images if request.reference else []
+        digests = {r.digest for r in remembered}
+        cache_features(storage, spec.model_id, digests, result, tmp)
+    _finish_succeeded(
+        settings, job_id, attempt, spec, version_id, result, artifacts, reference, failed
+    )
 
 
 def _store_artifacts(

@@ -54,18 +54,23 @@ async def list_jobs(
     db: DbDep,
     status: StatusQuery | None = None,
     model: Annotated[str | None, Query(max_length=64)] = None,
+    kind: Annotated[
+        Literal["expand", "evaluate"] | None,
+        Query(description="expand (jobs that add labels) or evaluate (evaluations); default: both"),
+    ] = None,
     limit: LimitQuery = 50,
     cursor: CursorQuery = None,
 ) -> Response:
 
     def work(session: Session, owner: str) -> tuple[str, str]:
         rows, next_cursor = jobs.list_jobs(
-            session, owner, status=status, model=model, limit=limit, cursor=cursor
+            session, owner, status=status, model=model, limit=limit, cursor=cursor, kind=kind
         )
         page = Page(items=[jobs.job_read(j) for j in rows], next_cursor=next_cursor)
         return owner, page.model_dump_json()
 
-    return await _polled(db, db.poll_cache.pages, (status, model, limit, cursor), work)
+    key = (status, model, kind, limit, cursor)
+    return await _polled(db, db.poll_cache.pages, key, work)
 
 
 @router.get("/{job_id}", response_model=JobRead)

@@ -1,0 +1,137 @@
+"""An evaluation job: stored versions scored on a dataset; the figures are the job's metrics,
+and nothing else is stored. Claim, lease, heartbeat and fenced finish are the pipeline's."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import Job, JobStatus, ModelVersion
+from app.registry import SAFETENSORS
+from app.settings import Settings
+from app.storage import Storage
+from worker.engine.architectures import Preprocessing
+from worker.engine.compare import CompareConfig, Stage, VersionFile, compare_versions
+from worker.engine.data import scan_image_folder
+from worker.engine.errors import EngineError
+from worker.engine.expand import Progress
+from worker.lifecycle import Heartbeat, LeaseLost, fenced_finish, job_folder, with_retries
+from worker.spec import extract_images
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    version: int
+    architecture: str
+    labels: list[str]
+    preprocessing: dict[str, Any]
+    weights_key: str | None  # None: deleted since the evaluation was queued
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    model_name: str
+    versions: list[StoredVersion]
+    dataset_id: str
+    dataset_key: str | None
+
+
+def load_evaluation(settings: Settings, job_id: str) -> EvaluationSpec:
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        numbers = [int(v) for v in job.config["versions"]]
+        rows = {
+            v.version: v
+            for v in session.scalars(
+                select(ModelVersion).where(
+                    ModelVersion.model_id == job.model_id, ModelVersion.version.in_(numbers)
+                )
+            )
+        }
+        versions = []
+        for number in numbers:
+            row = rows.get(number)
+            gone = row is None or row.deleted_at is not None or SAFETENSORS not in row.artifacts
+            versions.append(
+                StoredVersion(
+                    number,
+                    row.architecture if row else "",
+                    list(row.labels) if row else [],
+                    dict(row.preprocessing) if row else {},
+                    None if gone else row.artifacts[SAFETENSORS]["key"],
+                )
+            )
+        dataset = job.dataset
+        return EvaluationSpec(
+            job.model.name,
+            versions,
+            dataset.id,
+            dataset.storage_key if dataset.deleted_at is None else None,
+        )
+
+
+def run_evaluation(
+    settings: Settings, storage: Storage, job_id: str, attempt: int, heartbeat: Heartbeat
+) -> None:
+    """Score the versions, then record the figures (once the temporary folder is gone)."""
+    with job_folder(settings, job_id) as tmp:
+        result = _score(settings, storage, job_id, heartbeat, tmp)
+    with_retries(
+        settings,
+        f"job {job_id}: recording the evaluation",
+        lambda: _write(settings, job_id, attempt, result),
+    )
+
+
+def _score(
+    settings: Settings, storage: Storage, job_id: str, heartbeat: Heartbeat, tmp: Path
+) -> dict[str, Any]:
+    spec = load_evaluation(settings, job_id)
+    if spec.dataset_key is None or not storage.exists(spec.dataset_key):
+        raise EngineError("the evaluation's dataset has been deleted")
+    for v in spec.versions:
+        if v.weights_key is None:
+            raise EngineError(f"version {v.version} of {spec.model_name} has been deleted")
+    heartbeat.report(Progress("loading", 0.0, message="unpacking the dataset"))
+    with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
+        extract_images(tar, tmp / "images")
+    samples = scan_image_folder(tmp / "images")
+    files = [
+        VersionFile(
+            v.version,
+            v.architecture,
+            v.labels,
+            storage.local_path(v.weights_key),
+            Preprocessing.from_dict(v.preprocessing),
+        )
+        for v in spec.versions
+        if v.weights_key is not None
+    ]
+    config = CompareConfig(
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.extract_batch_size,
+        num_workers=settings.extract_workers,
+        feature_memory_bytes=settings.feature_memory_mb << 20,
+        spill_dir=tmp / "features",
+    )
+
+    def report(stage: Stage) -> None:
+        heartbeat.report(Progress(stage.stage, stage.fraction, message=stage.message))
+
+    result = compare_versions(files, samples, config, report, heartbeat.should_stop)
+    return {"model": spec.model_name, "dataset_id": spec.dataset_id} | result
+
+
+def _write(settings: Settings, job_id: str, attempt: int, result: dict[str, Any]) -> None:
+    with session_scope(settings.resolved_database_url) as session:
+        if not fenced_finish(session, job_id, attempt, JobStatus.SUCCEEDED, metrics=result):
+            row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one()
+            if tuple(row) == (JobStatus.SUCCEEDED, attempt):
+                return  # an earlier try committed, and only its answer was lost
+            raise LeaseLost()
