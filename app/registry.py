@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -366,6 +367,13 @@ def find_model(session: Session, owner: str, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.owner == owner, Model.name == name))
 
 
+def no_model(session: Session, owner: str, name: str) -> str:
+    """Why ``name`` is not found: says which of the owner's models is named most like it."""
+    names = session.scalars(select(Model.name).where(Model.owner == owner)).all()
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f"no model named {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
 # What model_read shows, loaded in one query each rather than one per model.
 WITH_VERSIONS = (selectinload(Model.versions), selectinload(Model.promotions))
 
@@ -375,7 +383,7 @@ def get_model(session: Session, owner: str, name: str) -> Model:
         select(Model).where(Model.owner == owner, Model.name == name).options(*WITH_VERSIONS)
     )
     if model is None:
-        raise NotFound(f"no model named {name!r}")
+        raise NotFound(no_model(session, owner, name))
     return model
 
 
@@ -399,7 +407,8 @@ def list_models(
 
 
 def version_read(model: Model, version: ModelVersion) -> ModelVersionRead:
-    main = version.artifacts[SAFETENSORS]
+    # a deleted version has no files: it is read as what it was, with nothing to download
+    main = version.artifacts.get(SAFETENSORS) or {"sha256": None, "size_bytes": None}
     return ModelVersionRead(
         name=model.name,
         version=version.version,
@@ -416,6 +425,7 @@ def version_read(model: Model, version: ModelVersion) -> ModelVersionRead:
         sha256=main["sha256"],
         size_bytes=main["size_bytes"],
         created_at=version.created_at,
+        deleted_at=version.deleted_at,
     )
 
 
@@ -432,6 +442,7 @@ def model_read(model: Model) -> ModelRead:
                 num_classes=len(v.labels),
                 reference_images=sum(v.reference_counts.values()),
                 created_at=v.created_at,
+                deleted_at=v.deleted_at,
             )
             for v in model.versions
         ],
@@ -458,6 +469,9 @@ def promote_version(
     model = row.model
     session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
     session.refresh(model)
+    session.refresh(row)
+    if row.deleted_at is not None:  # deleted while this request waited for the lock
+        raise Conflict(f"version {version} of {name!r} was deleted")
     session.add(
         Promotion(
             model_id=model.id,

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from app import downloads, references, registry
+from app import deletion, downloads, references, registry
 from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.disk import ensure_room
 from app.errors import Invalid, NotFound, TooLarge
@@ -23,6 +23,7 @@ from app.schemas import (
     ModelVersionRead,
     Page,
     PredictionsRead,
+    Problem,
     PromoteRequest,
     ReferenceAdd,
     ReferenceRead,
@@ -33,6 +34,15 @@ MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024
 router = APIRouter(
     prefix="/v1/models", tags=["models"], responses=problems(400, 401, 404, 409, 413, 422, 503, 507)
 )
+# What answers for a deleted version: anything that needs its files, or changes it.
+GONE = {410: {"model": Problem, "description": "The version was deleted; its files are gone"}}
+ForceQuery = Annotated[
+    bool,
+    Query(
+        description="delete even the model's last promoted version (its latest_version becomes "
+        "null), or a model whose jobs have not finished (they are stopped and deleted)"
+    ),
+]
 
 
 @router.post("", status_code=201, response_model=ModelVersionRead)
@@ -125,10 +135,55 @@ def _version(session: Session, owner: str, name: str, version: int) -> ModelVers
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionRead)
 async def get_version(name: str, version: int, db: DbDep) -> Response:
+    """The version. A deleted version still answers 200, as a tombstone: ``status``
+    "deleted", ``deleted_at``, no ``formats``, no reference set, ``sha256`` and
+    ``size_bytes`` null; its labels, parent, architecture, preprocessing and metrics stay, so
+    the lineage of versions made from it stays readable. Everything else about a deleted
+    version (download, predict, promote, reference, DELETE again) answers 410 Gone."""
     return json_response(await db(lambda session, owner: _version(session, owner, name, version)))
 
 
-@router.post("/{name}/versions/{version}/reference", response_model=ReferenceRead)
+@router.delete(
+    "/{name}/versions/{version}", status_code=204, response_class=Response, responses=GONE
+)
+async def delete_version(
+    name: str, version: int, db: DbDep, storage: StorageDep, force: ForceQuery = False
+) -> Response:
+    """Delete a version's files (every format, its reference set) and keep its record as a
+    tombstone (see GET). Version numbers are never reused. If it was the model's latest
+    version, ``latest_version`` moves to the newest promoted version left (null if none).
+
+    409 while a queued or running job uses the version (as its base, or to score it),
+    whatever ``force``: cancel the job first. 409 without ``force=true`` if it is the model's
+    last promoted version and the model has other versions or unfinished jobs. 410 if it was
+    already deleted. Files the store cannot delete at once are removed by the next sweep."""
+    # ``db`` commits before it returns: the files go only once the deletion stands.
+    removal = await db(
+        lambda session, owner: deletion.delete_version(session, owner, name, version, force)
+    )
+    await run_in_threadpool(deletion.remove_files, storage, removal)
+    return Response(status_code=204)
+
+
+@router.delete("/{name}", status_code=204, response_class=Response)
+async def delete_model(
+    name: str, db: DbDep, storage: StorageDep, force: ForceQuery = False
+) -> Response:
+    """Delete the model: every version's files, and its record, versions, promotions and
+    jobs (finished ones included: GET /v1/jobs/{id} of them answers 404 after). The name is
+    free again at once.
+
+    409 while a job on the model is queued or running, unless ``force=true``: then those
+    jobs are stopped and deleted with it (a running job's worker notices within seconds and
+    keeps nothing). Files the store cannot delete at once are removed by the next sweep."""
+    removal = await db(lambda session, owner: deletion.delete_model(session, owner, name, force))
+    for job_id in removal.job_ids:
+        db.poll_cache.changed(job_id)
+    await run_in_threadpool(deletion.remove_files, storage, removal)
+    return Response(status_code=204)
+
+
+@router.post("/{name}/versions/{version}/reference", response_model=ReferenceRead, responses=GONE)
 async def add_reference(
     name: str,
     version: int,
@@ -142,7 +197,7 @@ async def add_reference(
     measure retention on them."""
 
     def work(session: Session, owner: str) -> tuple[ReferenceRead, str | None]:
-        row = registry.get_version(session, owner, name, version)
+        row = deletion.live_version(session, owner, name, version)
         dataset = references.dataset_for_reference(session, owner, body.dataset_id, "dataset_id")
         added, ignored, replaced = references.add_reference(
             session, storage, row, dataset, settings.reference_per_label, settings.tmp_dir
@@ -162,7 +217,7 @@ async def add_reference(
     return json_response(read)
 
 
-@router.post("/{name}/versions/{version}/promote", response_model=ModelRead)
+@router.post("/{name}/versions/{version}/promote", response_model=ModelRead, responses=GONE)
 async def promote_version(
     name: str, version: int, db: DbDep, body: PromoteRequest | None = None
 ) -> Response:
@@ -170,6 +225,7 @@ async def promote_version(
     version, or roll back to an older one. Recorded in the model's ``promotions``."""
 
     def work(session: Session, owner: str) -> ModelRead:
+        deletion.live_version(session, owner, name, version)
         model = registry.promote_version(
             session, owner, name, version, db.actor(owner), body.reason if body else None
         )
@@ -213,7 +269,7 @@ async def _artifact(db: Db, name: str, version: int, format: str) -> tuple[dict[
     """The stored file of ``format`` of a version, and the name to download it as; 404
     naming the formats the version has if it lacks this one."""
     artifacts = await db(
-        lambda session, owner: dict(registry.get_version(session, owner, name, version).artifacts)
+        lambda session, owner: dict(deletion.live_version(session, owner, name, version).artifacts)
     )
     artifact = artifacts.get(format)
     if artifact is None:
@@ -236,6 +292,7 @@ async def _artifact(db: Db, name: str, version: int, format: str) -> tuple[dict[
             "headers": _ARTIFACT_HEADERS,
         },
         **problems(416),
+        **GONE,
     },
 )
 async def download_artifact(
@@ -261,6 +318,7 @@ async def download_artifact(
         200: {"description": "the file's headers, no body", "headers": _ARTIFACT_HEADERS},
         206: {"description": "the range's headers, no body", "headers": _ARTIFACT_HEADERS},
         **problems(416),
+        **GONE,
     },
 )
 async def artifact_headers(
@@ -278,7 +336,7 @@ async def artifact_headers(
     return downloads.artifact_response(storage, artifact, filename, range, if_range, False)
 
 
-@router.post("/{name}/versions/{version}/predict", response_model=PredictionsRead)
+@router.post("/{name}/versions/{version}/predict", response_model=PredictionsRead, responses=GONE)
 async def predict_images(
     name: str,
     version: int,
@@ -290,7 +348,7 @@ async def predict_images(
 ) -> Response:
     if len(image) > 64:
         raise Invalid("at most 64 images per request", "image")
-    row = await db(lambda session, owner: registry.get_version(session, owner, name, version))
+    row = await db(lambda session, owner: deletion.live_version(session, owner, name, version))
 
     def predict() -> PredictionsRead:
         predictor = request.app.state.predictors.get(row, storage)
