@@ -9,6 +9,7 @@ kept. Unsafe archives are refused whole; files that are not images are reported 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import logging
@@ -32,6 +33,7 @@ from app.db import paginate, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, Job, JobStatus, new_id
 from app.schemas import DatasetRead, RejectedFile
+from app.settings import Settings
 from app.storage import Storage
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
@@ -43,6 +45,12 @@ RATIO_CHECK_AFTER = 16 * 1024 * 1024  # compression ratios of tiny archives say 
 log = logging.getLogger(__name__)
 
 
+class DatasetStatus(enum.StrEnum):
+    IMPORTING = "importing"  # registered by reference, being copied in (app.imports)
+    READY = "ready"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class ArchiveLimits:
     max_members: int = 200_000
@@ -50,6 +58,17 @@ class ArchiveLimits:
     max_total_bytes: int = 16 * 1024**3
     max_ratio: float = 200.0
     max_image_pixels: int = 64_000_000
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    """The limits an upload, or an import, is held to (GRAFT_MAX_*)."""
+    return ArchiveLimits(
+        max_members=settings.max_archive_members,
+        max_member_bytes=settings.max_member_bytes,
+        max_total_bytes=settings.max_extracted_bytes,
+        max_ratio=settings.max_compression_ratio,
+        max_image_pixels=settings.max_image_pixels,
+    )
 
 
 @dataclass
@@ -133,16 +152,21 @@ def _unprintable(name: str) -> bool:
     return not name.isprintable()
 
 
-def _ignored(parts: tuple[str, ...]) -> bool:
+def is_ignored(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1] in IGNORED_NAMES
 
 
-def verify_image(data: bytes, max_pixels: int) -> str:
-    """Decode the whole image; return its file extension, or raise ``ValueError`` with why not."""
+def verify_image(data: bytes | Path, max_pixels: int) -> str:
+    """Decode the whole image (its bytes, or a file); return its file extension, or raise
+    ``ValueError`` with why not."""
+
+    def source() -> BinaryIO | Path:
+        return io.BytesIO(data) if isinstance(data, bytes) else data
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data), formats=ALLOWED_DECODERS) as im:
+            with Image.open(source(), formats=ALLOWED_DECODERS) as im:
                 fmt = im.format
                 width, height = im.size
                 if width * height > max_pixels:
@@ -150,7 +174,7 @@ def verify_image(data: bytes, max_pixels: int) -> str:
                         f"image of {width}x{height} pixels is over the {max_pixels} pixel limit"
                     )
                 im.verify()
-            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            with Image.open(source(), formats=[fmt]) as im:
                 im.load()
         except UnidentifiedImageError:
             raise ValueError(
@@ -164,6 +188,18 @@ def verify_image(data: bytes, max_pixels: int) -> str:
         except (OSError, SyntaxError, EOFError, ValueError) as exc:
             raise ValueError(f"not a decodable image ({exc})") from None
     return IMAGE_FORMATS[fmt]
+
+
+def folder_problem(parts: tuple[str, ...]) -> dict[str, str] | None:
+    """The rejection of a file whose path cannot make it an example of a label, or None."""
+    if len(parts) < 2:
+        return {"path": "/".join(parts), "reason": "not inside a label folder"}
+    if any(_unprintable(p) or len(p) > 200 for p in parts[:-1]):
+        return {
+            "path": "/".join(parts).encode("unicode_escape").decode(),
+            "reason": "folder names must be printable and at most 200 characters",
+        }
+    return None
 
 
 def _read_capped(stream: BinaryIO, cap: int) -> bytes | None:
@@ -185,7 +221,7 @@ def extract_images(
         parts = safe_parts(member.name)
         if member.kind in ("link", "device"):
             raise Invalid(f"{member.name}: links and special files are refused", "archive")
-        if member.kind == "dir" or not parts or _ignored(parts):
+        if member.kind == "dir" or not parts or is_ignored(parts):
             continue
         shown = "/".join(parts)
         try:
@@ -209,16 +245,8 @@ def extract_images(
             raise Invalid("the archive expands beyond the size limit", "archive")
         if total > RATIO_CHECK_AFTER and total > limits.max_ratio * max(archive_size, 1):
             raise Invalid("the archive's compression ratio is beyond the limit", "archive")
-        if len(parts) < 2:
-            rejected.append({"path": shown, "reason": "not inside a label folder"})
-            continue
-        if any(_unprintable(p) or len(p) > 200 for p in parts[:-1]):
-            rejected.append(
-                {
-                    "path": shown.encode("unicode_escape").decode(),
-                    "reason": "folder names must be printable and at most 200 characters",
-                }
-            )
+        if problem := folder_problem(parts):
+            rejected.append(problem)
             continue
         try:
             ext = verify_image(data, limits.max_image_pixels)
@@ -242,7 +270,8 @@ def _label(
     return Extracted(dict(sorted(counts.items())), rejected, images)
 
 
-def _pack(images: list[tuple[str, str, Path]], target: Path) -> None:
+def pack_images(images: list[tuple[str, str, Path]], target: Path) -> None:
+    """The stored form of every dataset: a tar of ``<label>/<n>.<ext>``."""
     numbering: Counter[str] = Counter()
     with tarfile.open(target, "w") as tar:
         for label, ext, path in images:
@@ -278,7 +307,7 @@ def build_dataset(
                 ]
                 or None,
             )
-        _pack(extracted.images, workdir / "images.tar")
+        pack_images(extracted.images, workdir / "images.tar")
         stored = storage.put_file(f"datasets/{dataset_id}/images.tar", workdir / "images.tar")
     row = Dataset(
         id=dataset_id,
@@ -301,10 +330,29 @@ def add_dataset(session: Session, row: Dataset) -> DatasetRead:
     return dataset_read(row)
 
 
-def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
+def find_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
+    """The owner's dataset, whatever its status (to show or delete it)."""
     row = session.get(Dataset, dataset_id)
     if row is None or row.owner != owner or row.deleted_at is not None:
         raise NotFound(f"no dataset {dataset_id!r}")
+    return row
+
+
+def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
+    """The owner's dataset, to use (jobs, reference sets): 409 while it is importing, or if
+    its import failed."""
+    row = find_dataset(session, owner, dataset_id)
+    if row.status == DatasetStatus.IMPORTING:
+        done = (row.progress or {}).get("done", 0)
+        total = (row.progress or {}).get("total")
+        copied = f"{done} of {total}" if total is not None else f"{done}"
+        raise Conflict(
+            f"dataset {dataset_id!r} is still importing ({copied} files handled); "
+            f"use it once GET /v1/datasets/{dataset_id} says status ready"
+        )
+    if row.status == DatasetStatus.FAILED:
+        message = (row.error or {}).get("message", "")
+        raise Conflict(f"dataset {dataset_id!r} failed to import ({message}); register it again")
     return row
 
 
@@ -319,7 +367,7 @@ def delete_dataset(session: Session, owner: str, dataset_id: str) -> str:
     """Mark the dataset deleted; returns the key of its images, for ``remove_images`` once
     the deletion is committed (never before: a deletion that fails to commit must leave the
     dataset whole)."""
-    row = get_dataset(session, owner, dataset_id)
+    row = find_dataset(session, owner, dataset_id)
     active = session.scalar(
         select(Job.id).where(
             Job.dataset_id == row.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
@@ -349,6 +397,10 @@ def dataset_read(row: Dataset) -> DatasetRead:
         labels=row.labels,
         num_images=row.num_images,
         rejected=[RejectedFile(**r) for r in row.rejected],
-        sha256=row.sha256,
+        sha256=row.sha256 if row.status == DatasetStatus.READY else None,
         created_at=row.created_at,
+        status=row.status,
+        source=row.source,
+        progress=row.progress,
+        error=row.error,
     )

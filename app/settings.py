@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = 16 * 1024 * MiB
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 64_000_000
+    # Datasets registered by reference (POST /v1/datasets {"source"|"manifest": "s3://..."})
+    # are copied from these buckets only (comma-separated), with the server's own S3
+    # credentials; empty: importing by reference is off.
+    import_buckets: str = ""
+    import_threads: int = Field(16, ge=1, le=256)  # parallel GETs of one import
+    import_lease_s: float = Field(30.0, gt=0)  # an import not renewed this long is taken over
 
     job_lease_s: float = 120.0
     heartbeat_s: float = 5.0
@@ -87,6 +93,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "artifacts").as_uri()
+
+    @property
+    def import_bucket_names(self) -> frozenset[str]:
+        return frozenset(b.strip() for b in self.import_buckets.split(",") if b.strip())
 
     @property
     def queue_dir(self) -> Path:
