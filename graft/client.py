@@ -30,7 +30,14 @@ from typing import Any
 
 import httpx
 
-from app.schemas import DatasetRead, JobRead, ModelRead, ModelVersionRead, ReferenceRead
+from app.schemas import (
+    DatasetRead,
+    EvaluationRead,
+    JobRead,
+    ModelRead,
+    ModelVersionRead,
+    ReferenceRead,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -169,6 +176,20 @@ class Client:
     def list_models(self) -> list[ModelRead]:
         return [ModelRead.model_validate(m) for m in self._pages("/v1/models", {})]
 
+    def delete_model(self, name: str, force: bool = False) -> None:
+        """Delete a model and every version of it. The API refuses (409) while a job uses the
+        model; ``force`` deletes it anyway."""
+        self._request("DELETE", f"/v1/models/{name}", params={"force": "true"} if force else {})
+
+    def delete_version(self, name: str, version: int, force: bool = False) -> None:
+        """Delete one version. The API refuses (409) the model's last promoted version;
+        ``force`` deletes it anyway."""
+        self._request(
+            "DELETE",
+            f"/v1/models/{name}/versions/{version}",
+            params={"force": "true"} if force else {},
+        )
+
     def download(
         self,
         name: str,
@@ -233,6 +254,37 @@ class Client:
             )
         return DatasetRead.model_validate(response.json())
 
+    def import_dataset(
+        self, uri: str, *, manifest: bool = False, name: str | None = None
+    ) -> DatasetRead:
+        """Register images already in S3 by reference: ``uri`` is a prefix holding one folder
+        per label (``s3://bucket/prefix/``), or with ``manifest`` a CSV of ``uri,label`` lines.
+        The server copies them in the background; follow it with ``wait_dataset``."""
+        body: dict[str, Any] = {"manifest" if manifest else "source": uri}
+        if name:
+            body["name"] = name
+        return DatasetRead.model_validate(self._request("POST", "/v1/datasets", json=body).json())
+
+    def wait_dataset(
+        self,
+        dataset_id: str,
+        on_progress: Callable[[DatasetRead], None] | None = None,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+    ) -> DatasetRead:
+        """Poll a dataset until its import has ended (ready or failed), calling
+        ``on_progress`` on every poll; GraftError (status 0) past ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            dataset = self.get_dataset(dataset_id)
+            if on_progress:
+                on_progress(dataset)
+            if dataset.status != "importing":
+                return dataset
+            if deadline is not None and time.monotonic() >= deadline:
+                raise GraftError(0, f"dataset {dataset_id} was still importing after {timeout} s")
+            time.sleep(poll_interval)
+
     def get_dataset(self, dataset_id: str) -> DatasetRead:
         return DatasetRead.model_validate(self._request("GET", f"/v1/datasets/{dataset_id}").json())
 
@@ -271,6 +323,30 @@ class Client:
 
     def cancel_job(self, job_id: str) -> JobRead:
         return JobRead.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    # Evaluations --------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        model: str,
+        versions: list[int],
+        dataset_id: str,
+        *,
+        notify_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> EvaluationRead:
+        """Queue an evaluation of ``versions`` (the first is the baseline) on a dataset; follow
+        it with ``wait`` (it is a job of kind evaluate), then ``get_evaluation``."""
+        body: dict[str, Any] = {"model": model, "versions": versions, "dataset_id": dataset_id}
+        if notify_url is not None:
+            body["notify_url"] = notify_url
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self._request("POST", "/v1/evaluations", json=body, headers=headers)
+        return EvaluationRead.model_validate(response.json())
+
+    def get_evaluation(self, evaluation_id: str) -> EvaluationRead:
+        response = self._request("GET", f"/v1/evaluations/{evaluation_id}")
+        return EvaluationRead.model_validate(response.json())
 
     def wait(
         self,
@@ -365,6 +441,16 @@ class Client:
         )
         response = self._request("GET", f"/v1/jobs/{job_id}", timeout=timeout)
         return JobRead.model_validate(response.json())
+
+    # The API's JSON as it is ---------------------------------------------------------------
+
+    def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        """The API's answer to ``GET path``, decoded but otherwise as it was sent."""
+        return self._request("GET", path, params=params or {}).json()
+
+    def list_json(self, path: str, params: dict[str, Any] | None = None) -> list[dict]:
+        """Every item of every page of a list (``GET path``), as the API sent them."""
+        return list(self._pages(path, params or {}))
 
     # Helpers --------------------------------------------------------------------------------
 

@@ -9,13 +9,17 @@ GPU; scale by running more workers. Logs go through Graft's handler (GRAFT_LOG_F
 
 from __future__ import annotations
 
+import logging
+import os
 from functools import lru_cache
 
 from celery import Celery, signals
 
-from app.logs import configure_logging
+from app.logs import configure_logging, describe, redact
+from app.server import SERVE_PARENT
 from app.settings import Settings, get_settings
 
+log = logging.getLogger("graft.worker")
 RUN_JOB_TASK = "graft.run_job"
 QUEUE = "graft"
 
@@ -71,6 +75,32 @@ def _graft_logging(**_: object) -> None:
     Celery's own format."""
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+
+
+@signals.celeryd_init.connect
+def _no_banner(instance: object = None, **_: object) -> None:
+    """Celery's start-up banner (its configuration, in ASCII art) only at DEBUG: the worker
+    says what it uses in one line when it is ready."""
+    if get_settings().log_level.upper() != "DEBUG" and instance is not None:
+        instance.quiet = True  # type: ignore[attr-defined]
+
+
+@signals.worker_ready.connect
+def _ready(sender: object = None, **_: object) -> None:
+    settings = get_settings()
+    broker = settings.resolved_broker_url
+    where = (
+        describe(settings)
+        if not os.environ.get(SERVE_PARENT)  # `graft serve` says it all for both
+        else "broker "
+        + ("a filesystem queue" if broker.startswith("filesystem") else redact(broker))
+    )
+    log.info(
+        "worker %s ready: one job at a time from queue %s; %s",
+        getattr(sender, "hostname", ""),
+        QUEUE,
+        where,
+    )
 
 
 def __getattr__(name: str) -> Celery:

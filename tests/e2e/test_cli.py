@@ -115,8 +115,24 @@ def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
     rest = client.get(url, headers={"Range": f"bytes={cut}-", "If-Range": head.headers["etag"]})
     assert rest.status_code == 206 and whole[:cut] + rest.content == whole
 
+    # v1 against v2, on held-out scans no job saw
+    test = D.write_image_folder(tmp_path / "test", {str(d): held.of(d)[20:] for d in range(10)})
+    test_id = graft(client, "dataset", "push", str(test)).stdout.strip().splitlines()[-1]
+    evaluate = ["eval", "--model", "digits", "--versions", "1,2", "--dataset", test_id]
+    evaluated = graft(client, *evaluate, "--watch")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "submitted evaluation" in evaluated.stderr
+    assert "v1 → v2" in evaluated.stdout and "/report" in evaluated.stdout
+    assert "more accurate" in evaluated.stdout or "no significant difference" in evaluated.stdout
+    queued = graft(client, *evaluate)  # without --watch: its id, for scripts
+    evaluation_id = queued.stdout.strip()
+    assert queued.returncode == 0 and len(evaluation_id) == 26
+    bad = graft(client, "eval", "--model", "digits", "--versions", "1,x", "--dataset", test_id)
+    assert bad.returncode == 2 and "--versions takes numbers" in bad.stderr
+
     listed = graft(client, "job", "list")
     assert listed.returncode == 0 and "succeeded" in listed.stdout
+    assert f"{evaluation_id} " in listed.stdout and "evaluates v1, v2" in listed.stdout
     shown = graft(client, "model", "show", "digits")
     assert shown.returncode == 0 and f"{latest_version} (latest)" in shown.stdout
 

@@ -1,0 +1,48 @@
+"""`graft --help` and every command's help, as a newcomer reads them."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import typer.core
+
+from graft.cli import command
+
+# What a help page shows where it would name a Python type instead of what to type.
+PYTHON_TYPE = re.compile(r"<(str|int|float|bool|path|list\[[^>]*\]|[a-z_]+\|None)>|\{[a-z_]+\}")
+
+
+def commands(command, path=()):
+    """Every command and group of the CLI, with the words that call it."""
+    yield path, command
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from commands(sub, (*path, name))
+
+
+@pytest.fixture()
+def help_of(capsys, monkeypatch):
+    """``graft WORDS --help`` as the graft command prints it, in a 100-column terminal."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+    def show(*words: str) -> str:
+        assert command().main([*words, "--help"], prog_name="graft", standalone_mode=False) == 0
+        return capsys.readouterr().out
+
+    return show
+
+
+def test_every_help_page_reads_as_plain_words_with_a_help_text_for_every_option(help_of):
+    every = list(commands(command()))
+    assert len(every) > 20  # serve ... model delete: the whole CLI
+    for path, cmd in every:
+        page = help_of(*path)
+        where = " ".join(("graft", *path))
+        assert "`" not in page, f"{where} --help shows a backtick:\n{page}"
+        assert not PYTHON_TYPE.search(page), f"{where} --help shows a Python type:\n{page}"
+        for param in cmd.params:
+            assert (param.help or "").strip(), f"{where}: {param.name} has no help text"
+            if isinstance(param, typer.core.TyperOption):
+                assert param.opts[-1] in page
+    submit = help_of("job", "submit")
+    assert "--base-version" in submit and "latest promoted version" in submit
