@@ -34,6 +34,19 @@ def difference_text(diff: dict[str, Any]) -> str:
     return text + (f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else "")
 
 
+def version_cells(v: dict[str, Any]) -> list[str]:
+    """One version's row: accuracy, macro F1, on the baseline's labels, on the others, images
+    it could not score (the page's and the terminal's table)."""
+    return [
+        f"v{v['version']}",
+        accuracy_text(v["overall"]),
+        estimate(v["overall"].get("macro_f1")),
+        accuracy_text(v["old_labels"]),
+        accuracy_text(v["new_labels"]),
+        str(v["unscored"]["n"]),
+    ]
+
+
 def _rows(cells: list[list[str]]) -> str:
     return "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells)
 
@@ -61,19 +74,7 @@ def render_html(evaluation: EvaluationRead) -> str:
     versions, pairs = r.get("versions", []), r.get("comparisons", [])
     numbers = ", ".join(str(v["version"]) for v in versions)
     title = f"{evaluation.model}: versions {numbers} on dataset {evaluation.dataset_id}"
-    summary = _rows(
-        [
-            [
-                f"v{v['version']}",
-                accuracy_text(v["overall"]),
-                estimate(v["overall"].get("macro_f1")),
-                accuracy_text(v["old_labels"]),
-                accuracy_text(v["new_labels"]),
-                str(v["unscored"]["n"]),
-            ]
-            for v in versions
-        ]
-    )
+    summary = _rows([version_cells(v) for v in versions])
     compared = _rows(
         [
             [

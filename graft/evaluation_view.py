@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from app.evaluation_report import accuracy_text, difference_text
-from app.reports import estimate
+from app.evaluation_report import difference_text, version_cells
 from app.schemas import EvaluationRead
 
 
@@ -24,14 +23,7 @@ def evaluation_tables(evaluation: EvaluationRead) -> list[Table]:
         title=f"{evaluation.model} on dataset {evaluation.dataset_id} ({images} images)",
     )
     for v in result.get("versions", []):
-        versions.add_row(
-            f"v{v['version']}",
-            accuracy_text(v["overall"]),
-            estimate(v["overall"].get("macro_f1")),
-            accuracy_text(v["old_labels"]),
-            accuracy_text(v["new_labels"]),
-            str(v["unscored"]["n"]),
-        )
+        versions.add_row(*version_cells(v))
     pairs = Table(
         "pair",
         "images",

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 
 from tests.conftest import OLD
 from tests.support import digits as D
+from tests.support.cli import run_graft
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +21,7 @@ pytestmark = pytest.mark.slow
 def graft(
     server_client, *args: str, url: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GRAFT_URL": url or str(server_client.base_url), "COLUMNS": "120"}
-    env.pop("GRAFT_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "graft.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+    return run_graft(url or str(server_client.base_url), *args, columns=120, cwd=cwd)
 
 
 def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(

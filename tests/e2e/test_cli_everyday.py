@@ -5,9 +5,7 @@ a way out, and deleting models."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import safetensors.torch
 
 from tests.conftest import OLD, register_digits
 from tests.support import digits as D
+from tests.support.cli import run_graft
 from worker.engine.architectures import build_model
 
 pytestmark = pytest.mark.slow
@@ -26,19 +25,7 @@ def graft(
     server_client, *args: str, columns: int | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     """`graft ARGS` with its output piped, as a script runs it (COLUMNS: a terminal's width)."""
-    env = {**os.environ, "GRAFT_URL": str(server_client.base_url)}
-    env.pop("GRAFT_API_KEY", None)
-    env.pop("COLUMNS", None)
-    if columns:
-        env["COLUMNS"] = str(columns)
-    return subprocess.run(
-        [sys.executable, "-m", "graft.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+    return run_graft(str(server_client.base_url), *args, columns=columns, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ real `graft api` and a real S3 server (moto) on loopback, as a user types it."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import boto3
 import httpx
@@ -13,6 +11,7 @@ import pytest
 
 from tests.app.test_storage import moto_server
 from tests.support import digits as D
+from tests.support.cli import run_graft
 from tests.support.processes import start_api
 
 pytestmark = pytest.mark.slow
@@ -47,14 +46,7 @@ def api_with_bucket(tmp_path_factory, digit_splits):
 
 
 def graft(url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GRAFT_URL": url, "COLUMNS": "120"}
-    return subprocess.run(
-        [sys.executable, "-m", "graft.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_graft(url, *args, columns=120)
 
 
 def test_a_bucket_prefix_is_pushed_by_reference_and_waited_for(api_with_bucket):
