@@ -11,11 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-from app.settings import Settings
+from app.settings import SERVE_PARENT, Settings
 
 log = logging.getLogger("graft")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-SERVE_PARENT = "GRAFT_SERVE_PARENT_PID"
 
 
 def db_upgrade(settings: Settings, revision: str = "head") -> None:

@@ -11,6 +11,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+# Set by `graft serve` in its worker's environment: the pid of the process serving the API.
+SERVE_PARENT = "GRAFT_SERVE_PARENT_PID"
 
 
 class Settings(BaseSettings):

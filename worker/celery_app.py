@@ -16,8 +16,7 @@ from functools import lru_cache
 from celery import Celery, signals
 
 from app.logs import configure_logging, describe, redact
-from app.server import SERVE_PARENT
-from app.settings import Settings, get_settings
+from app.settings import SERVE_PARENT, Settings, get_settings
 
 log = logging.getLogger("graft.worker")
 RUN_JOB_TASK = "graft.run_job"
