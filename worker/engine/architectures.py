@@ -5,7 +5,6 @@ Hugging Face classifiers (``hf:``) are named here too, but built from their ``co
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from functools import cache
 
 import timm
@@ -13,37 +12,9 @@ import torchvision.models
 from torch import nn
 
 from worker.engine.errors import UnknownArchitecture, WeightsError
+from worker.engine.preprocessing import Preprocessing
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FAMILIES = ("timm", "torchvision", "hf", "keras", "onnx")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the model's input tensor."""
-
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return {
-            "input_size": list(self.input_size),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(
-            input_size=tuple(int(v) for v in data["input_size"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-            interpolation=str(data.get("interpolation", "bilinear")),
-        )
 
 
 @cache

@@ -28,6 +28,7 @@ from torch import nn
 from worker.engine.architectures import Preprocessing
 from worker.engine.errors import ExportFailed
 from worker.engine.families import family_of
+from worker.engine.metadata import string_metadata
 
 OPSET = 18
 TORCHSCRIPT_DESCRIPTION = "graft.json"  # the extra file of a TorchScript archive
@@ -35,11 +36,6 @@ TORCHSCRIPT_DESCRIPTION = "graft.json"  # the extra file of a TorchScript archiv
 # torch's exporters keep process-wide state (the ONNX exporter's globals, the tracer's): an
 # API serving several registrations at once exports one model at a time.
 _EXPORTING = threading.Lock()
-
-
-def string_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
-    """Strings as they are, anything else as JSON: what a string-only metadata table holds."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
 def export_onnx(

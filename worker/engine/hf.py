@@ -29,8 +29,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.errors import UnknownArchitecture, WeightsError
+from worker.engine.preprocessing import Preprocessing
 
 FAMILY = "hf"
 CONFIG_KEY = "hf_config"  # safetensors metadata: the folder's config.json

@@ -27,8 +27,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.errors import EngineError, WeightsError
+from worker.engine.preprocessing import Preprocessing
 
 TITLE = "Keras"  # in messages
 FAMILY = "keras"

@@ -32,8 +32,9 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.errors import EngineError, WeightsError
+from worker.engine.metadata import string_metadata
+from worker.engine.preprocessing import Preprocessing
 
 TITLE = "ONNX"  # in messages
 FAMILY = "onnx"
@@ -264,8 +265,6 @@ def export_file(
     model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
 ) -> None:
     """The grown original graph, with Graft's description in its ``metadata_props``."""
-    from worker.engine.export import string_metadata  # noqa: PLC0415
-
     if not isinstance(model, OnnxClassifier):
         raise WeightsError("only ONNX models are written back as their own graph")
     proto = model.to_onnx()
