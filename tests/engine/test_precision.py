@@ -190,3 +190,21 @@ def test_cached_features_are_float32_and_give_the_exported_layer_s_logits(
     layer = find_head(result.model).module
     with torch.inference_mode():
         torch.testing.assert_close(layer(features), result.model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_one_thread_gives_the_thread_count_back_even_after_an_error():
+    from worker.engine.device import one_thread
+    from worker.engine.refit import symmetric_eigh
+
+    before = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), one_thread():
+        raise RuntimeError("a failing step")
+    assert torch.get_num_threads() == before
+    matrix = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    values, vectors = symmetric_eigh(matrix)
+    assert torch.allclose(values, torch.tensor([1.0, 3.0]))
+    assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, matrix, atol=1e-6)
+    assert torch.get_num_threads() == before

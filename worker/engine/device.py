@@ -38,6 +38,18 @@ _NAMED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _NAMES = {dtype: name for name, dtype in _NAMED.items()}
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU operations in one thread for a while (the thread count is the
+    process's; a worker runs one job at a time), then restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     """``cuda`` when available (``auto``), else the device asked for."""
     if preference == "auto":
