@@ -16,6 +16,7 @@ difference with its interval and the exact McNemar test, Holm-adjusted over the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,11 +186,11 @@ def measure(
         p["p_value_holm"] = q
         p["significant"] = q < alpha
         p["summary"] = _summary(p, alpha)
-    labels = sorted({s.label for s in samples})
+    counts = Counter(s.label for s in samples)
     return {
         "images": {
             "n": len(samples),
-            "labels": {x: sum(s.label == x for s in samples) for x in labels},
+            "labels": dict(sorted(counts.items())),
         },
         "baseline_version": versions[0].version,
         "alpha": alpha,
