@@ -81,7 +81,7 @@ def test_no_correction_may_cost_the_old_labels_more_than_the_budget():
 def test_the_default_brakes_only_on_a_loss_beyond_noise():
     greedy = _biased_pool(shift=4.0)  # the new label takes most old images
     choice = calibrate(torch.ones(4, 8), 3, greedy, Calibration())
-    assert choice.method == "brake" and choice.beta < 0 and choice.alpha == 1.0
+    assert choice.method == "brake" and max(choice.beta) < 0 and choice.alpha == 1.0
     old = greedy.targets < 3
     ceiling = (greedy.logits[old, :3].argmax(1) == greedy.targets[old]).float().mean().item()
     assert choice.old_accuracy >= ceiling - 0.01 - 1e-9
@@ -235,3 +235,35 @@ def test_trainable_old_rows_adapt_slowly_and_distillation_holds_them(
     assert old_before - old_after <= 0.015 and recall > 0.5
     _, free = old_rows(distillation_weight=0.0, old_rows_lr_scale=1.0, epochs=100)
     assert (free - original).norm() / original.norm() > 2 * drift
+
+
+def _two_new_labels(greedy: float) -> Pool:
+    """Three old labels and two new: the first new label's logits ``greedy`` too high on old
+    images of label 0, the second well behaved."""
+    generator = torch.Generator().manual_seed(2)
+    targets = torch.arange(5).repeat_interleave(60)
+    logits = torch.randn(300, 5, generator=generator)
+    logits[torch.arange(300), targets] += 4.0
+    logits[targets == 0, 3] += greedy
+    return Pool(logits, targets)
+
+
+def test_the_brake_lowers_only_the_new_label_that_takes_old_images():
+    pool = _two_new_labels(greedy=4.0)
+    choice = calibrate(torch.ones(5, 8), 3, pool, Calibration())
+    assert choice.method == "brake" and choice.beta[0] < 0 and choice.beta[1] == 0.0
+    old = pool.targets < 3
+    ceiling = (pool.logits[old, :3].argmax(1) == pool.targets[old]).float().mean().item()
+    assert choice.old_accuracy >= ceiling - 0.01 - 1e-9
+    folded_w, folded_b = fold_into_layer(torch.ones(5, 8), torch.zeros(5), 3, 1.0, choice.beta)
+    assert folded_b[3] == choice.beta[0] and folded_b[4] == 0.0
+
+
+def test_auto_brakes_a_layer_without_bias_by_scale_and_never_boosts_it():
+    timid = _biased_pool(shift=-3.0)  # a full search would scale these logits up
+    choice = calibrate(torch.ones(4, 8), 3, timid, Calibration(), shift=False, limited=True)
+    assert choice.method == "none" and choice.alpha == 1.0
+    greedy = _two_new_labels(greedy=4.0)
+    braked = calibrate(torch.ones(5, 8), 3, greedy, Calibration(), shift=False)
+    assert braked.method == "brake" and braked.beta == 0.0
+    assert 0 < braked.alpha[0] < 1.0 and braked.alpha[1] == 1.0

@@ -1,4 +1,4 @@
-"""Intervals, the paired test and the retention gate: the numbers a user decides on."""
+"""Intervals and the paired test: the numbers a user decides on (the gate: test_gate.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 
 from worker.engine.evaluate import expansion_metrics
-from worker.engine.evidence import Paired, mcnemar_exact, retention_gate, wilson
+from worker.engine.evidence import Paired, mcnemar_exact, wilson
 
 
 def test_wilson_matches_published_values_and_behaves_at_the_edges():
@@ -48,39 +48,6 @@ def test_the_retention_interval_covers_the_truth_about_95_percent_of_the_time():
 def test_an_unchanged_model_still_gets_an_honest_interval():
     low, high = Paired(both_right=440, lost=0, gained=0, both_wrong=8).retention_interval()
     assert low < 1.0 < high and high - low < 0.02  # not the point [1, 1]
-
-
-def _old(right_before: int, lost: int, gained: int, n: int) -> dict:
-    import torch
-
-    y = torch.zeros(n, dtype=torch.long)
-    before = torch.ones(n, dtype=torch.long)
-    after = torch.ones(n, dtype=torch.long)
-    before[:right_before] = 0
-    after[:right_before] = 0
-    after[:lost] = 1  # right before, wrong after
-    after[right_before : right_before + gained] = 0
-    return expansion_metrics(y, before, after, ["a", "b"], num_old=2)["old_classes"]
-
-
-def test_the_gate_decides_on_paired_counts_and_says_how_strong_the_evidence_is():
-    clear_loss = retention_gate(_old(400, 40, 0, 420), 0.98, 20)
-    assert clear_loss["decision"] == "rejected" and clear_loss["evidence"] == "strong"
-    assert clear_loss["paired"]["lost"] == 40 and clear_loss["mcnemar_p"] < 1e-6
-
-    kept = retention_gate(_old(400, 1, 1, 420), 0.98, 20)
-    assert kept["decision"] == "promoted" and kept["evidence"] == "strong"
-    assert kept["ci95"][0] >= 0.98 and kept["n"] == 420
-
-    noisy = retention_gate(_old(30, 1, 0, 32), 0.98, 20)  # one image of 32 is 3 points
-    assert noisy["decision"] == "rejected" and noisy["evidence"] == "weak"
-    assert noisy["ci95"][0] < 0.98 < noisy["ci95"][1]
-
-    too_few = retention_gate(_old(10, 0, 0, 12), 0.98, 20)
-    assert too_few["decision"] == "unverified" and too_few["evidence"] == "none"
-    assert too_few["passed"] is None and "12 old-label images" in too_few["reason"]
-    nothing = retention_gate(_old(0, 0, 0, 0), 0.98, 20)
-    assert nothing["decision"] == "unverified" and nothing["n"] == 0
 
 
 def test_every_figure_carries_its_n_and_interval():

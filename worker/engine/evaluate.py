@@ -87,8 +87,13 @@ def expansion_metrics(
         members = y_true == c
         hits, n = _count(before[members] == c), _count(members)
         recall_before[labels[c]] = _ratio(hits, n)
-        metrics["per_class"][labels[c]]["recall_before"] = _ratio(hits, n)
-        metrics["per_class"][labels[c]]["ci95"]["recall_before"] = wilson(hits, n)
+        row = metrics["per_class"][labels[c]]
+        row["recall_before"] = _ratio(hits, n)
+        row["ci95"]["recall_before"] = wilson(hits, n)
+        # the label's own before/after pairs: what the gate's per-label check tests
+        row["paired"] = paired(
+            (before[members] == c).tolist(), (after[members] == c).tolist()
+        ).as_dict()
     metrics["old_classes"] = {
         "accuracy_before": _ratio(counts.right_before, n_old),
         "accuracy_after": _ratio(counts.right_after, n_old),

@@ -1,4 +1,5 @@
-"""How much a figure can be trusted: intervals, the paired test, and the retention gate.
+"""How much a figure can be trusted: intervals and the paired test (the gate that decides on
+them is ``gate``).
 
 Every accuracy is a count of right answers out of ``n`` images, so it gets a Wilson 95 %
 interval (well behaved at 0 %, 100 % and small ``n``, where the normal approximation is not).
@@ -73,6 +74,24 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def tarone(p_values: list[float], smallest: list[float], alpha: float) -> tuple[int, list[float]]:
+    """Tarone's (1990) multiple test for discrete tests: a hypothesis whose test cannot reach
+    ``alpha / k`` whatever happens (its ``smallest`` achievable p-value is above it) cannot be
+    rejected and is not counted. ``k`` is the least number with at most ``k`` hypotheses able
+    to reach ``alpha / k``; each of those is tested at ``alpha / k`` (Bonferroni over them
+    alone), which keeps the family-wise error at ``alpha``. With paired changes per label,
+    most labels change too few images to count, so a collapsed one is caught at sizes where
+    Bonferroni or Holm over every label never could. Returns ``(k, p-values times k)``, the
+    adjusted p-values 1 where a hypothesis is not counted."""
+    k = 1
+    while sum(1 for s in smallest if s <= alpha / k) > k:
+        k += 1
+    adjusted = [
+        min(1.0, p * k) if s <= alpha / k else 1.0 for p, s in zip(p_values, smallest, strict=True)
+    ]
+    return k, adjusted
+
+
 @dataclass(frozen=True)
 class Paired:
     """Outcomes of the same images before and after."""
@@ -136,58 +155,3 @@ def paired(right_before: list[bool], right_after: list[bool]) -> Paired:
         gained=sum(1 for b, a in pairs if not b and a),
         both_wrong=sum(1 for b, a in pairs if not b and not a),
     )
-
-
-PROMOTED, REJECTED, UNVERIFIED = "promoted", "rejected", "unverified"
-
-
-def retention_gate(old_classes: dict, minimum: float, min_images: int) -> dict:
-    """Decide a new version's status from its paired old-class outcomes.
-
-    * ``unverified`` (evidence ``none``): fewer than ``min_images`` old-label images were
-      measured, so nothing can be said; the version is kept but not promoted.
-    * ``promoted`` when the measured retention is at least ``minimum``, else ``rejected``.
-      The evidence is ``strong`` when the whole 95 % interval lies on the side of ``minimum``
-      the decision took, ``weak`` when the interval straddles it.
-    """
-    base = {"min_old_accuracy_retention": minimum, "min_images": min_images}
-    counts = old_classes.get("paired")
-    n = old_classes.get("n") or 0
-    if not counts or n < min_images or old_classes.get("retention") is None:
-        return base | {
-            "decision": UNVERIFIED,
-            "passed": None,
-            "evidence": "none",
-            "n": n,
-            "retention": None,
-            "ci95": None,
-            "paired": counts,
-            "mcnemar_p": None,
-            "reason": (
-                f"unverified: {n} old-label image{'s' if n != 1 else ''} to measure retention on, "
-                f"fewer than the {min_images} needed; not promoted"
-            ),
-        }
-    retention = old_classes["retention"]
-    low, high = old_classes["ci95"]["retention"]
-    passed = retention >= minimum
-    strong = low >= minimum if passed else high < minimum
-    p_value = mcnemar_exact(counts["lost"], counts["gained"])
-    decision = PROMOTED if passed else REJECTED
-    return base | {
-        "decision": decision,
-        "passed": passed,
-        "evidence": "strong" if strong else "weak",
-        "n": n,
-        "retention": retention,
-        "ci95": [low, high],
-        "paired": counts,
-        "mcnemar_p": round(p_value, 6),
-        "reason": (
-            f"{decision}: old-class accuracy kept {retention:.2%} of its level "
-            f"(95% interval {low:.2%}-{high:.2%}, n={n}), "
-            f"{'at or above' if passed else 'below'} the {minimum:.2%} minimum; "
-            f"{counts['lost']} old images lost, {counts['gained']} gained "
-            f"(McNemar p={p_value:.3g}); evidence {'strong' if strong else 'weak'}"
-        ),
-    }

@@ -26,6 +26,7 @@ from torch import nn
 
 from worker.engine.architectures import Preprocessing
 from worker.engine.calibrate import Calibration
+from worker.engine.crossfit import cross_fit
 from worker.engine.data import Augmentation, Sample, eval_transform, stratified_split
 from worker.engine.device import (
     DEFAULT_PRECISION,
@@ -41,6 +42,7 @@ from worker.engine.families import family_of
 from worker.engine.features import FeatureCache
 from worker.engine.finetune import Finetuning, finetune, predict
 from worker.engine.gather import (
+    JOB,
     REFERENCE,
     Gathered,
     extract_rows,
@@ -48,6 +50,7 @@ from worker.engine.gather import (
     train_transform,
 )
 from worker.engine.heads import Head, expand_head
+from worker.engine.lineage import NEVER, Lineage, near_duplicate_groups
 from worker.engine.recipe import LayerRecipe, Rows
 from worker.engine.reference import (
     Kept,
@@ -55,7 +58,8 @@ from worker.engine.reference import (
     backbone_fingerprint,
     select_reference,
 )
-from worker.engine.train import HeadTraining, linear_logits
+from worker.engine.refit import Refit
+from worker.engine.train import HeadTraining
 from worker.engine.weights import load_classifier
 
 T = TypeVar("T")
@@ -91,6 +95,11 @@ class ExpansionConfig:
     reference_per_label: int = 100  # the new version's reference set, per label
     reference_selection: str = "random"  # random | herding
     solver: str = "refit"  # refit (the whole layer, convex) | sgd (new rows by epochs)
+    refit: Refit = field(default_factory=Refit)  # the refit's ridges (bench/quality.py)
+    # images of one label whose feature offsets have at least this cosine are near-duplicates,
+    # kept in one fold (1 or more: none); only labels of at most ``near_duplicate_max`` images
+    near_duplicate: float = 0.95
+    near_duplicate_max: int = 10_000
 
 
 @dataclass
@@ -103,6 +112,7 @@ class ExpansionRequest:
     new_labels: list[str]
     config: ExpansionConfig = field(default_factory=ExpansionConfig)
     reference: ReferenceSet | None = None  # the base version's reference images
+    lineage: Lineage | None = None  # what the base version's layer was fitted on
 
 
 @dataclass
@@ -116,6 +126,7 @@ class ExpansionResult:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprint: str = ""
     backbone_changed: bool = False
+    lineage: Lineage = field(default_factory=Lineage)  # what the new version was fitted on
 
 
 # what to lower when a step runs out of GPU memory (the worker's setting, the job's field)
@@ -223,6 +234,10 @@ def _expand(
     seed = cfg.training.seed
     if tuned:
         train, val = stratified_split(images.targets.tolist(), cfg.validation_split, seed)
+        # what the base was fitted on cannot measure it: it trains
+        seen = request.lineage.fold_of if request.lineage else {}
+        train += [g for g in val if images.digests[g] in seen]
+        val = [g for g in val if images.digests[g] not in seen]
     else:
         train, val = list(range(len(images.targets))), []
 
@@ -255,7 +270,7 @@ def _expand(
     extract_s = time.perf_counter() - started
 
     stage = _fit_and_measure if not tuned else _fit_and_finetune
-    grown, metrics, history = stage(
+    grown, metrics, history, lineage = stage(
         request, model, head, images, rows, train, val, compute, progress, should_stop
     )
     train_s = time.perf_counter() - started - extract_s
@@ -285,6 +300,7 @@ def _expand(
             "used": images.reference_count(),
             "kept": _count_labels(kept),
         },
+        "hygiene": {"conflicts": images.conflicts},
     }
     # features worth caching: the base's reference images and the new version's
     wanted = {k.digest for k in kept} | {
@@ -303,6 +319,7 @@ def _expand(
         features=features,
         fingerprint=fingerprint,
         backbone_changed=tuned,
+        lineage=lineage,
     )
 
 
@@ -327,6 +344,7 @@ def _recipe(
         has_bias=head.module.bias is not None,
         images=torch.bincount(rows.y[rows.clean], minlength=num_classes),
         solver=cfg.solver,
+        refit=cfg.refit,
         device=device,
     )
 
@@ -353,33 +371,60 @@ def _fit_and_measure(
     compute: _Compute,
     progress: ProgressFn,
     should_stop: Callable[[], bool],
-) -> tuple[nn.Module, dict, list[dict]]:
-    """Frozen backbone: fit the layer on every image; measure it by cross-fitting."""
+) -> tuple[nn.Module, dict, list[dict], Lineage]:
+    """Frozen backbone: fit the layer on every image; measure it by cross-fitting, in the
+    folds of the base version's lineage (see ``lineage``)."""
     cfg = request.config
     labels = list(request.labels) + list(request.new_labels)
     num_old = len(request.labels)
+    base = request.lineage or Lineage()
     recipe = _recipe(request, head, rows, len(labels), should_stop, compute.device)
+    clean_rows = torch.tensor([images.clean_row[g] for g in range(len(images.targets))])
+    together = near_duplicate_groups(
+        rows.x, clean_rows, images.targets, cfg.near_duplicate, cfg.near_duplicate_max
+    )
+    folds = base.folds if base.has_layers else cfg.folds
 
     def on_fold(done: int, total: int) -> None:
         message = f"cross-fitting {done}/{total}"
         progress(Progress("training", done / (total + 1), message=message))
 
-    progress(Progress("training", 0.0, message=f"cross-fitting 0/{cfg.folds}"))
-    cross = recipe.fit(rows, cfg.folds, _epoch_progress(cfg, progress), on_fold)
-    fitted, groups, after = cross.layer, cross.groups, cross.predicted
-    progress(Progress("evaluating", 0.0))
-    clean = torch.tensor([images.clean_row[int(g)] for g in groups], dtype=torch.long)
-    before = linear_logits(rows.x, recipe.old_weight, recipe.old_bias, clean).argmax(dim=1)
-    targets = images.targets[groups]
-    metrics = expansion_metrics(targets, before, after, labels, num_old, cfg.training.seed)
-    metrics["measurement"] = images.measurement(
-        "cross_fitted", groups, labels, num_old, folds=cfg.folds
+    progress(Progress("training", 0.0, message=f"cross-fitting 0/{folds}"))
+    measured = cross_fit(
+        recipe,
+        rows,
+        clean_rows,
+        images.targets,
+        images.digests,
+        labels,
+        base,
+        folds,
+        cfg.training.seed,
+        together,
+        _epoch_progress(cfg, progress),
+        on_fold,
+        lambda g: _describe(images, g),
     )
-    metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": False}
-    metrics["method"] = _method(recipe, rows, fitted.history)
+    progress(Progress("evaluating", 0.0))
+    metrics = measured.metrics
+    metrics["measurement"] = images.measurement(
+        "cross_fitted", measured.groups, labels, num_old, folds=folds
+    ) | metrics.pop("lineage")
+    metrics["method"] = _method(recipe, rows, measured.layer.history)
     grown = expand_head(model, head, len(labels) - num_old)
-    _load_layer(grown, fitted.weight, fitted.bias)
-    return model.cpu().eval(), metrics, fitted.history
+    _load_layer(grown, measured.layer.weight, measured.layer.bias)
+    return model.cpu().eval(), metrics, measured.layer.history, measured.lineage
+
+
+def _describe(images: Gathered, group: int) -> dict:
+    sample = images.samples[group]
+    path = sample.path if sample is not None else None
+    shown = (
+        f"{path.parent.name}/{path.name}"
+        if path is not None and images.sources[group] == JOB
+        else None
+    )
+    return {"digest": images.digests[group], "source": images.sources[group], "file": shown}
 
 
 def _fit_and_finetune(
@@ -393,7 +438,7 @@ def _fit_and_finetune(
     compute: _Compute,
     progress: ProgressFn,
     should_stop: Callable[[], bool],
-) -> tuple[nn.Module, dict, list[dict]]:
+) -> tuple[nn.Module, dict, list[dict], Lineage]:
     """Unfrozen backbone: warm the layer on the training split's features, fine-tune the
     backbone with it, measure on the held-out split."""
     cfg, prep = request.config, request.preprocessing
@@ -475,7 +520,11 @@ def _fit_and_finetune(
     metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": True}
     warm = _method(recipe, train_rows, fitted.history)
     metrics["method"] = f"{warm}+finetune:{cfg.freeze}"
-    return model.cpu().eval(), metrics, history
+    base = request.lineage or Lineage()
+    # the fine-tuned backbone saw its training split (and the base what it saw): no later job
+    # can measure on those
+    seen = dict.fromkeys([*base.fold_of, *(images.digests[g] for g in train)], NEVER)
+    return model.cpu().eval(), metrics, history, Lineage(fold_of=seen)
 
 
 def _method(recipe: LayerRecipe, rows: Rows, history: list[dict]) -> str:

@@ -44,6 +44,7 @@ class Gathered:
     cached: dict[int, torch.Tensor]  # group -> cached clean features
     clean_row: dict[int, int] = field(default_factory=dict)  # group -> row (set by extract_rows)
     extracted: int = 0  # rows the backbone produced
+    conflicts: list[dict] = field(default_factory=list)  # images under two labels, left out
 
     @property
     def cached_count(self) -> int:
@@ -105,32 +106,43 @@ def gather_images(
     dim: int,
 ) -> Gathered:
     """The job's images of known and new labels, then the reference images of old labels that
-    the job did not upload itself; ``cached_features`` (by digest) spare reading an image."""
+    the job did not upload itself; ``cached_features`` (by digest) spare reading an image.
+    An image counts once by its bytes; one found under two labels (in the job, or in the job
+    and the reference set) is left out everywhere and named in ``conflicts``: it cannot teach
+    or measure either label."""
     index = {label: i for i, label in enumerate(labels)}
     old_labels = set(labels[:num_old])
+    job = [(s, file_digest(s.path)) for s in samples if s.label in index]
+    wanted = [r for r in dict.fromkeys(reference_images) if r.label in old_labels]
+    labels_of: dict[str, set[str]] = {}
+    for digest, label in [(d, s.label) for s, d in job] + [(r.digest, r.label) for r in wanted]:
+        labels_of.setdefault(digest, set()).add(label)
+    conflicted = {d for d, found in labels_of.items() if len(found) > 1}
     out = Gathered(labels, [], torch.empty(0), [], [], {})
-    seen: set[tuple[str, str]] = set()
+    out.conflicts = [
+        {
+            "digest": d,
+            "labels": sorted(labels_of[d]),
+            "files": [f"{s.path.parent.name}/{s.path.name}" for s, sd in job if sd == d],
+        }
+        for d in sorted(conflicted)
+    ]
+    seen: set[str] = set()
     targets: list[int] = []
 
     def add(sample: Sample | None, digest: str, label: str, source: str) -> None:
-        seen.add((digest, label))
+        seen.add(digest)
         out.samples.append(sample)
         out.digests.append(digest)
         out.sources.append(source)
         targets.append(index[label])
 
-    for sample in samples:
-        if sample.label in index:
-            digest = file_digest(sample.path)
-            if (digest, sample.label) not in seen:
-                add(sample, digest, sample.label, JOB)
+    for sample, digest in job:
+        if digest not in seen and digest not in conflicted:
+            add(sample, digest, sample.label, JOB)
     if not out.samples:
         raise DataError("none of the images belongs to a known or new label")
-    wanted = [
-        r
-        for r in dict.fromkeys(reference_images)
-        if r.label in old_labels and (r.digest, r.label) not in seen
-    ]
+    wanted = [r for r in wanted if r.digest not in seen and r.digest not in conflicted]
     usable = {d: f for d, f in cached_features.items() if f.ndim == 1 and f.shape[0] == dim}
     for image in wanted:
         if image.digest in usable:

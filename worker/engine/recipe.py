@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.calibrate import Calibration, Choice, Pool, calibrate, fold_into_layer
+from worker.engine.calibrate import (
+    Calibration,
+    Choice,
+    Pool,
+    calibrate,
+    fold_into_layer,
+    layer_logits,
+)
 from worker.engine.refit import Refit, refit_layer
 from worker.engine.train import (
     HeadTraining,
@@ -48,6 +55,13 @@ class Rows:
     def logits(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return linear_logits(self.x, weight, bias, self.index)
 
+    def image_share(self) -> torch.Tensor:
+        """Each row's share of its image: one over the image's rows (its views) here."""
+        if not len(self.group):
+            return torch.ones(0)
+        views = torch.bincount(self.group)
+        return 1.0 / views[self.group].float()
+
 
 @dataclass(frozen=True)
 class Fitted:
@@ -62,6 +76,12 @@ class CrossFitted:
     layer: Fitted  # fitted on every row
     groups: torch.Tensor  # the images that could be held out ...
     predicted: torch.Tensor  # ... and their out-of-fold predictions
+    logits: torch.Tensor  # ... from these out-of-fold (calibrated) logits
+    fold_of: torch.Tensor  # every image's fold (NEVER: held out of none)
+    fold_layers: list[tuple[torch.Tensor, torch.Tensor]]  # calibrated, one per fold
+
+
+Anchor = tuple[torch.Tensor, torch.Tensor]  # the original layer a refit is anchored to
 
 
 @dataclass(frozen=True)
@@ -115,40 +135,58 @@ class LayerRecipe:
         folds: int,
         on_epoch: Callable[[dict], None] | None = None,
         on_fold: Callable[[int, int], None] | None = None,
+        fold_of: torch.Tensor | None = None,
+        anchors: list[Anchor] | None = None,
     ) -> CrossFitted:
         """The calibrated layer fitted on every row, and out-of-fold predictions of every image
         that can be held out. The ``folds`` refits (each without a fold of the images) give
         held-out logits of every image: the calibration is chosen on all of them for the
         layer, and, for each fold's predictions, on the other folds' only, so that no image is
-        scored by a layer, or a correction, fitted on it."""
-        fold_of = image_folds(rows, folds, self.training.seed)
+        scored by a layer, or a correction, fitted on it.
+
+        ``fold_of``: every image's fold (indexed by group; see ``lineage.assign_folds``), else
+        dealt here. ``anchors``: the layer each fold's refit is anchored to (the base
+        version's fold layers), else the original layer for every fold."""
+        if fold_of is None:
+            clean = rows.subset(rows.clean)
+            fold_of = _folds(clean.y, clean.group, folds, self.training.seed)
+        row_fold = fold_of[rows.group] if len(rows.group) else fold_of[:0]
         parts: list[_Fold] = []
+        fold_layers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for fold in range(folds):
-            held = fold_of == fold
+            held = row_fold == fold
             if held.any():
-                w, b, _ = self.fit_rows(rows.subset(~held))
+                anchor = anchors[fold] if anchors else None
+                w, b, _ = self.fit_rows(rows.subset(~held), anchor=anchor)
                 scored = rows.subset(held & rows.clean)
                 pool = Pool(scored.logits(w, b), scored.y)
                 parts.append(_Fold(w, b, held, scored.group, pool))
+            fold_layers.append(None)
             if on_fold:
                 on_fold(fold + 1, folds)
         weight, bias, history = self.fit_rows(rows, on_epoch)
         pool = Pool.concat([p.pool for p in parts], weight.shape[0])
         choice = self._calibrate(weight, bias, rows, pool)
         weight, bias = fold_into_layer(weight, bias, self.num_old, choice.alpha, choice.beta)
-        groups, predicted = [], []
+        groups, predicted, logits = [], [], []
         for k, part in enumerate(parts):
             others = Pool.concat([p.pool for i, p in enumerate(parts) if i != k], weight.shape[0])
             own = self._calibrate(part.weight, part.bias, rows.subset(~part.held), others)
-            logits = part.pool.logits.clone()
-            logits[:, self.num_old :] = own.alpha * logits[:, self.num_old :] + own.beta
+            layer = fold_into_layer(part.weight, part.bias, self.num_old, own.alpha, own.beta)
+            fold_layers[int(row_fold[part.held][0])] = layer
+            scored = layer_logits(part.pool.logits, self.num_old, own.alpha, own.beta)
             groups.append(part.groups)
-            predicted.append(logits.argmax(dim=1))
+            logits.append(scored)
+            predicted.append(scored.argmax(dim=1))
         empty = torch.empty(0, dtype=torch.long)
         return CrossFitted(
             Fitted(weight, bias, choice, history),
             torch.cat(groups) if groups else empty,
             torch.cat(predicted) if predicted else empty,
+            torch.cat(logits) if logits else torch.empty(0, weight.shape[0]),
+            fold_of,
+            # a fold with no image: the whole layer never saw one of its (future) images
+            [layer if layer is not None else (weight, bias) for layer in fold_layers],
         )
 
     def _calibrate(
@@ -168,13 +206,18 @@ class LayerRecipe:
         )
 
     def fit_rows(
-        self, rows: Rows, on_epoch: Callable[[dict], None] | None = None
+        self,
+        rows: Rows,
+        on_epoch: Callable[[dict], None] | None = None,
+        anchor: Anchor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-        """The layer before calibration."""
+        """The layer before calibration; its old rows start from (and are anchored to)
+        ``anchor``, the original layer by default."""
         num_old, new = self.num_old, self.new_classes
-        zeros = torch.zeros(len(new), self.old_weight.shape[1])
-        weight = torch.cat([self.old_weight, zeros])
-        bias = torch.cat([self.old_bias, torch.zeros(len(new))])
+        old_weight, old_bias = anchor if anchor is not None else (self.old_weight, self.old_bias)
+        zeros = torch.zeros(len(new), old_weight.shape[1])
+        weight = torch.cat([old_weight.float(), zeros])
+        bias = torch.cat([old_bias.float(), torch.zeros(len(new))])
         x, y, index = rows.x, rows.y, rows.index
         if self.init == "imprint":
             weight[num_old:] = imprint_rows(x, y, new, weight[:num_old], index)
@@ -224,6 +267,7 @@ class LayerRecipe:
             train_bias=self.has_bias,
             should_stop=self.should_stop,
             device=self.device,
+            row_weight=rows.image_share(),
         )
         few = [c for c in self.imprinted if bool((rows.y == c).any())]
         if few and self.has_bias:
@@ -238,13 +282,6 @@ class LayerRecipe:
         if self.training.epochs <= 0 or not bool((y < self.num_old).any()):
             return False
         return len(self.imprinted) < len(self.new_classes)
-
-
-def image_folds(rows: Rows, folds: int, seed: int) -> torch.Tensor:
-    """The fold of every row, -1 for rows never held out; all views of an image share one."""
-    clean = rows.subset(rows.clean)
-    fold_of_group = _folds(clean.y, clean.group, folds, seed)
-    return fold_of_group[rows.group]
 
 
 def _folds(targets: torch.Tensor, groups: torch.Tensor, folds: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ as a whole rather than only grown: a class-balanced softmax regression over ever
 * the old logits of every image are kept near the original layer's (distillation), so the
   refit keeps the original's view of every image it sees;
 * both ridges are measured in the features' own geometry: standardised, then whitened by the
-  shrunk within-class covariance, so no feature dimension dominates by its scale.
+  shrunk within-class covariance, so no feature dimension dominates by its scale;
+* every image weighs the same, however many augmented views it has: a view weighs one over its
+  image's views, and the ridges are scaled per image.
 
 It is solved by full-batch L-BFGS, deterministically; the data term's gradient is summed over
 chunks of rows, so memory-mapped features are never loaded whole. The result folds back into a
@@ -130,17 +132,25 @@ def refit_layer(
     train_bias: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer refitted on ``features[index]`` (every row when None) labelled ``targets``;
     ``weight``/``bias`` hold the original old rows and a starting point for the new ones.
     With ``old_rows_frozen`` the old rows come back bit-identical; without ``train_bias`` the
     bias stays as given (and the features are not centred, which a bias would absorb).
-    ``device``: where to solve (default the CPU); the layer comes back on the CPU."""
+    ``device``: where to solve (default the CPU); the layer comes back on the CPU.
+    ``row_weight``: each row's share of its image (one over its views; default 1)."""
     device = torch.device("cpu" if device is None else device)
     features, index = _to_device(features, index, device)
     targets, weight, bias = targets.to(device), weight.to(device), bias.to(device)
     index = None if index is None else index.to(device)
     n, num_classes = len(targets), weight.shape[0]
+    share = (
+        torch.ones(n, device=device)
+        if row_weight is None
+        else row_weight.to(device, dtype=torch.float32)
+    )
+    images = float(share.sum())
     mean, std, u, e = _geometry(
         features, targets, index, num_classes, cfg.metric_shrink, center=train_bias
     )
@@ -155,11 +165,11 @@ def refit_layer(
     start_q = (w0 * std) @ (u * root) if rotate else w0 * std  # the rows in q-space
     start_b = b0 + w0 @ mean
     anchor = start_q[:num_old].clone()
-    counts = torch.bincount(targets, minlength=num_classes).float()
+    counts = torch.bincount(targets, weights=share, minlength=num_classes).float()
     present = counts > 0
     class_weight = torch.zeros(num_classes, device=device)
     class_weight[present] = counts.sum() / (present.sum() * counts[present])
-    scale = 200.0 / max(n, 1)
+    scale = 200.0 / max(images, 1.0)
     old_ridge, new_ridge = cfg.old_anchor * scale, cfg.new_ridge * scale
     moving_from = num_old if old_rows_frozen else 0
     wq = start_q[moving_from:].clone().requires_grad_(True)
@@ -194,22 +204,22 @@ def refit_layer(
                 x, y = _rows(features, index, part, device), targets[part]
                 logits = x @ wx.T + bx
                 p = F.softmax(logits, dim=1)
-                w = class_weight[y]
+                w = class_weight[y] * share[part]
                 data += float((F.cross_entropy(logits, y, reduction="none") * w).sum())
                 g = p * w[:, None]
                 g[torch.arange(len(y), device=device), y] -= w
                 if num_old and cfg.distillation and not old_rows_frozen:
-                    gap = logits[:, :num_old] - (x @ teacher_w.T + teacher_b)
-                    data += 0.5 * cfg.distillation * float((gap * gap).sum())
+                    gap = (logits[:, :num_old] - (x @ teacher_w.T + teacher_b)) * share[part, None]
+                    data += 0.5 * cfg.distillation * float((gap * gap / share[part, None]).sum())
                     g[:, :num_old] += cfg.distillation * gap
                 grad_w += g.T @ x
                 grad_b += g.sum(0)
-        torch.autograd.backward([wx, bx], [grad_w / n, grad_b / n])
+        torch.autograd.backward([wx, bx], [grad_w / images, grad_b / images])
         penalty = 0.5 * new_ridge * (full_w[num_old:] ** 2).sum()
         if not old_rows_frozen:
             penalty = penalty + 0.5 * old_ridge * ((full_w[:num_old] - anchor) ** 2).sum()
         penalty.backward()
-        return torch.tensor(data / n) + penalty.detach()
+        return torch.tensor(data / images) + penalty.detach()
 
     optimizer.step(closure)
     with torch.no_grad():
