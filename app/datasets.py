@@ -255,19 +255,68 @@ def extract_images(
             continue
         target = workdir / f"{len(accepted):07d}.{ext}"
         target.write_bytes(data)
-        accepted.append((parts, ext, target))
+        accepted.append((parts, ext, target, hashlib.sha256(data).hexdigest()))
     return _label(accepted, rejected)
 
 
 def _label(
-    accepted: list[tuple[tuple[str, ...], str, Path]], rejected: list[dict[str, str]]
+    accepted: list[tuple[tuple[str, ...], str, Path, str]], rejected: list[dict[str, str]]
 ) -> Extracted:
-    """The top-level folder is the label; one folder wrapping all label folders is tolerated."""
-    tops = {parts[0] for parts, _, _ in accepted}
-    wrapped = len(tops) == 1 and all(len(parts) >= 3 for parts, _, _ in accepted)
-    images = [(parts[1] if wrapped else parts[0], ext, path) for parts, ext, path in accepted]
+    """The top-level folder is the label; one folder wrapping all label folders is tolerated.
+    An image counts once by its bytes: its copies under the same label are skipped, and an
+    image under two labels is left out of both (it cannot be an example of either), each
+    named in ``rejected``."""
+    tops = {parts[0] for parts, *_ in accepted}
+    wrapped = len(tops) == 1 and all(len(parts) >= 3 for parts, *_ in accepted)
+    labelled = [
+        (parts[1] if wrapped else parts[0], ext, path, digest, "/".join(parts))
+        for parts, ext, path, digest in accepted
+    ]
+    images = deduplicate(labelled, rejected)
     counts = Counter(label for label, _, _ in images)
     return Extracted(dict(sorted(counts.items())), rejected, images)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def deduplicate(
+    labelled: list[tuple[str, str, Path, str, str]], rejected: list[dict[str, str]]
+) -> list[tuple[str, str, Path]]:
+    """``(label, ext, file)`` of each distinct image of ``labelled`` (``(label, ext, file,
+    sha256, path as the user named it)``): copies under the same label are skipped, an image
+    under two labels is left out of both; each is named in ``rejected``."""
+    labels_of: dict[str, set[str]] = {}
+    first: dict[tuple[str, str], str] = {}
+    for label, _, _, digest, shown in labelled:
+        labels_of.setdefault(digest, set()).add(label)
+        first.setdefault((digest, label), shown)
+    images = []
+    for label, ext, path, digest, shown in labelled:
+        if len(labels_of[digest]) > 1:
+            others = ", ".join(repr(x) for x in sorted(labels_of[digest] - {label}))
+            rejected.append(
+                {
+                    "path": shown,
+                    "reason": f"the same image is also under {others}: an image cannot be an "
+                    "example of two labels, so it is left out of both",
+                }
+            )
+        elif first[(digest, label)] != shown:
+            rejected.append(
+                {
+                    "path": shown,
+                    "reason": f"the same image as {first[(digest, label)]}: counted once",
+                }
+            )
+        else:
+            images.append((label, ext, path))
+    return images
 
 
 def pack_images(images: list[tuple[str, str, Path]], target: Path) -> None:

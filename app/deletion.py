@@ -93,6 +93,8 @@ def _version_keys(version: ModelVersion) -> list[str]:
     manifest = (version.reference or {}).get("manifest")
     if manifest:
         keys.append(manifest["key"])
+    if version.lineage:
+        keys.append(version.lineage["key"])
     return keys
 
 
@@ -132,6 +134,7 @@ def delete_version(session: Session, owner: str, name: str, number: int, force: 
     row.status = DELETED
     row.artifacts = {}
     row.reference = None
+    row.lineage = None
     row.reference_revision += 1  # a reference change in flight is refused, not applied
     if model.latest_version == number:
         model.latest_version = max(promoted, default=None)

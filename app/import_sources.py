@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from app import s3uri
-from app.datasets import ArchiveLimits, folder_problem, is_ignored, safe_parts, verify_image
+from app.datasets import (
+    ArchiveLimits,
+    deduplicate,
+    file_sha256,
+    folder_problem,
+    is_ignored,
+    safe_parts,
+    verify_image,
+)
 from app.errors import Invalid
 
 CHUNK = 256 * 1024
@@ -50,6 +58,17 @@ class Entry:
 class Copied:
     images: list[tuple[str, str, Path]] = field(default_factory=list)  # (label, ext, file)
     rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def distinct(self) -> Copied:
+        """Each image once (see ``app.datasets.deduplicate``); the rest named in rejected."""
+        labelled = [
+            (label, ext, path, file_sha256(path), shown)
+            for (label, ext, path), shown in zip(self.images, self.shown, strict=True)
+        ]
+        rejected = list(self.rejected)
+        return Copied(deduplicate(labelled, rejected), rejected)
+
+    shown: list[str] = field(default_factory=list)  # each image's path as its source named it
 
 
 _creating = threading.Lock()  # making a boto3 client is not thread-safe; using one is
@@ -212,7 +231,7 @@ class Copier:
         self._failure: BaseException | None = None
 
     def run(self, entries: list[Entry]) -> Copied:
-        results: list[tuple[str, str, Path] | dict[str, str] | None] = [None] * len(entries)
+        results: list[tuple[str, str, Path, str] | dict[str, str] | None] = [None] * len(entries)
         queue: Iterator[tuple[int, Entry]] = iter(enumerate(entries))
 
         def work() -> None:
@@ -245,10 +264,11 @@ class Copier:
             if isinstance(result, dict):
                 copied.rejected.append(result)
             elif result is not None:
-                copied.images.append(result)
-        return copied
+                copied.images.append(result[:3])
+                copied.shown.append(result[3])
+        return copied.distinct()
 
-    def _one(self, index: int, entry: Entry) -> tuple[str, str, Path] | dict[str, str]:
+    def _one(self, index: int, entry: Entry) -> tuple[str, str, Path, str] | dict[str, str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         target = self.folder / f"{index:07d}"
@@ -278,4 +298,4 @@ class Copier:
             return {"path": entry.path, "reason": str(exc)}
         kept = target.with_suffix(f".{ext}")
         target.rename(kept)
-        return entry.label, ext, kept
+        return entry.label, ext, kept, entry.path

@@ -121,10 +121,17 @@ def _owned(session: Session, storage: Storage, candidates: list[str]) -> set[str
     owned = set(session.scalars(select(Dataset.storage_key).where(Dataset.deleted_at.is_(None))))
     models = set(session.scalars(select(Model.id)))
     with_references = {k.split("/")[1] for k in candidates if k.split("/")[2:3] == ["reference"]}
-    for model_id, artifacts, reference in session.execute(
-        select(ModelVersion.model_id, ModelVersion.artifacts, ModelVersion.reference)
+    for model_id, artifacts, reference, lineage in session.execute(
+        select(
+            ModelVersion.model_id,
+            ModelVersion.artifacts,
+            ModelVersion.reference,
+            ModelVersion.lineage,
+        )
     ):
         owned.update(a["key"] for a in (artifacts or {}).values())
+        if lineage:
+            owned.add(lineage["key"])
         if reference and reference.get("manifest"):
             owned.add(reference["manifest"]["key"])
             if model_id in with_references:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.datasets import get_dataset
 from app.db import paginate, utcnow
 from app.errors import Conflict, InProgress, Invalid, NotFound
+from app.gate import resolve
 from app.models import Job, JobStatus, Model, ModelVersion
 from app.outbound import refused_destination
 from app.registry import find_model, no_model
@@ -65,7 +66,10 @@ def create_job(
     old_images = sum(n for label, n in dataset.labels.items() if label in known)
     remembered = sum(base.reference_counts.values())
     config = _resolve_config(body, has_old_images=bool(old_images or remembered))
-    warnings = submission_warnings(model.name, base, old_images, remembered, settings)
+    config["gate"] = resolve(settings, model.gate, body.config.gate)
+    warnings = submission_warnings(
+        model.name, base, old_images, remembered, config["gate"]["min_images"]
+    )
 
     job = Job(
         owner=owner,
@@ -113,10 +117,10 @@ def earlier_job(session: Session, owner: str, key: str, request_hash: str) -> Jo
 
 
 def submission_warnings(
-    name: str, base: ModelVersion, old_images: int, remembered: int, settings: Settings
+    name: str, base: ModelVersion, old_images: int, remembered: int, minimum: int
 ) -> list[str]:
-    """Say up front when the new version's retention will not be measurable."""
-    minimum = settings.min_retention_images
+    """Say up front when the new version's retention will not be measurable (``minimum``:
+    the old-label images the gate needs)."""
     if old_images + remembered >= minimum:
         return []
     fix = (
@@ -183,6 +187,16 @@ def _new_labels(
     known = sorted(set(labels) & set(base_labels))
     if known:
         raise Invalid(f"already labels of the base model: {known[:5]}", "new_labels")
+    splits = [label for label in labels if label.strip().lower() in SPLIT_NAMES]
+    if splits and body.new_labels is None:
+        raise Invalid(
+            f"the dataset's folders {', '.join(repr(x) for x in splits)} look like a "
+            "train/validation split, not labels: Graft takes one folder per label at the top "
+            "of the archive (<label>/<image>), all images of a label together, and holds out "
+            "what it measures on by itself. Pack the archive as <label>/<image>, merging the "
+            "splits; or, if they really are labels, name them in new_labels",
+            "dataset_id",
+        )
     minimum = body.config.min_images_per_label
     for label in labels:
         count = dataset_labels.get(label, 0)
@@ -192,6 +206,24 @@ def _new_labels(
                 "new_labels",
             )
     return labels
+
+
+# Folder names that say "a split of the data", not "a kind of image".
+SPLIT_NAMES = {
+    "train",
+    "training",
+    "trainval",
+    "val",
+    "valid",
+    "validation",
+    "dev",
+    "test",
+    "testing",
+    "eval",
+    "evaluation",
+    "holdout",
+    "calibration",
+}
 
 
 def _resolve_config(body: JobCreate, has_old_images: bool) -> dict:

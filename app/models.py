@@ -49,9 +49,13 @@ class JobKind(enum.StrEnum):
 
 
 class VersionStatus(enum.StrEnum):
+    """What the gate (``worker.engine.gate``) made of a version; only ``promoted`` versions
+    become the latest on their own, the others by a promotion on purpose."""
+
     PROMOTED = "promoted"
+    HELD = "held"  # measured, but the images cannot decide it: more would
     REJECTED = "rejected"
-    UNVERIFIED = "unverified"  # retention could not be measured; never promoted on its own
+    UNVERIFIED = "unverified"  # retention could not be measured
 
 
 class Model(Base):
@@ -62,6 +66,8 @@ class Model(Base):
     owner: Mapped[str] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(64))
     latest_version: Mapped[int | None] = mapped_column(Integer)
+    # The gate's settings for this model's jobs ({} or None: the defaults); a job may override.
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     # Loaded when read (a job's model is loaded with every job: it must not bring every
@@ -92,6 +98,10 @@ class ModelVersion(Base):
     artifacts: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The reference set: {"labels": {label: count}, "manifest": {key, sha256, size_bytes}}.
     reference: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # What its classifier layer was fitted on, for later jobs to measure out of fold
+    # (``worker.engine.lineage``): {key, sha256, size_bytes, folds, images}; None for a
+    # registered version (nothing known) and versions made before lineages were kept.
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Bumped on every change of ``reference``: concurrent changes are refused, not lost.
     reference_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Set when the version is deleted: its artifacts are gone, the row stays so that the

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 from app import __version__, datasets, references
 from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
+from app.gate import parse_gate
 from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
     ARTIFACT_SUFFIXES,
@@ -149,6 +150,7 @@ class Registration:
     files: dict[str, StoredObject] = field(default_factory=dict)  # by format
     reference: dict[str, Any] | None = None
     written: list[str] = field(default_factory=list)
+    gate: dict[str, Any] = field(default_factory=dict)  # the model's gate settings, as given
 
 
 def check_registration(
@@ -160,6 +162,7 @@ def check_registration(
     labels_json: str,
     preprocessing_json: str | None,
     reference_dataset_id: str | None = None,
+    gate_json: str | None = None,
 ) -> Registration:
     """Everything about a registration that needs no file: 409/422 before a byte is stored."""
     if not re.fullmatch(NAME_PATTERN, name):
@@ -172,6 +175,7 @@ def check_registration(
     except EngineError as exc:  # unknown, or its optional dependency is not installed
         raise Invalid(str(exc), "architecture") from None
     prep = parse_preprocessing(preprocessing_json, architecture)
+    gate = parse_gate(gate_json)
     dataset = None
     if reference_dataset_id:
         dataset = references.dataset_for_reference(
@@ -192,6 +196,7 @@ def check_registration(
         prep,
         dataset,
         preprocessing_given=bool(preprocessing_json),
+        gate=gate,
     )
 
 
@@ -320,7 +325,7 @@ def record_registration(session: Session, registration: Registration) -> ModelVe
     """Write the model and its version 1 (a short transaction); 409 if the name was taken
     meanwhile, in which case the caller discards the files."""
     r = registration
-    row = Model(id=r.model_id, owner=r.owner, name=r.name)
+    row = Model(id=r.model_id, owner=r.owner, name=r.name, gate=r.gate or None)
     session.add(row)
     try:
         session.flush()
@@ -429,8 +434,10 @@ def version_read(model: Model, version: ModelVersion) -> ModelVersionRead:
     )
 
 
-def model_read(model: Model) -> ModelRead:
+def model_read(model: Model, gate_defaults: dict[str, Any] | None = None) -> ModelRead:
+    """``gate_defaults``: the server's gate defaults, shown under the model's own settings."""
     return ModelRead(
+        gate=(gate_defaults or {}) | (model.gate or {}),
         name=model.name,
         created_at=model.created_at,
         latest_version=model.latest_version,

@@ -22,7 +22,7 @@ td, th { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
 th { background: #f5f5f5; text-align: left; }
 .badge { display: inline-block; padding: .15rem .6rem; border-radius: 1rem; color: #fff; }
 .promoted { background: #2b8a3e; } .rejected { background: #c92a2a; }
-.unverified { background: #e67700; }
+.unverified { background: #e67700; } .held { background: #1971c2; }
 .confusion td { min-width: 2rem; text-align: center; }
 </style>"""
 
@@ -110,10 +110,13 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _decision(metrics: dict[str, Any]) -> str:
-    evidence = metrics.get("gate", {}).get("evidence")
-    if evidence == "none":
-        return f"{verdict(metrics)} (no old-label images to measure retention on)"
-    return f"{verdict(metrics)} ({evidence} evidence)" if evidence else verdict(metrics)
+    gate = metrics.get("gate", {})
+    evidence = gate.get("evidence")
+    if gate.get("decision") == "unverified":
+        return "unverified (retention not measured)"
+    if evidence in ("strong", "weak"):
+        return f"{verdict(metrics)} ({evidence} evidence)"
+    return f"{verdict(metrics)} ({evidence})" if evidence else verdict(metrics)
 
 
 def verdict(metrics: dict[str, Any]) -> str:
@@ -134,6 +137,17 @@ def calibration_summary(metrics: dict[str, Any]) -> str:
     if cal["method"] == "none":
         return f"none: the layer as fitted (checked on {evidence})"
     alpha, beta = cal["alpha"], cal["beta"]
+    if isinstance(alpha, list) or isinstance(beta, list):  # a brake per new label
+        labels = (metrics.get("confusion_matrix") or {}).get("labels") or []
+        values = alpha if isinstance(alpha, list) else beta
+        rest = 1.0 if isinstance(alpha, list) else 0.0
+        names = labels[len(labels) - len(values) :] if labels else [str(i) for i in values]
+        lowered = [
+            f"{name!r} {value:+.2f}" if rest == 0.0 else f"{name!r} x{value:.2f}"
+            for name, value in zip(names, values, strict=True)
+            if value != rest
+        ]
+        return f"brake on {', '.join(lowered)}, other new labels as fitted (chosen on {evidence})"
     sign = "-" if beta < 0 else "+"
     method = cal["method"].replace("_", " ")
     return f"{method}: {alpha:.2f} z {sign} {abs(beta):.2f} (chosen on {evidence})"

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from app.gate import GateConfig
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 T = TypeVar("T")
 
@@ -78,9 +80,9 @@ class PreprocessingSpec(BaseModel):
         return self
 
 
-VersionStatusName = Literal["promoted", "rejected", "unverified"]  # what a retention gate decides
+VersionStatusName = Literal["promoted", "held", "rejected", "unverified"]  # what a gate decides
 # A version's status: its gate's decision (or a promotion on purpose), or "deleted".
-VersionState = Literal["promoted", "rejected", "unverified", "deleted"]
+VersionState = Literal["promoted", "held", "rejected", "unverified", "deleted"]
 DELETED_AT = "when the version was deleted (its status is then 'deleted'); null while it exists"
 
 
@@ -152,9 +154,11 @@ class ModelVersionRead(BaseModel):
     num_classes: int
     preprocessing: dict[str, Any]
     status: VersionState = Field(
-        description="promoted: passed its retention gate, or promoted on purpose; rejected: "
-        "lost too much old-class accuracy; unverified: retention could not be measured; "
-        "deleted: its files are gone (DELETE), its record stays so that the lineage of "
+        description="promoted: passed its gate, or promoted on purpose; held: measured, but "
+        "its images cannot decide it (more would: see metrics.gate.next_steps); rejected: the "
+        "evidence shows it lost too much old-class accuracy, collapsed an old label or did not "
+        "learn a new one; unverified: retention could not be measured; deleted: its files are "
+        "gone (DELETE), its record stays so that the lineage of "
         "versions made from it stays readable"
     )
     metrics: dict[str, Any] | None
@@ -212,6 +216,11 @@ class ModelRead(BaseModel):
     versions: list[VersionSummary]
     promotions: list[PromotionRead] = Field(
         default_factory=list, description="promotions and roll-backs made on purpose, newest first"
+    )
+    gate: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the gate settings this model's jobs run with: its own (PUT "
+        "/v1/models/{name}/gate) over the defaults",
     )
 
 
@@ -394,7 +403,11 @@ class JobConfig(BaseModel):
     augmentation: AugmentationConfig = AugmentationConfig()
     calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = "auto"
     max_old_accuracy_drop: float = Field(0.01, ge=0, le=1)
-    min_old_accuracy_retention: float = Field(0.98, ge=0, le=1)
+    gate: GateConfig = Field(
+        GateConfig(),
+        description="the gate's settings for this job, over the model's (PUT "
+        "/v1/models/{name}/gate) and the defaults; the resolved ones are echoed back",
+    )
     min_images_per_label: int = Field(1, ge=1)
     export: list[ExportFormat] = Field(
         ["onnx", "torchscript"],
@@ -441,7 +454,7 @@ class JobResult(BaseModel):
     model: str
     version: int
     gate: VersionStatusName | None = Field(
-        None, description="what the retention gate made of the version when the job stored it"
+        None, description="what the gate made of the version when the job stored it"
     )
 
 

@@ -165,17 +165,36 @@ def report(job: Any, shown: Collection[str] = ()) -> None:
         table.add_row(*row)
     out.print(table)
     gate = m.get("gate", {})
-    colour = {"promoted": "green", "rejected": "red"}.get(gate.get("decision", ""), "yellow")
+    decision = gate.get("decision", "")
+    colour = {"promoted": "green", "rejected": "red", "held": "blue"}.get(decision, "yellow")
     out.print(f"[{colour}]{gate.get('reason', '')}[/{colour}]")
+    version = job.result.version
+    outcome = f"version {version} is {decision}"
     for warning in job.warnings:
-        if warning not in shown:
+        if warning not in shown and not warning.startswith(outcome):
             err.print(f"[yellow]warning:[/yellow] {warning}")
-    if gate.get("decision") == "unverified":
-        name, base, version = job.model, job.base_version, job.result.version
-        out.print(
-            f"to measure it: graft model reference {name}@{base} --dataset ID, then submit "
-            f"again; to use it anyway: graft model promote {name}@{version}"
+    for line in next_steps(job.model, job.base_version, version, gate):
+        out.print(line)
+
+
+def next_steps(name: str, base: int, version: int, gate: dict[str, Any]) -> list[str]:
+    """What to do after each outcome, in the CLI's own commands."""
+    decision = gate.get("decision")
+    steps = [f"  - {step}" for step in gate.get("next_steps") or []]
+    if decision == "promoted":
+        return [
+            f"next: graft model pull {name}@{version} --format onnx; compare versions on "
+            f"images no job saw: graft eval --model {name} --versions {base},{version} "
+            "--dataset ID"
+        ]
+    lines = [f"{decision}: not made the latest. What would change it:", *steps]
+    if decision in ("held", "unverified"):
+        lines.append(
+            f"  - add reference images: graft model reference {name}@{base} --dataset ID, "
+            "then submit the job again"
         )
+    lines.append(f"to use it anyway: graft model promote {name}@{version}")
+    return lines
 
 
 @job_app.command("list")

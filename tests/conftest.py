@@ -98,8 +98,10 @@ def register_digits(
     name: str = "digits",
     reference: str | None = None,
     headers: dict[str, str] | None = None,
+    gate: str | None = None,
 ):
-    """Register the digits 0-8 model; ``reference``: a dataset id for its reference set."""
+    """Register the digits 0-8 model; ``reference``: a dataset id for its reference set;
+    ``gate``: its gate settings (JSON)."""
     data = {
         "name": name,
         "architecture": ARCH,
@@ -108,6 +110,8 @@ def register_digits(
     }
     if reference:
         data["reference_dataset_id"] = reference
+    if gate is not None:
+        data["gate"] = gate
     with weights.open("rb") as f:
         return client.post(
             "/v1/models", data=data, files={"weights": ("digits.safetensors", f)}, headers=headers

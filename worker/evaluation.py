@@ -12,14 +12,17 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Job, JobStatus, ModelVersion
+from app.references import read_manifest
 from app.registry import SAFETENSORS
 from app.settings import Settings
 from app.storage import Storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.compare import CompareConfig, Stage, VersionFile, compare_versions
-from worker.engine.data import scan_image_folder
+from worker.engine.data import Sample, scan_image_folder
 from worker.engine.errors import EngineError
 from worker.engine.expand import Progress
+from worker.engine.lineage import Lineage
+from worker.engine.reference import file_digest
 from worker.lifecycle import Heartbeat, LeaseLost, fenced_finish, job_folder, with_retries
 from worker.spec import extract_images
 
@@ -31,6 +34,8 @@ class StoredVersion:
     labels: list[str]
     preprocessing: dict[str, Any]
     weights_key: str | None  # None: deleted since the evaluation was queued
+    lineage: dict[str, Any] | None = None  # what its layer was fitted on
+    reference: dict[str, Any] | None = None  # what it remembers
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ def load_evaluation(settings: Settings, job_id: str) -> EvaluationSpec:
                     list(row.labels) if row else [],
                     dict(row.preprocessing) if row else {},
                     None if gone else row.artifacts[SAFETENSORS]["key"],
+                    None if gone else row.lineage,
+                    None if gone else row.reference,
                 )
             )
         dataset = job.dataset
@@ -100,7 +107,7 @@ def _score(
     heartbeat.report(Progress("loading", 0.0, message="unpacking the dataset"))
     with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
         extract_images(tar, tmp / "images")
-    samples = scan_image_folder(tmp / "images")
+    samples, hygiene = distinct_samples(scan_image_folder(tmp / "images"))
     files = [
         VersionFile(
             v.version,
@@ -125,12 +132,90 @@ def _score(
         heartbeat.report(Progress(stage.stage, stage.fraction, message=stage.message))
 
     result = compare_versions(files, samples, config, report, heartbeat.should_stop)
-    return {"model": spec.model_name, "dataset_id": spec.dataset_id} | result
+    digests = set(hygiene.pop("digests"))
+    overlap = {str(v.version): _overlap(storage, v, digests) for v in spec.versions}
+    return (
+        {"model": spec.model_name, "dataset_id": spec.dataset_id}
+        | result
+        | {
+            "hygiene": hygiene,
+            "overlap": overlap,
+        }
+    )
+
+
+def distinct_samples(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any]]:
+    """Each image once: copies under one label count once (else they narrow the intervals as
+    if they were evidence), and an image under two labels is left out (it cannot be right
+    under both). Returns the samples and what was removed, with every digest kept."""
+    labels_of: dict[str, set[str]] = {}
+    digest_of = [file_digest(s.path) for s in samples]
+    for sample, digest in zip(samples, digest_of, strict=True):
+        labels_of.setdefault(digest, set()).add(sample.label)
+    kept, seen, copies = [], set(), 0
+    for sample, digest in zip(samples, digest_of, strict=True):
+        if len(labels_of[digest]) > 1:
+            continue
+        if digest in seen:
+            copies += 1
+            continue
+        seen.add(digest)
+        kept.append(sample)
+    conflicts = sorted(d for d, found in labels_of.items() if len(found) > 1)
+    return kept, {
+        "copies_removed": copies,
+        "conflicts": [{"digest": d, "labels": sorted(labels_of[d])} for d in conflicts],
+        "digests": seen,
+    }
+
+
+def _overlap(storage: Storage, version: StoredVersion, digests: set[str]) -> dict[str, Any]:
+    """How many of the evaluation's images the version was fitted on, and remembers: figures
+    on those are optimistic. ``trained_on`` is None when the version does not say (registered
+    versions, and those made before lineages were kept)."""
+    remembered = {d for d, _ in read_manifest(storage, version.reference)}
+    trained = None
+    if version.lineage:
+        trained = len(
+            digests & set(Lineage.load(storage.local_path(version.lineage["key"])).fold_of)
+        )
+    return {"trained_on": trained, "remembered": len(digests & remembered), "images": len(digests)}
+
+
+def evaluation_warnings(result: dict[str, Any]) -> list[str]:
+    """What makes the evaluation's figures less than they seem: images a version was fitted
+    on or remembers, copies, and images under two labels."""
+    out = []
+    for version, seen in result.get("overlap", {}).items():
+        if seen["trained_on"] or seen["remembered"]:
+            parts = []
+            if seen["trained_on"]:
+                parts.append(f"was fitted on {seen['trained_on']}")
+            if seen["remembered"]:
+                parts.append(f"remembers {seen['remembered']} in its reference set")
+            out.append(
+                f"version {version} {' and '.join(parts)} of these {seen['images']} images: "
+                "its figures on them are optimistic; evaluate on images no job saw"
+            )
+    hygiene = result.get("hygiene") or {}
+    if hygiene.get("copies_removed"):
+        out.append(f"{hygiene['copies_removed']} copies of images were counted once")
+    if hygiene.get("conflicts"):
+        out.append(
+            f"{len(hygiene['conflicts'])} images under two labels were left out (an image "
+            "cannot be right under both)"
+        )
+    return out
 
 
 def _write(settings: Settings, job_id: str, attempt: int, result: dict[str, Any]) -> None:
     with session_scope(settings.resolved_database_url) as session:
-        if not fenced_finish(session, job_id, attempt, JobStatus.SUCCEEDED, metrics=result):
+        warnings = list(session.scalar(select(Job.warnings).where(Job.id == job_id)) or [])
+        warnings += evaluation_warnings(result)
+        finished = fenced_finish(
+            session, job_id, attempt, JobStatus.SUCCEEDED, metrics=result, warnings=warnings
+        )
+        if not finished:
             row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one()
             if tuple(row) == (JobStatus.SUCCEEDED, attempt):
                 return  # an earlier try committed, and only its answer was lost

@@ -28,12 +28,12 @@ from app.settings import MiB, Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.errors import EngineError, JobCancelled, resource_error
-from worker.engine.evidence import retention_gate
 from worker.engine.expand import (
     ExpansionResult,
     Progress,
     expand_classifier,
 )
+from worker.engine.gate import decide
 from worker.evaluation import run_evaluation
 from worker.lifecycle import (
     Heartbeat,
@@ -50,7 +50,7 @@ from worker.lifecycle import (
     with_retries,
 )
 from worker.references import cache_features, keep_reference
-from worker.spec import JobSpec, expansion_request, load_spec
+from worker.spec import JobSpec, expansion_request, gate_settings, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,30 @@ def _expand(
         reference = keep_reference(storage, spec.model_id, version_id, result, tmp)
         if reference:
             stored.append(StoredObject(**reference["manifest"]))
+        lineage = _store_lineage(storage, spec, version_id, result, tmp, stored)
         remembered = request.reference.images if request.reference else []
         digests = {r.digest for r in remembered}
         cache_features(storage, spec.model_id, digests, result, tmp)
     _finish_succeeded(
-        settings, job_id, attempt, spec, version_id, result, artifacts, reference, failed
+        settings, job_id, attempt, spec, version_id, result, artifacts, reference, failed, lineage
     )
+
+
+def _store_lineage(
+    storage: Storage,
+    spec: JobSpec,
+    version_id: str,
+    result: ExpansionResult,
+    tmp: Path,
+    stored: list[StoredObject],
+) -> dict[str, Any]:
+    """Keep what the new version's layer was fitted on (see ``worker.engine.lineage``); the
+    value of the version's ``lineage``."""
+    path = tmp / "lineage.safetensors"
+    result.lineage.save(path)
+    obj = storage.put_file(f"models/{spec.model_id}/{version_id}/lineage.safetensors", path)
+    stored.append(obj)
+    return asdict(obj) | {"folds": result.lineage.folds, "images": result.lineage.seen}
 
 
 def _store_artifacts(
@@ -197,14 +215,12 @@ def _finish_succeeded(
     artifacts: dict[str, StoredObject],
     reference: dict[str, Any] | None,
     failed_exports: dict[str, str] | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> None:
     metrics = dict(result.metrics)
-    gate = retention_gate(
-        metrics["old_classes"],
-        spec.config["min_old_accuracy_retention"],
-        settings.min_retention_images,
+    metrics["gate"] = decide(
+        metrics, result.labels, len(spec.labels), gate_settings(spec.config, settings)
     )
-    metrics["gate"] = gate
     with_retries(
         settings,
         f"job {job_id}: recording the new version",
@@ -219,6 +235,7 @@ def _finish_succeeded(
             reference,
             metrics,
             failed_exports or {},
+            lineage,
         ),
     )
 
@@ -234,6 +251,7 @@ def _write_success(
     reference: dict[str, Any] | None,
     metrics: dict[str, Any],
     failed_exports: dict[str, str],
+    lineage: dict[str, Any] | None = None,
 ) -> None:
     gate = metrics["gate"]
     with session_scope(settings.resolved_database_url) as session:
@@ -243,17 +261,8 @@ def _write_success(
             f"{fmt} ({reason}); its formats are {', '.join(artifacts)}"
             for fmt, reason in failed_exports.items()
         ]
-        if gate["decision"] == VersionStatus.UNVERIFIED:
-            number, name = _next_version(session, spec.model_id), spec.model_name
-            warnings.append(
-                f"version {number} is unverified and was not made the latest: only {gate['n']} "
-                f"old-label images could measure its retention, fewer than the "
-                f"{gate['min_images']} needed. To measure it, add images of the model's labels "
-                f"to the dataset, or a reference set to version {spec.base_version} (POST "
-                f"/v1/models/{name}/versions/{spec.base_version}/reference), and run the job "
-                f"again; or promote it on purpose "
-                f"(POST /v1/models/{name}/versions/{number}/promote)"
-            )
+        number = _next_version(session, spec.model_id)
+        warnings += outcome_warnings(gate, spec, number, metrics)
         fenced = fenced_finish(
             session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics, warnings=warnings
         )
@@ -274,8 +283,50 @@ def _write_success(
             metrics=metrics,
             artifacts={fmt: asdict(o) for fmt, o in artifacts.items()},
             reference=reference,
+            lineage=lineage,
         )
         session.execute(update(Job).where(Job.id == job_id).values(result_version=version.version))
+
+
+def outcome_warnings(
+    gate: dict[str, Any], spec: JobSpec, number: int, metrics: dict[str, Any]
+) -> list[str]:
+    """What the user must know about the stored version: why it is not the latest, what
+    would change that, and images that look mislabeled or were left out."""
+    out = []
+    name, base = spec.model_name, spec.base_version
+    if gate["decision"] != VersionStatus.PROMOTED:
+        steps = "; ".join(gate["next_steps"])
+        out.append(
+            f"version {number} is {gate['decision']} and was not made the latest: "
+            f"{gate['reason'].split(': ', 1)[-1]}. To change that: {steps}"
+            + (
+                f" (a reference set: POST /v1/models/{name}/versions/{base}/reference)"
+                if gate["decision"] in (VersionStatus.HELD, VersionStatus.UNVERIFIED)
+                else ""
+            )
+            + f"; or promote it on purpose (POST /v1/models/{name}/versions/{number}/promote)"
+        )
+    issues = metrics.get("label_issues") or {}
+    if issues.get("count"):
+        shown = ", ".join(
+            f"{i['file'] or i['digest'][:12]} ({i['label']}, looks like {i['looks_like']})"
+            for i in issues["images"][:3]
+        )
+        out.append(
+            f"{issues['count']} of {issues['checked']} images look mislabeled (the layers that "
+            f"never saw them confidently put them in another label), e.g. {shown}: see "
+            "metrics.label_issues"
+        )
+    conflicts = (metrics.get("hygiene") or {}).get("conflicts") or []
+    if conflicts:
+        shown = ", ".join(
+            f"{c['digest'][:12]} ({' and '.join(c['labels'])})" for c in conflicts[:3]
+        )
+        out.append(
+            f"{len(conflicts)} images were left out: the same image under two labels, e.g. {shown}"
+        )
+    return out
 
 
 def _next_version(session: Session, model_id: str) -> int:

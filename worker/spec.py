@@ -21,6 +21,8 @@ from worker.engine.calibrate import Calibration
 from worker.engine.data import Augmentation, scan_image_folder
 from worker.engine.errors import EngineError
 from worker.engine.expand import ExpansionConfig, ExpansionRequest
+from worker.engine.gate import GateSettings
+from worker.engine.lineage import Lineage
 from worker.engine.train import HeadTraining
 from worker.references import base_reference
 
@@ -40,6 +42,7 @@ class JobSpec:
     new_labels: list[str]
     config: dict[str, Any]
     reference: dict[str, Any] | None  # the base version's reference set
+    lineage: dict[str, Any] | None = None  # what the base version's layer was fitted on
 
 
 def load_spec(settings: Settings, job_id: str) -> JobSpec:
@@ -62,6 +65,7 @@ def load_spec(settings: Settings, job_id: str) -> JobSpec:
             new_labels=list(job.new_labels),
             config=dict(job.config),
             reference=base.reference,
+            lineage=base.lineage,
         )
 
 
@@ -120,7 +124,25 @@ def expansion_request(
         new_labels=spec.new_labels,
         config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
         reference=base_reference(storage, spec.model_id, spec.reference, tmp / "reference"),
+        lineage=base_lineage(storage, spec.lineage),
     )
+
+
+def base_lineage(storage: Storage, lineage: dict[str, Any] | None) -> Lineage | None:
+    """The base version's lineage; None when it has none (registered, or made before lineages
+    were kept: its images then count as never seen, as before)."""
+    if not lineage:
+        return None
+    return Lineage.load(storage.local_path(lineage["key"]))
+
+
+def gate_settings(config: dict[str, Any], settings: Settings) -> GateSettings:
+    """The job's resolved gate settings (jobs queued before gate settings existed: the
+    defaults, with the minimum retention they asked for)."""
+    given = dict(config.get("gate") or {})
+    if not given and "min_old_accuracy_retention" in config:
+        given["min_retention"] = config["min_old_accuracy_retention"]
+    return GateSettings(**({"min_images": settings.min_retention_images} | given))
 
 
 def extract_images(tar: tarfile.TarFile, target: Path, filters: bool | None = None) -> None:

@@ -15,6 +15,7 @@ from app import deletion, downloads, references, registry
 from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.disk import ensure_room
 from app.errors import Invalid, NotFound, TooLarge
+from app.gate import GateConfig, defaults
 from app.routes import json_response, problems
 from app.schemas import (
     ARTIFACT_SUFFIXES,
@@ -70,6 +71,16 @@ async def register_model(
             "version 1's reference set",
         ),
     ] = None,
+    gate: Annotated[
+        str | None,
+        Form(
+            max_length=2000,
+            description="JSON: the gate's settings for this model's jobs (min_retention, "
+            "margin, min_images, label_max_drop, new_label_min_recall, alpha); left out: the "
+            "defaults",
+            examples=['{"min_retention": 0.99}'],
+        ),
+    ] = None,
 ) -> Response:
     # the upload's copy, a converted copy, the stored files in three formats (local storage)
     # and the one being written
@@ -85,6 +96,7 @@ async def register_model(
             labels_json=labels,
             preprocessing_json=preprocessing,
             reference_dataset_id=reference_dataset_id or None,
+            gate_json=gate,
         )
     )
     with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
@@ -112,18 +124,36 @@ async def register_model(
 
 
 @router.get("", response_model=Page[ModelRead])
-async def list_models(db: DbDep, limit: LimitQuery = 50, cursor: CursorQuery = None) -> Response:
+async def list_models(
+    db: DbDep, settings: SettingsDep, limit: LimitQuery = 50, cursor: CursorQuery = None
+) -> Response:
     def work(session: Session, owner: str) -> Page[ModelRead]:
         rows, next_cursor = registry.list_models(session, owner, limit, cursor)
-        return Page(items=[registry.model_read(m) for m in rows], next_cursor=next_cursor)
+        shown = [registry.model_read(m, defaults(settings)) for m in rows]
+        return Page(items=shown, next_cursor=next_cursor)
 
     return json_response(await db(work))
 
 
 @router.get("/{name}", response_model=ModelRead)
-async def get_model(name: str, db: DbDep) -> Response:
+async def get_model(name: str, db: DbDep, settings: SettingsDep) -> Response:
     def work(session: Session, owner: str) -> ModelRead:
-        return registry.model_read(registry.get_model(session, owner, name))
+        return registry.model_read(registry.get_model(session, owner, name), defaults(settings))
+
+    return json_response(await db(work))
+
+
+@router.put("/{name}/gate", response_model=ModelRead)
+async def set_gate(name: str, body: GateConfig, db: DbDep, settings: SettingsDep) -> Response:
+    """Set the gate's settings for the model's future jobs (the fields given; the others go
+    back to the defaults). A job's own ``config.gate`` still overrides them; versions already
+    decided keep their decision."""
+
+    def work(session: Session, owner: str) -> ModelRead:
+        model = registry.get_model(session, owner, name)
+        model.gate = body.given()
+        session.flush()
+        return registry.model_read(model, defaults(settings))
 
     return json_response(await db(work))
 
@@ -219,17 +249,21 @@ async def add_reference(
 
 @router.post("/{name}/versions/{version}/promote", response_model=ModelRead, responses=GONE)
 async def promote_version(
-    name: str, version: int, db: DbDep, body: PromoteRequest | None = None
+    name: str,
+    version: int,
+    db: DbDep,
+    settings: SettingsDep,
+    body: PromoteRequest | None = None,
 ) -> Response:
-    """Make this version the model's latest on purpose: promote a rejected or unverified
-    version, or roll back to an older one. Recorded in the model's ``promotions``."""
+    """Make this version the model's latest on purpose: promote a held, rejected or
+    unverified version, or roll back to an older one. Recorded in the model's ``promotions``."""
 
     def work(session: Session, owner: str) -> ModelRead:
         deletion.live_version(session, owner, name, version)
         model = registry.promote_version(
             session, owner, name, version, db.actor(owner), body.reason if body else None
         )
-        return registry.model_read(model)
+        return registry.model_read(model, defaults(settings))
 
     return json_response(await db(work))
 

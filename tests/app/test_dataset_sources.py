@@ -199,7 +199,7 @@ def test_corrupt_files_and_non_images_are_reported_like_uploads(importing, s3):
         "mixed/five/notes.txt": b"not an image",
         "mixed/five/.DS_Store": b"\x00",
         "mixed/loose.png": good,
-        "mixed/six/c.png": good,
+        "mixed/six/c.png": png(load_digits().images[6]),
     }.items():
         s3_client.put_object(Bucket=BUCKET, Key=key, Body=body)
 

@@ -54,15 +54,35 @@ def extract(archive: io.BytesIO, tmp_path, **limits):
 
 def test_imagefolder_zip_gives_labels_and_counts(tmp_path):
     result = extract(
-        make_zip({"cat/a.png": png(), "cat/b.jpg": jpeg(), "dog/x/y.png": png()}), tmp_path
+        make_zip({"cat/a.png": png(), "cat/b.jpg": jpeg(), "dog/x/y.png": png(color=7)}), tmp_path
     )
     assert result.labels == {"cat": 2, "dog": 1}
     assert result.rejected == []
 
 
 def test_one_wrapping_folder_is_tolerated(tmp_path):
-    result = extract(make_zip({"pets/cat/a.png": png(), "pets/dog/b.png": png()}), tmp_path)
+    result = extract(make_zip({"pets/cat/a.png": png(), "pets/dog/b.png": png(color=7)}), tmp_path)
     assert result.labels == {"cat": 1, "dog": 1}
+
+
+def test_an_image_counts_once_and_one_under_two_labels_is_left_out_of_both(tmp_path):
+    result = extract(
+        make_zip(
+            {
+                "cat/a.png": png(),
+                "cat/a-copy.png": png(),
+                "cat/b.png": png(color=9),
+                "dog/b-again.png": png(color=9),
+                "dog/c.png": png(color=11),
+            }
+        ),
+        tmp_path,
+    )
+    assert result.labels == {"cat": 1, "dog": 1}  # counted after deduplication
+    reasons = {r["path"]: r["reason"] for r in result.rejected}
+    assert reasons["cat/a-copy.png"] == "the same image as cat/a.png: counted once"
+    assert "also under 'dog'" in reasons["cat/b.png"]
+    assert "also under 'cat'" in reasons["dog/b-again.png"]
 
 
 def test_non_images_and_loose_files_are_reported_not_kept(tmp_path):

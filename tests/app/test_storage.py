@@ -134,8 +134,9 @@ def test_a_job_keeps_every_artifact_in_s3(s3_endpoint, tmp_path, base_weights, d
     assert len(images) == 9 * 20 + 10  # v2's reference set: every image it learnt from, once
     others = sorted(k.rsplit("/", 1)[-1].split("-")[0] for k in keys - images)
     # dataset, v1 and v2 each as safetensors, onnx and torchscript, v2's reference manifest,
-    # the feature cache
-    assert len(others) == 9 and others[-1] == "reference", others
+    # v2's lineage, the feature cache
+    assert len(others) == 10 and others[-1] == "reference", others
+    assert "lineage.safetensors" in others
     assert not (settings.data_dir / "artifacts").exists()
     assert isinstance(open_storage(settings), S3Storage)
     assert not list(Path(settings.tmp_dir).iterdir())

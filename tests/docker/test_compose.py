@@ -161,7 +161,7 @@ def test_a_worker_container_killed_mid_job_is_replaced_and_the_job_runs_once(sta
         "model": "digits",
         "base_version": 1,
         "dataset_id": dataset_id,
-        "config": {"min_old_accuracy_retention": 0, **SLOW},
+        "config": {"gate": {"min_retention": 0}, **SLOW},
     }
     job_id = api.post("/v1/jobs", json=body).json()["id"]
     deadline = time.monotonic() + 300

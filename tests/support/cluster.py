@@ -51,7 +51,7 @@ class Cluster:
                 "model": "digits",
                 "base_version": 1,
                 "dataset_id": self.dataset_id,
-                "config": {"min_old_accuracy_retention": 0, **(config or {})},
+                "config": {"gate": {"min_retention": 0}, **(config or {})},
             },
         )
         assert response.status_code == 202, response.text

@@ -26,7 +26,7 @@ def job_id(client, base_weights, digit_splits):
         json={
             "model": "digits",
             "dataset_id": dataset["id"],
-            "config": {"min_old_accuracy_retention": 0.9},
+            "config": {"gate": {"min_retention": 0.9}},
         },
     )
     return response.json()["id"]
@@ -48,7 +48,7 @@ def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
     assert job["status"] == "succeeded", job["error"]
     assert job["result"] == {"model": "digits", "version": 2, "gate": "promoted"}
     assert job["progress"]["stage"] == "done" and job["attempt"] == 1
-    assert job["metrics"]["gate"]["passed"] is True
+    assert job["metrics"]["gate"]["decision"] == "promoted"
 
     pipeline.run_job(job_id, settings)  # a duplicate delivery does nothing
     assert versions(settings) == 2
@@ -78,7 +78,7 @@ def test_a_version_below_the_retention_gate_is_stored_as_rejected(settings, clie
         job_id,
         config={
             **client.get(f"/v1/jobs/{job_id}").json()["config"],
-            "min_old_accuracy_retention": 1.0,
+            "gate": {"min_retention": 1.0, "margin": 0.0},
             "solver": "sgd",
             "epochs": 0,
             "calibration": "none",  # imprinted rows, uncorrected, take some old images
@@ -87,7 +87,8 @@ def test_a_version_below_the_retention_gate_is_stored_as_rejected(settings, clie
     pipeline.run_job(job_id, settings)
     job = client.get(f"/v1/jobs/{job_id}").json()
     gate = job["metrics"]["gate"]
-    assert job["status"] == "succeeded" and gate["passed"] is False and "below" in gate["reason"]
+    assert job["status"] == "succeeded" and gate["decision"] == "rejected"
+    assert "below the 100.0% minimum" in gate["reason"]
     assert client.get("/v1/models/digits/versions/2").json()["status"] == "rejected"
     assert client.get("/v1/models/digits").json()["latest_version"] == 1
 

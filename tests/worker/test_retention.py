@@ -101,7 +101,9 @@ def test_a_reference_set_makes_new_label_uploads_measured_gated_and_safe(
         assert low <= m["old_classes"][figure] <= high
     assert m["new_classes"]["ci95"]["accuracy"][0] < m["new_classes"]["accuracy"]
     gate = m["gate"]
-    assert gate["decision"] in ("promoted", "rejected") and gate["evidence"] in ("strong", "weak")
+    assert gate["decision"] in ("promoted", "held", "rejected")
+    assert gate["evidence"] in ("strong", "within margin", "weak")
+    assert gate["checks"]["new_labels"]["9"]["verdict"] == "learned"
     assert gate["n"] == 180 and set(gate["paired"]) == {
         "both_right",
         "lost",
@@ -121,11 +123,21 @@ def test_a_reference_set_makes_new_label_uploads_measured_gated_and_safe(
     )
     assert drop <= 0.015
 
-    # a second job inherits v2's set, and the cached features spare reading it
+    # a second job inherits v1's set, and the cached features spare reading it
     fours = upload(client, {"4": held.of(4)[20:30], "9": held.of(9)[10:20]})
     more = run(client, settings, {"model": "digits", "base_version": 1, "dataset_id": fours["id"]})
     assert more["final"]["metrics"]["feature_cache"]["reference_cached"] == 180
     assert more["final"]["metrics"]["old_classes"]["n"] == 190
+
+    # a job on v2 measures v2's remembered images with the fold layers that never saw them
+    rotated = upload(client, {"9r": [im.rotate(180) for im in held.of(9)[20:30]]})
+    third = run(
+        client, settings, {"model": "digits", "base_version": 2, "dataset_id": rotated["id"]}
+    )
+    measured = third["final"]["metrics"]["measurement"]
+    assert measured["base_fold_layers"] is True
+    # every remembered image has a fold of v2 (ten nines, five folds): all are measured
+    assert measured["seen_by_base"] == 0 and third["final"]["metrics"]["old_classes"]["n"] == 190
 
 
 def test_adding_to_a_reference_set(client, settings, base_weights, digit_splits):
