@@ -9,10 +9,14 @@
 #      a job (and after a cancelled one);
 #   3. bench/speed.py on the GPU: a job on 10,000 images against one inference pass over them,
 #      and the engine's extraction pass against a pure forward of the same backbone in the
-#      same dtype.
+#      same dtype;
+#   4. bench/decode_profile.py on the GPU: where the extraction pass's time goes on 10,000
+#      JPEG photos (and 2,000 PNGs of them): each CPU stage of a loader item, the engine's
+#      loader alone, the extraction pass, nvjpeg decoding with resizing on the GPU (alone and
+#      feeding the same pass), a pure forward, and the host-to-device copy.
 #
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu.log (the tests' JUnit report to
-# $OUT/cuda-tests.xml). Every step has a time limit (about 8 minutes in all, past `make
+# $OUT/cuda-tests.xml). Every step has a time limit (about 9 minutes in all, past `make
 # install`), so the script cannot hang. Exits non-zero if any step failed; later steps still run.
 set -euo pipefail
 
@@ -54,7 +58,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "python: $PY ($("$PY" --version 2>&1))"
 timeout 30 nvidia-smi || echo "nvidia-smi: not available"
-run "torch info" 60 "$PY" - <<'EOF'
+run "torch info" 45 "$PY" - <<'EOF'
 import torch
 
 from worker.engine.device import compute_dtype, precision_name
@@ -77,13 +81,17 @@ fi
 step "CUDA tests"
 junit=()
 [[ -n "${OUT:-}" ]] && junit=(--junitxml "$OUT/cuda-tests.xml")
-run "CUDA tests" 200 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
+run "CUDA tests" 140 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
   -rs --durations=5 ${junit[@]+"${junit[@]}"}
 
 step "bench/speed.py: a job on 10,000 images, and the extraction pass, on the GPU"
-run "speed" 260 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --repeat 1 \
+run "speed" 200 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --repeat 1 \
   --arch timm:resnet18 timm:resnet50 timm:vit_base_patch16_224 --no-seed --extraction \
   --workers "$WORKERS"
+
+step "bench/decode_profile.py: where the extraction pass's time goes, on JPEG and PNG photos"
+run "decode profile" 130 "$PY" bench/decode_profile.py --device cuda --images 10000 \
+  --workers "$WORKERS" --budget 105
 
 step "done"
 if (( ${#failed[@]} )); then

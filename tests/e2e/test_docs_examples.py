@@ -10,6 +10,12 @@ blocks after it, as in one terminal. `curl` is made to fail on HTTP errors (a `.
 
 A block that must not run (it starts a server, needs Docker or the reader's own files) is
 preceded in the markdown by `<!-- not-run: REASON -->`.
+
+A ```text block shows what the run block before it prints. Its figures are checked against what
+the run printed: every `value% (low–high, n=N)` of a table row must be there with the same `n`,
+and the run's value inside the interval the document shows (figures vary a little from machine
+to machine, as the example model is trained on the reader's); a decision shown with strong
+evidence must be the run's decision.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "api.md"]
-LANGUAGES = {"bash": "shell", "sh": "shell", "console": "console", "python": "python"}
+LANGUAGES = {
+    "bash": "shell",
+    "sh": "shell",
+    "console": "console",
+    "python": "python",
+    "text": "output",
+}
+ROW = re.compile(r"^[│|]\s*(.*?)\s*[│|]\s*(.*?)\s*[│|]\s*$")
+FIGURE = re.compile(r"(-?[\d.]+)% \(([\d.]+)–([\d.]+), n=(\d+)\)")
 NOT_RUN = re.compile(r"^<!--\s*not-run:(.*?)-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 BLOCK_TIMEOUT_S = 900  # a safety net only: the slowest block waits on one training job
@@ -78,8 +92,8 @@ def shell_code(block: Block) -> str:
     return block.code
 
 
-def run_block(block: Block, cwd: Path, env: dict[str, str]) -> dict[str, str]:
-    """Run one block; return the environment the next block starts with."""
+def run_block(block: Block, cwd: Path, env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """Run one block; return the environment the next block starts with, and what it printed."""
     script = cwd / ".block"
     if block.kind == "python":
         script.write_text(block.code)
@@ -98,10 +112,49 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> dict[str, str]:
             f"the example at {block.where} failed (exit {result.returncode}):\n{block.code}\n"
             f"--- stdout (end)\n{result.stdout[-4000:]}\n--- stderr (end)\n{result.stderr[-4000:]}"
         )
+    printed = result.stdout + result.stderr
     if block.kind == "python":
-        return env
+        return env, printed
     pairs = (item.split("=", 1) for item in state.read_text().split("\0") if "=" in item)
-    return {k: v for k, v in pairs if k not in IGNORED_ENV}
+    return {k: v for k, v in pairs if k not in IGNORED_ENV}, printed
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """``measure -> value`` of the two-column tables in ``text`` (wrapped values joined)."""
+    rows: dict[str, str] = {}
+    last = None
+    for line in text.splitlines():
+        match = ROW.match(line.strip())
+        if not match:
+            continue
+        measure, value = match.groups()
+        if measure:
+            last = measure
+            rows[last] = value
+        elif last:
+            rows[last] += " " + value
+    return rows
+
+
+def check_figures(shown: Block, printed: str) -> list[str]:
+    """What the document shows that the run did not give (see the module's docstring)."""
+    expected, actual = table_rows(shown.code), table_rows(printed)
+    problems = []
+    for measure, value in expected.items():
+        figure = FIGURE.search(value)
+        decided = actual.get(measure, "").split(" ")[:1]
+        if "(strong evidence)" in value and decided != value.split(" ")[:1]:
+            problems.append(f"decision: shown {value!r}, the run gave {actual.get(measure)!r}")
+        if not figure:
+            continue
+        got = FIGURE.search(actual.get(measure, ""))
+        if got is None:
+            problems.append(f"{measure}: shown {value!r}, the run printed none")
+            continue
+        low, high, n = float(figure.group(2)), float(figure.group(3)), figure.group(4)
+        if got.group(4) != n or not low <= float(got.group(1)) <= high:
+            problems.append(f"{measure}: shown {value!r}, the run gave {got.group(0)!r}")
+    return problems
 
 
 def tools_the_examples_use() -> None:
@@ -129,7 +182,7 @@ def reader_folder(root: Path, url: str) -> tuple[Path, dict[str, str]]:
 
 
 def test_every_not_run_block_says_why() -> None:
-    everything = [b for path in DOCS for b in blocks(path)]
+    everything = [b for path in DOCS for b in blocks(path) if b.kind != "output"]
     skipped = [b for b in everything if b.not_run is not None]
     assert len(everything) - len(skipped) >= 10, "the docs have lost their runnable examples"
     for block in skipped:
@@ -146,14 +199,18 @@ def test_readme_and_api_examples_run_against_a_live_server(server, tmp_path) -> 
     tools_the_examples_use()
     client, _, _ = server
     cwd, env = reader_folder(tmp_path, str(client.base_url).rstrip("/"))
-    ran, skipped = [], []
+    ran, skipped, problems, printed = [], [], [], ""
     for path in DOCS:
         for block in blocks(path):
+            if block.kind == "output":
+                problems += [f"{block.where}: {p}" for p in check_figures(block, printed)]
+                continue
             if block.not_run is not None:
                 skipped.append(block)
                 continue
-            env = run_block(block, cwd, env)
+            env, printed = run_block(block, cwd, env)
             ran.append(block)
+    assert not problems, "figures the docs show that a run did not give:\n" + "\n".join(problems)
     print(f"\nran {len(ran)} examples; skipped {len(skipped)}:")
     for block in skipped:
         print(f"  {block.where}: {block.not_run}")

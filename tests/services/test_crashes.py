@@ -29,8 +29,9 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_job_runs_once(cluster)
     assert job["status"] == "succeeded" and job["attempt"] == 2
     assert cluster.versions() == [1, 2]
     assert list(cluster.settings.tmp_dir.iterdir()) == []
-    # dataset, v1 and v2 (safetensors, onnx, torchscript), v2's reference manifest, features
-    assert len(cluster.stored_files()) == 9
+    # dataset, v1 and v2 (safetensors, onnx, torchscript), v2's reference manifest and lineage,
+    # features
+    assert len(cluster.stored_files()) == 10
     assert cluster.reference_images() == 9 * 10 + 10  # every image v2 learnt from, once
 
 
@@ -49,7 +50,7 @@ def test_a_worker_that_loses_its_lease_cannot_write(cluster):
     time.sleep(4)  # the paused worker wakes up, finds its lease gone, and must write nothing
     assert cluster.job(job_id)["attempt"] == 2
     assert cluster.versions() == [1, 2]
-    assert len(cluster.stored_files()) == 9  # nothing of the paused attempt's
+    assert len(cluster.stored_files()) == 10  # nothing of the paused attempt's
     assert cluster.reference_images() == 100
     assert paused.poll() is None  # and it lives on to take other jobs
 

@@ -71,5 +71,5 @@ def test_a_job_done_while_the_database_is_down_is_recorded_when_it_is_back(clust
     (job,) = cluster.wait([job_id], FINAL)
     assert job["status"] == "succeeded" and job["attempt"] == 1
     assert cluster.versions() == [1, 2]
-    assert len(cluster.stored_files()) == 9  # nothing discarded, nothing twice
+    assert len(cluster.stored_files()) == 10  # nothing discarded, nothing twice
     assert list(cluster.settings.tmp_dir.iterdir()) == []

@@ -65,3 +65,22 @@ def test_a_label_too_small_to_judge_holds_the_version_and_says_what_would_decide
     assert client.get("/v1/models/digits").json()["latest_version"] == 1
     promoted = client.post("/v1/models/digits/versions/2/promote", json={"reason": "seen it"})
     assert promoted.json()["promotions"][0]["previous_status"] == "held"
+
+
+def test_images_filed_under_the_wrong_label_are_named_with_the_label_they_look_like(
+    client, settings, base_weights, digit_splits
+):
+    _, held = digit_splits
+    assert register_digits(client, base_weights).status_code == 201
+    folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:10]}
+    strays = held.of(3)[40:44]  # four 3s filed as 5s
+    folders["5"] = folders["5"] + strays
+    job = run(client, settings, {"model": "digits", "dataset_id": upload(client, folders)["id"]})
+    issues = job["final"]["metrics"]["label_issues"]
+    flagged = {(i["label"], i["looks_like"]) for i in issues["images"]}
+    assert issues["count"] >= 3 and ("5", "3") in flagged
+    strays_flagged = [i for i in issues["images"] if i["label"] == "5" and i["looks_like"] == "3"]
+    assert len(strays_flagged) >= 3 and all(i["file"].startswith("5/") for i in strays_flagged)
+    assert any("look mislabeled" in w for w in job["final"]["warnings"])
+    report = client.get(f"/v1/jobs/{job['id']}/report").text
+    assert 'id="label-issues"' in report
