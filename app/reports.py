@@ -56,7 +56,15 @@ def measured_on(metrics: dict[str, Any]) -> str:
     )
     ref = m["measured"].get("from_reference", 0)
     source = f" ({ref} from the reference set)" if ref else ""
-    return f"{old_n} old{source} / {new_n} new images, {how}"
+    few = m.get("few_shot") or {}
+    fewer = (
+        "; "
+        + ", ".join(f"{label!r} ({n} images)" for label, n in few.items())
+        + " scored by layers fitted on one image fewer than the version"
+        if few
+        else ""
+    )
+    return f"{old_n} old{source} / {new_n} new images, {how}{fewer}"
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
@@ -255,6 +263,7 @@ def render_html(job: JobRead) -> str:
 <h1>{html.escape(title)}</h1>
 <p><span class="badge {decision}" id="verdict">{decision}</span>
 {html.escape(gate.get("reason", ""))}</p>
+{_next_steps_html(gate)}
 <table id="summary">{summary_html}</table>
 <h2>Old classes: accuracy before and after</h2>
 <table id="old-classes"><tr><th>label</th><th>before</th><th>after</th><th>images</th></tr>
@@ -262,6 +271,7 @@ def render_html(job: JobRead) -> str:
 <h2>New classes</h2>
 <table id="new-classes"><tr><th>label</th><th>precision</th><th>recall</th><th>images</th></tr>
 {new_rows}</table>
+{_label_issues_html(m.get("label_issues") or {})}
 <h2>Confusion matrix (every measured image)</h2>
 {confusion_html(m["confusion_matrix"]) if "confusion_matrix" in m else ""}
 <h2>Training</h2>
@@ -270,6 +280,33 @@ def render_html(job: JobRead) -> str:
 are 95 %.</small></p>
 </body></html>
 """
+
+
+def _next_steps_html(gate: dict[str, Any]) -> str:
+    steps = gate.get("next_steps") or []
+    if not steps:
+        return ""
+    items = "".join(f"<li>{html.escape(step)}</li>" for step in steps)
+    return f'<p>What would change the decision:</p><ul id="next-steps">{items}</ul>'
+
+
+def _label_issues_html(issues: dict[str, Any]) -> str:
+    """The images whose label the layers that never saw them doubt (confident learning)."""
+    if not issues.get("count"):
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(i.get('file') or i['digest'][:16])}</td>"
+        f"<td>{html.escape(i['label'])}</td><td>{html.escape(i['looks_like'])}</td>"
+        f"<td>{100 * i['confidence']:.0f}%</td></tr>"
+        for i in issues["images"]
+    )
+    return (
+        f"<h2>Likely mislabeled ({issues['count']} of {issues['checked']} images)</h2>"
+        "<p>Images the layers that never saw them confidently put in another label: look at "
+        "them, and move or remove the wrong ones.</p>"
+        '<table id="label-issues"><tr><th>image</th><th>labelled</th><th>looks like</th>'
+        f"<th>confidence</th></tr>{rows}</table>"
+    )
 
 
 def render_png(job: JobRead) -> bytes:

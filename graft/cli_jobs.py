@@ -228,7 +228,7 @@ def job_list(
             ", ".join(j.new_labels)
             if j.kind != "evaluate"
             else "evaluates " + ", ".join(f"v{n}" for n in j.config.get("versions", [])),
-            f"v{j.result.version}" if j.result else "",
+            (f"v{j.result.version} {j.result.gate or ''}".strip()) if j.result else "",
             f"{j.created_at:%Y-%m-%d %H:%M}",
         ]
         for j in jobs

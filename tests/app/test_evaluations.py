@@ -152,3 +152,21 @@ def test_an_old_label_set_is_what_the_first_version_knew(client, settings, linea
     assert v2["old_labels"]["n"] == lineage["num_images"]  # its own labels are the baseline's
     assert v2["new_labels"]["n"] == 0 and v2["new_labels"]["accuracy"] is None
     assert sorted(v2["labels"]) == sorted([str(d) for d in OLD] + ["9"])
+
+
+def test_an_evaluation_says_which_of_its_images_a_version_was_fitted_on(
+    client, settings, lineage, digit_splits
+):
+    _, held = digit_splits
+    # 10 images of each digit the job trained v2 on, and 10 no job saw
+    mixed = D.zip_image_folder({str(d): held.of(d)[10:30] for d in OLD} | {"9": held.of(9)[5:15]})
+    dataset = client.post("/v1/datasets", files={"archive": ("mixed.zip", mixed)}).json()
+    body = {"model": "digits", "versions": [1, 2], "dataset_id": dataset["id"]}
+    done = evaluate(client, settings, body)
+    assert done["status"] == "succeeded", done["error"]
+    overlap = done["result"]["overlap"]
+    assert overlap["1"] == {"trained_on": None, "remembered": 0, "images": 190}
+    assert overlap["2"]["trained_on"] == 9 * 10 + 5  # what v2's lineage says it was fitted on
+    assert overlap["2"]["remembered"] == 9 * 10 + 5  # and its reference set keeps
+    assert any("version 2 was fitted on 95" in w for w in done["warnings"])
+    assert done["result"]["hygiene"]["copies_removed"] == 0

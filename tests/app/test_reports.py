@@ -58,7 +58,7 @@ def test_the_html_report_shows_what_happened(client, finished, tmp_path):
     ).stdout
     gate = finished["metrics"]["gate"]
     assert f'id="verdict">{gate["decision"]}</span>' in dom
-    assert f"evidence {gate['evidence']}" in dom  # the gate says how much it rests on
+    assert f"({gate['evidence']}" in dom  # the gate says how much it rests on
     assert "Old classes: accuracy before and after" in dom
     assert "<svg" in dom if finished["metrics"]["history"] else "refitted as one convex" in dom
     assert "new-class calibration</th><td>" in dom and "held-out images" in dom

@@ -58,6 +58,7 @@ def test_a_label_too_small_to_judge_holds_the_version_and_says_what_would_decide
     gate = final["metrics"]["gate"]
     assert gate["decision"] == "held" and final["result"]["gate"] == "held"
     assert gate["checks"]["new_labels"]["9"]["verdict"] == "unclear"
+    assert final["metrics"]["measurement"]["few_shot"] == {"9": 1}
     assert "new label '9' cannot be judged" in gate["reason"]
     assert any("add images of '9'" in step for step in gate["next_steps"])
     assert any(w.startswith("version 2 is held") for w in final["warnings"])

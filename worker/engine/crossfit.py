@@ -75,6 +75,13 @@ def cross_fit(
         "seen_by_base": seen,  # trained on, not measured: the base saw them in every fold
         "near_duplicate_groups": len(together or []),
         "near_duplicate_images": sum(len(g) for g in together or []),
+        # new labels with no more images than folds: each fold layer that scores one of their
+        # images was fitted on one image fewer than the version (their last is never held out)
+        "few_shot": {
+            labels[c]: int((targets == c).sum())
+            for c in range(num_old, len(labels))
+            if bool(((targets == c) & (fold_of == NEVER)).any())
+        },
     }
     metrics["calibration"] = cross.layer.choice.as_metrics() | {"before_finetune": False}
     metrics["label_issues"] = likely_mislabeled(

@@ -273,7 +273,12 @@ def decide(
     elif doubts:
         decision, reasons = HELD, doubts
     else:
+        learned_shown = [
+            f"{label!r} {_pct(c['recall'])} (n={c['n']})" for label, c in learned.items()
+        ]
         decision, reasons = PROMOTED, [retention["why"]]
+        if learned_shown:
+            reasons.append("new labels learned: " + ", ".join(learned_shown))
     if decision == PROMOTED:
         evidence = "strong" if retention.get("strong") else "within margin"
     elif decision == REJECTED:

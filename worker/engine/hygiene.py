@@ -35,13 +35,13 @@ def likely_mislabeled(
     empty = {"checked": len(targets), "count": 0, "images": []}
     if len(present) < 2 or int(counts[present].min()) < 5:
         return empty
-    from cleanlab.filter import find_label_issues  # imports pandas: only when needed
-
     column = torch.full((len(labels),), -1, dtype=torch.long)
     column[present] = torch.arange(len(present))
     probs = torch.softmax(logits[:, present].double(), dim=1)
     given = column[targets]
     try:
+        from cleanlab.filter import find_label_issues  # imports pandas: only when needed
+
         ranked = find_label_issues(
             given.numpy(),
             probs.numpy(),
