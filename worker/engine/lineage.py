@@ -129,30 +129,32 @@ def near_duplicates(
     """Groups (two or more) of images of one label whose features are near-identical: the
     cosine of their offsets from the label's mean feature is at least ``threshold``. Offsets,
     not raw features: a trained backbone puts every image of a label in one narrow cone, but
-    two shots of one scene share their offset too."""
-    parent = list(range(len(targets)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    two shots of one scene share their offset too. Groups are the connected components of
+    that relation, found by propagating the smallest index along it (vectorised: a label
+    whose images all look alike costs a few matrix products, not a loop over its pairs)."""
+    component = torch.arange(len(targets))
     for label in targets.unique().tolist():
         members = (targets == label).nonzero().flatten()
         if len(members) < 2:
             continue
         x = features[members].float()
         x = F.normalize(x - x.mean(dim=0), dim=1)
-        for start in range(0, len(members), chunk):
-            block = x[start : start + chunk] @ x.T
-            rows, cols = (block >= threshold).nonzero(as_tuple=True)
-            for r, c in zip((rows + start).tolist(), cols.tolist(), strict=True):
-                if r < c:
-                    parent[root(int(members[r]))] = root(int(members[c]))
+        least = torch.arange(len(members))
+        while True:
+            nxt = least.clone()
+            for start in range(0, len(members), chunk):
+                close = (x[start : start + chunk] @ x.T) >= threshold
+                candidates = torch.where(close, least[None, :], len(members))
+                nxt[start : start + chunk] = torch.minimum(
+                    nxt[start : start + chunk], candidates.min(dim=1).values
+                )
+            if torch.equal(nxt, least):
+                break
+            least = nxt
+        component[members] = members[least]
     groups: dict[int, list[int]] = {}
-    for i in range(len(targets)):
-        groups.setdefault(root(i), []).append(i)
+    for i, c in enumerate(component.tolist()):
+        groups.setdefault(c, []).append(i)
     return [g for g in groups.values() if len(g) > 1]
 
 
