@@ -277,14 +277,6 @@ def _label(
     return Extracted(dict(sorted(counts.items())), rejected, images)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def deduplicate(
     labelled: list[tuple[str, str, Path, str, str]], rejected: list[dict[str, str]]
 ) -> list[tuple[str, str, Path]]:

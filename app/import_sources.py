@@ -21,13 +21,13 @@ from app import s3uri
 from app.datasets import (
     ArchiveLimits,
     deduplicate,
-    file_sha256,
     folder_problem,
     is_ignored,
     safe_parts,
     verify_image,
 )
 from app.errors import Invalid
+from app.storage import file_sha256
 
 CHUNK = 256 * 1024
 MAX_MANIFEST_LINE = 2048  # bytes a manifest may spend per line, on average

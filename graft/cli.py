@@ -9,6 +9,7 @@ from typing import Any
 import typer
 import typer.main
 
+from graft import cli_gate  # noqa: F401 - adds `graft model gate`
 from graft.cli_datasets import dataset_app
 from graft.cli_jobs import evaluate, job_app
 from graft.cli_models import model_app
@@ -18,7 +19,7 @@ HELP = (
     "Run the Graft service, and use it.\n\n"
     "Server: graft serve (the API and a worker together), graft api, graft worker, "
     "graft db upgrade, graft keys create|list|revoke.\n\n"
-    "Client: graft model push|list|show|pull|reference|promote|delete, "
+    "Client: graft model push|list|show|pull|reference|promote|gate|delete, "
     "graft dataset push|list|show, graft job submit|list|show|watch|cancel, "
     "graft eval (compare versions on a dataset). "
     "The client commands talk to GRAFT_URL "

@@ -138,12 +138,15 @@ class Client:
         weights: str | Path,
         preprocessing: dict | None = None,
         reference_dataset_id: str | None = None,
+        gate: dict | None = None,
     ) -> ModelVersionRead:
         data = {"name": name, "architecture": architecture, "labels": json.dumps(labels)}
         if preprocessing:
             data["preprocessing"] = json.dumps(preprocessing)
         if reference_dataset_id:
             data["reference_dataset_id"] = reference_dataset_id
+        if gate:
+            data["gate"] = json.dumps(gate)
         with _weights_file(Path(weights)) as (filename, f):
             response = self._request(
                 "POST", "/v1/models", data=data, files={"weights": (filename, f)}
@@ -152,6 +155,11 @@ class Client:
 
     def get_model(self, name: str) -> ModelRead:
         return ModelRead.model_validate(self._request("GET", f"/v1/models/{name}").json())
+
+    def set_gate(self, name: str, settings: dict[str, float | int]) -> ModelRead:
+        """Set the gate's settings for the model's jobs (those not given: the defaults)."""
+        response = self._request("PUT", f"/v1/models/{name}/gate", json=settings)
+        return ModelRead.model_validate(response.json())
 
     def get_version(self, name: str, version: int) -> ModelVersionRead:
         response = self._request("GET", f"/v1/models/{name}/versions/{version}")

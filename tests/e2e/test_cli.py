@@ -11,7 +11,7 @@ import pytest
 import safetensors
 import torch
 
-from tests.conftest import OLD
+from tests.conftest import OLD, register_digits
 from tests.support import digits as D
 from tests.support.cli import run_graft
 
@@ -201,3 +201,21 @@ def test_new_label_images_alone_with_the_cli_a_reference_set_and_a_promotion(
     assert "forgetful v1 reference set" in added.stdout
     bad = graft(client, "model", "reference", "forgetful@one", "--dataset", memory_id)
     assert bad.returncode == 2
+
+
+def test_the_gate_settings_of_a_model_are_shown_and_set_from_the_cli(server, base_weights):
+    client, _, _ = server
+    assert register_digits(client, base_weights, name="gated").status_code == 201
+    shown = graft(client, "model", "gate", "gated")
+    assert shown.returncode == 0, shown.stderr
+    rows = {
+        cells[1].strip(): cells[2].strip()
+        for cells in (line.split("│") for line in shown.stdout.splitlines())
+        if len(cells) >= 4
+    }
+    assert rows["min_retention"] == "0.98" and rows["margin"] == "0.03"
+    changed = graft(client, "model", "gate", "gated", "--min-retention", "0.99")
+    assert changed.returncode == 0, changed.stderr
+    assert client.get("/v1/models/gated").json()["gate"]["min_retention"] == 0.99
+    refused = graft(client, "model", "gate", "gated", "--margin", "3")
+    assert refused.returncode == 3 and "margin" in refused.stderr
