@@ -13,13 +13,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth import KEY_PREFIX, authenticate
 from app.db import POOL_SIZE, session_scope
+from app.inputs import INT4_MAX
 from app.pollcache import PollCache
 from app.settings import Settings
 from app.storage import Storage, open_storage
@@ -116,4 +117,5 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 DbDep = Annotated[Db, Depends(get_db)]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="page size")]
+VersionPath = Annotated[int, Path(ge=1, le=INT4_MAX, description="a version number")]
 CursorQuery = Annotated[str | None, Query(max_length=200, description="from next_cursor")]

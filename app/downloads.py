@@ -35,6 +35,8 @@ def byte_range(
         return None
     match = _SPEC.match(spec)
     first, last = match.groups() if match else ("", "")
+    if len(first) > 19 or len(last) > 19:  # beyond any file's size (and Python's int limit)
+        raise RangeNotSatisfiable(_refusal(header[:80], size), size)
     if first:
         start = int(first)
         stop = min(int(last) + 1, size) if last else size

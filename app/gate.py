@@ -10,16 +10,17 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from app.errors import Invalid
+from app.inputs import Input
 from app.settings import Settings
 from worker.engine.gate import GateSettings
 
 DEFAULTS = GateSettings()
 
 
-class GateConfig(BaseModel):
+class GateConfig(Input):
     """Every field optional: what is left out comes from the model's settings, else the
     defaults. The rule: bench/gate.py and the README's "The gate" say what each one does."""
 

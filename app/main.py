@@ -23,6 +23,7 @@ from app import __version__
 from app.deps import Database
 from app.errors import InsufficientStorage, ServiceError, Unavailable
 from app.importer import Importer
+from app.inputs import ControlCharacters
 from app.observability import Metrics, MetricsMiddleware
 from app.pollcache import PollCache
 from app.predict import PredictorCache
@@ -207,4 +208,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(ControlCharacters)  # outermost: nothing runs on such a request
     return app

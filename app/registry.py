@@ -22,6 +22,7 @@ from app import __version__, datasets, references
 from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
 from app.gate import parse_gate
+from app.inputs import control_character_at
 from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
     ARTIFACT_SUFFIXES,
@@ -114,6 +115,10 @@ def parse_labels(raw: str) -> list[str]:
         raise Invalid("labels must be a non-empty JSON array of strings", "labels")
     if not all(isinstance(x, str) and x.strip() for x in labels):
         raise Invalid("every label must be a non-empty string", "labels")
+    if (where := control_character_at(labels, "labels")) or any(len(x) > 200 for x in labels):
+        raise Invalid(
+            f"{where or 'labels'}: labels must be printable and at most 200 characters", "labels"
+        )
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
     if duplicates:
         raise Invalid(f"labels must be distinct; repeated: {duplicates[:5]}", "labels")

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from app.gate import GateConfig
+from app.inputs import Input, VersionNumber
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 T = TypeVar("T")
@@ -60,7 +61,7 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] = []
 
 
-class PreprocessingSpec(BaseModel):
+class PreprocessingSpec(Input):
     model_config = ConfigDict(extra="forbid")
 
     input_size: Annotated[
@@ -224,7 +225,7 @@ class ModelRead(BaseModel):
     )
 
 
-class ReferenceAdd(BaseModel):
+class ReferenceAdd(Input):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"dataset_id": "01M8G41ZV3798EK5RW4W3Z1BS8"}]},
@@ -255,7 +256,7 @@ class ReferenceRead(BaseModel):
     ignored_labels: list[str] = Field(description="dataset folders that are not labels of it")
 
 
-class PromoteRequest(BaseModel):
+class PromoteRequest(Input):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "ok"}]})
 
     reason: str | None = Field(None, max_length=2000)
@@ -326,7 +327,7 @@ class DatasetRead(BaseModel):
     error: DatasetError | None = Field(None, description="why an import failed")
 
 
-class DatasetImport(BaseModel):
+class DatasetImport(Input):
     """A dataset registered by reference: images already in an allowed S3 bucket."""
 
     model_config = ConfigDict(
@@ -355,7 +356,7 @@ class DatasetImport(BaseModel):
         return self
 
 
-class AugmentationConfig(BaseModel):
+class AugmentationConfig(Input):
     model_config = ConfigDict(extra="forbid")
 
     views: int = Field(1, ge=1, le=64)
@@ -373,7 +374,7 @@ class AugmentationConfig(BaseModel):
         return v
 
 
-class JobConfig(BaseModel):
+class JobConfig(Input):
     """Every field optional; the resolved values are echoed back on the job."""
 
     model_config = ConfigDict(extra="forbid")
@@ -416,7 +417,7 @@ class JobConfig(BaseModel):
     )
 
 
-class JobCreate(BaseModel):
+class JobCreate(Input):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -433,7 +434,7 @@ class JobCreate(BaseModel):
     )
 
     model: str = Field(pattern=NAME_PATTERN)
-    base_version: int | None = Field(None, ge=1)
+    base_version: VersionNumber | None = None
     dataset_id: str = Field(min_length=1, max_length=64)
     new_labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
     config: JobConfig = JobConfig()
@@ -539,7 +540,7 @@ class PredictionsRead(BaseModel):
     predictions: list[list[Prediction]]
 
 
-class EvaluationCreate(BaseModel):
+class EvaluationCreate(Input):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -548,7 +549,7 @@ class EvaluationCreate(BaseModel):
     )
 
     model: str = Field(pattern=NAME_PATTERN)
-    versions: list[Annotated[int, Field(ge=1)]] = Field(
+    versions: list[VersionNumber] = Field(
         min_length=1,
         max_length=8,
         description="the versions to score, each at most once; the first is the baseline: "

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
     from app.settings import Settings
+    from tests.support.services import PostgresCluster
 
 OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
 ARCH = "timm:resnet18"
@@ -122,3 +123,32 @@ def digits_archive(held: D.Digits, old_per_class: int = 20, new_shots: int = 10)
     folders = {str(d): held.of(d)[:old_per_class] for d in OLD}
     folders["9"] = held.of(9)[:new_shots]
     return D.zip_image_folder(folders)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster for the whole session; tests may stop and restart it."""
+    from tests.support.services import PostgresCluster, ServiceUnavailable, unavailable
+
+    try:
+        cluster = PostgresCluster()
+    except ServiceUnavailable as exc:
+        unavailable("PostgreSQL", exc)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture()
+def postgres_url(pg_cluster: PostgresCluster) -> Iterator[str]:
+    """A fresh, empty database on the private cluster, dropped afterwards."""
+    pg_cluster.start()  # in case a test before this one left it stopped
+    url = pg_cluster.create_database()
+    yield url
+    from app.db import get_engine
+
+    get_engine(url).dispose()
+    pg_cluster.start()
+    pg_cluster.drop_database(url)

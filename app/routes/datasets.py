@@ -14,6 +14,7 @@ from app import datasets, imports
 from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.disk import ensure_room
 from app.errors import Invalid, TooLarge
+from app.inputs import Text
 from app.routes import json_response, problems
 from app.schemas import DatasetImport, DatasetRead, Page, Problem
 from app.uploads import upload_size
@@ -58,7 +59,7 @@ async def create_dataset(
     archive: Annotated[
         UploadFile | None, File(description=".zip, .tar or .tar.gz in ImageFolder layout")
     ] = None,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[Text | None, Form(max_length=200)] = None,
 ) -> Response:
     """Upload an archive (multipart), or register images already in S3 (JSON
     `{"source": "s3://bucket/prefix/"}` or `{"manifest": "s3://bucket/list.csv"}`)."""

@@ -12,10 +12,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app import deletion, downloads, references, registry
-from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep
+from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep, VersionPath
 from app.disk import ensure_room
 from app.errors import Invalid, NotFound, TooLarge
 from app.gate import GateConfig, defaults
+from app.inputs import Text
 from app.routes import json_response, problems
 from app.schemas import (
     ARTIFACT_SUFFIXES,
@@ -51,9 +52,9 @@ async def register_model(
     db: DbDep,
     storage: StorageDep,
     settings: SettingsDep,
-    name: Annotated[str, Form(description="[a-z0-9][a-z0-9._-]{0,63}")],
-    architecture: Annotated[str, Form(examples=["timm:resnet18"])],
-    labels: Annotated[str, Form(description="JSON array; index = output unit")],
+    name: Annotated[Text, Form(description="[a-z0-9][a-z0-9._-]{0,63}")],
+    architecture: Annotated[Text, Form(max_length=200, examples=["timm:resnet18"])],
+    labels: Annotated[Text, Form(description="JSON array; index = output unit")],
     weights: Annotated[
         UploadFile,
         File(
@@ -62,9 +63,9 @@ async def register_model(
             "preprocessor_config.json)"
         ),
     ],
-    preprocessing: Annotated[str | None, Form(description="JSON")] = None,
+    preprocessing: Annotated[Text | None, Form(description="JSON")] = None,
     reference_dataset_id: Annotated[
-        str | None,
+        Text | None,
         Form(
             max_length=64,
             description="a dataset whose folders are labels of the model: its images become "
@@ -72,7 +73,7 @@ async def register_model(
         ),
     ] = None,
     gate: Annotated[
-        str | None,
+        Text | None,
         Form(
             max_length=2000,
             description="JSON: the gate's settings for this model's jobs (min_retention, "
@@ -164,7 +165,7 @@ def _version(session: Session, owner: str, name: str, version: int) -> ModelVers
 
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionRead)
-async def get_version(name: str, version: int, db: DbDep) -> Response:
+async def get_version(name: str, version: VersionPath, db: DbDep) -> Response:
     """The version. A deleted version still answers 200, as a tombstone: ``status``
     "deleted", ``deleted_at``, no ``formats``, no reference set, ``sha256`` and
     ``size_bytes`` null; its labels, parent, architecture, preprocessing and metrics stay, so
@@ -177,7 +178,7 @@ async def get_version(name: str, version: int, db: DbDep) -> Response:
     "/{name}/versions/{version}", status_code=204, response_class=Response, responses=GONE
 )
 async def delete_version(
-    name: str, version: int, db: DbDep, storage: StorageDep, force: ForceQuery = False
+    name: str, version: VersionPath, db: DbDep, storage: StorageDep, force: ForceQuery = False
 ) -> Response:
     """Delete a version's files (every format, its reference set) and keep its record as a
     tombstone (see GET). Version numbers are never reused. If it was the model's latest
@@ -216,7 +217,7 @@ async def delete_model(
 @router.post("/{name}/versions/{version}/reference", response_model=ReferenceRead, responses=GONE)
 async def add_reference(
     name: str,
-    version: int,
+    version: VersionPath,
     body: ReferenceAdd,
     db: DbDep,
     storage: StorageDep,
@@ -250,7 +251,7 @@ async def add_reference(
 @router.post("/{name}/versions/{version}/promote", response_model=ModelRead, responses=GONE)
 async def promote_version(
     name: str,
-    version: int,
+    version: VersionPath,
     db: DbDep,
     settings: SettingsDep,
     body: PromoteRequest | None = None,
@@ -331,7 +332,7 @@ async def _artifact(db: Db, name: str, version: int, format: str) -> tuple[dict[
 )
 async def download_artifact(
     name: str,
-    version: int,
+    version: VersionPath,
     db: DbDep,
     storage: StorageDep,
     format: FormatQuery = "safetensors",
@@ -357,7 +358,7 @@ async def download_artifact(
 )
 async def artifact_headers(
     name: str,
-    version: int,
+    version: VersionPath,
     db: DbDep,
     storage: StorageDep,
     format: FormatQuery = "safetensors",
@@ -373,7 +374,7 @@ async def artifact_headers(
 @router.post("/{name}/versions/{version}/predict", response_model=PredictionsRead, responses=GONE)
 async def predict_images(
     name: str,
-    version: int,
+    version: VersionPath,
     request: Request,
     db: DbDep,
     storage: StorageDep,

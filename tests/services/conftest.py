@@ -1,7 +1,7 @@
 """Real PostgreSQL and Redis servers, private to the test run: a PostgreSQL cluster per session
-(a fresh database per test) and a Redis server per test, each on a free loopback port. Without
-the server binaries these tests skip, unless GRAFT_REQUIRE_SERVICES=1 (CI), where a missing
-service is a failure."""
+(a fresh database per test; both in tests/conftest.py) and a Redis server per test, each on a
+free loopback port. Without the server binaries these tests skip, unless
+GRAFT_REQUIRE_SERVICES=1 (CI), where a missing service is a failure."""
 
 from __future__ import annotations
 
@@ -13,34 +13,7 @@ from app.server import db_upgrade
 from app.settings import Settings
 from tests.conftest import digits_archive, register_digits
 from tests.support.cluster import Cluster
-from tests.support.services import PostgresCluster, RedisServer, ServiceUnavailable, unavailable
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PostgresCluster]:
-    """A private PostgreSQL cluster for the whole session; tests may stop and restart it."""
-    try:
-        cluster = PostgresCluster()
-    except ServiceUnavailable as exc:
-        unavailable("PostgreSQL", exc)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture()
-def postgres_url(pg_cluster: PostgresCluster) -> Iterator[str]:
-    """A fresh, empty database on the private cluster, dropped afterwards."""
-    pg_cluster.start()  # in case a test before this one left it stopped
-    url = pg_cluster.create_database()
-    yield url
-    from app.db import get_engine
-
-    get_engine(url).dispose()
-    pg_cluster.start()
-    pg_cluster.drop_database(url)
+from tests.support.services import RedisServer, ServiceUnavailable, unavailable
 
 
 @pytest.fixture()
