@@ -35,6 +35,7 @@ from app.models import Dataset, Job, JobStatus, new_id
 from app.schemas import DatasetRead, RejectedFile
 from app.settings import Settings
 from app.storage import Storage
+from worker.engine.reference import conflicting
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
 # Only these decoders ever see uploaded bytes; PIL's other plugins are never tried.
@@ -283,15 +284,14 @@ def deduplicate(
     """``(label, ext, file)`` of each distinct image of ``labelled`` (``(label, ext, file,
     sha256, path as the user named it)``): copies under the same label are skipped, an image
     under two labels is left out of both; each is named in ``rejected``."""
-    labels_of: dict[str, set[str]] = {}
+    conflicted = conflicting((digest, label) for label, _, _, digest, _ in labelled)
     first: dict[tuple[str, str], str] = {}
     for label, _, _, digest, shown in labelled:
-        labels_of.setdefault(digest, set()).add(label)
         first.setdefault((digest, label), shown)
     images = []
     for label, ext, path, digest, shown in labelled:
-        if len(labels_of[digest]) > 1:
-            others = ", ".join(repr(x) for x in sorted(labels_of[digest] - {label}))
+        if digest in conflicted:
+            others = ", ".join(repr(x) for x in conflicted[digest] if x != label)
             rejected.append(
                 {
                     "path": shown,

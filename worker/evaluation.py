@@ -22,7 +22,7 @@ from worker.engine.data import Sample, scan_image_folder
 from worker.engine.errors import EngineError
 from worker.engine.expand import Progress
 from worker.engine.lineage import Lineage
-from worker.engine.reference import file_digest
+from worker.engine.reference import conflicting, file_digest
 from worker.lifecycle import Heartbeat, LeaseLost, fenced_finish, job_folder, with_retries
 from worker.spec import extract_images
 
@@ -107,7 +107,7 @@ def _score(
     heartbeat.report(Progress("loading", 0.0, message="unpacking the dataset"))
     with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
         extract_images(tar, tmp / "images")
-    samples, hygiene = distinct_samples(scan_image_folder(tmp / "images"))
+    samples, hygiene, digests = distinct_samples(scan_image_folder(tmp / "images"))
     files = [
         VersionFile(
             v.version,
@@ -132,7 +132,6 @@ def _score(
         heartbeat.report(Progress(stage.stage, stage.fraction, message=stage.message))
 
     result = compare_versions(files, samples, config, report, heartbeat.should_stop)
-    digests = set(hygiene.pop("digests"))
     overlap = {str(v.version): _overlap(storage, v, digests) for v in spec.versions}
     return (
         {"model": spec.model_name, "dataset_id": spec.dataset_id}
@@ -144,29 +143,26 @@ def _score(
     )
 
 
-def distinct_samples(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any]]:
+def distinct_samples(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any], set[str]]:
     """Each image once: copies under one label count once (else they narrow the intervals as
     if they were evidence), and an image under two labels is left out (it cannot be right
-    under both). Returns the samples and what was removed, with every digest kept."""
-    labels_of: dict[str, set[str]] = {}
+    under both). Returns the samples, what was removed, and the digests kept."""
     digest_of = [file_digest(s.path) for s in samples]
-    for sample, digest in zip(samples, digest_of, strict=True):
-        labels_of.setdefault(digest, set()).add(sample.label)
+    conflicted = conflicting(zip(digest_of, (s.label for s in samples), strict=True))
     kept, seen, copies = [], set(), 0
     for sample, digest in zip(samples, digest_of, strict=True):
-        if len(labels_of[digest]) > 1:
+        if digest in conflicted:
             continue
         if digest in seen:
             copies += 1
             continue
         seen.add(digest)
         kept.append(sample)
-    conflicts = sorted(d for d, found in labels_of.items() if len(found) > 1)
-    return kept, {
+    hygiene = {
         "copies_removed": copies,
-        "conflicts": [{"digest": d, "labels": sorted(labels_of[d])} for d in conflicts],
-        "digests": seen,
+        "conflicts": [{"digest": d, "labels": labels} for d, labels in sorted(conflicted.items())],
     }
+    return kept, hygiene, seen
 
 
 def _overlap(storage: Storage, version: StoredVersion, digests: set[str]) -> dict[str, Any]:

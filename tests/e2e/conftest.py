@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,4 +42,10 @@ def server(tmp_path_factory):
     yield client, process, data_dir
     if process.poll() is None:
         process.kill()
+        process.wait(timeout=30)
     client.close()
+    for child in data_dir.iterdir():  # the module's models and datasets; its log stays
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        elif child.name != "serve.log":
+            child.unlink()

@@ -27,7 +27,7 @@ from worker.engine.errors import DataError
 from worker.engine.features import FeatureCache, extract_features
 from worker.engine.heads import Head
 from worker.engine.recipe import Rows
-from worker.engine.reference import Kept, ReferenceImage, file_digest
+from worker.engine.reference import Kept, ReferenceImage, conflicting, file_digest
 
 JOB, REFERENCE = "job", "reference"
 
@@ -114,15 +114,12 @@ def gather_images(
     old_labels = set(labels[:num_old])
     job = [(s, file_digest(s.path)) for s in samples if s.label in index]
     wanted = [r for r in dict.fromkeys(reference_images) if r.label in old_labels]
-    labels_of: dict[str, set[str]] = {}
-    for digest, label in [(d, s.label) for s, d in job] + [(r.digest, r.label) for r in wanted]:
-        labels_of.setdefault(digest, set()).add(label)
-    conflicted = {d for d, found in labels_of.items() if len(found) > 1}
+    conflicted = conflicting([(d, s.label) for s, d in job] + [(r.digest, r.label) for r in wanted])
     out = Gathered(labels, [], torch.empty(0), [], [], {})
     out.conflicts = [
         {
             "digest": d,
-            "labels": sorted(labels_of[d]),
+            "labels": conflicted[d],
             "files": [f"{s.path.parent.name}/{s.path.name}" for s, sd in job if sd == d],
         }
         for d in sorted(conflicted)

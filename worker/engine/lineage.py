@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -52,11 +53,9 @@ class Lineage:
     def save(self, path: Path) -> None:
         """One safetensors file: the fold layers, and every digest with its fold."""
         digests = sorted(self.fold_of)
+        raw = np.frombuffer(b"".join(bytes.fromhex(d) for d in digests), dtype=np.uint8)
         tensors = {
-            "digests": torch.frombuffer(
-                bytearray(b"".join(bytes.fromhex(d) for d in digests)) or bytearray(32),
-                dtype=torch.uint8,
-            )[: 32 * len(digests)].reshape(-1, 32),
+            "digests": torch.from_numpy(raw.reshape(-1, 32).copy()),
             "fold": torch.tensor([self.fold_of[d] for d in digests], dtype=torch.int8),
         }
         if self.has_layers:

@@ -86,6 +86,7 @@ Anchor = tuple[torch.Tensor, torch.Tensor]  # the original layer a refit is anch
 
 @dataclass(frozen=True)
 class _Fold:
+    fold: int
     weight: torch.Tensor  # uncalibrated, fitted without the fold
     bias: torch.Tensor
     held: torch.Tensor  # the rows it was fitted without
@@ -152,7 +153,6 @@ class LayerRecipe:
             fold_of = _folds(clean.y, clean.group, folds, self.training.seed)
         row_fold = fold_of[rows.group] if len(rows.group) else fold_of[:0]
         parts: list[_Fold] = []
-        fold_layers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for fold in range(folds):
             held = row_fold == fold
             if held.any():
@@ -160,20 +160,21 @@ class LayerRecipe:
                 w, b, _ = self.fit_rows(rows.subset(~held), anchor=anchor)
                 scored = rows.subset(held & rows.clean)
                 pool = Pool(scored.logits(w, b), scored.y)
-                parts.append(_Fold(w, b, held, scored.group, pool))
-            fold_layers.append(None)
+                parts.append(_Fold(fold, w, b, held, scored.group, pool))
             if on_fold:
                 on_fold(fold + 1, folds)
         weight, bias, history = self.fit_rows(rows, on_epoch)
         pool = Pool.concat([p.pool for p in parts], weight.shape[0])
         choice = self._calibrate(weight, bias, rows, pool)
         weight, bias = fold_into_layer(weight, bias, self.num_old, choice.alpha, choice.beta)
+        # a fold with no image: the whole layer never saw one of its (future) images
+        fold_layers = [(weight, bias)] * folds
         groups, predicted, logits = [], [], []
         for k, part in enumerate(parts):
             others = Pool.concat([p.pool for i, p in enumerate(parts) if i != k], weight.shape[0])
             own = self._calibrate(part.weight, part.bias, rows.subset(~part.held), others)
             layer = fold_into_layer(part.weight, part.bias, self.num_old, own.alpha, own.beta)
-            fold_layers[int(row_fold[part.held][0])] = layer
+            fold_layers[part.fold] = layer
             scored = layer_logits(part.pool.logits, self.num_old, own.alpha, own.beta)
             groups.append(part.groups)
             logits.append(scored)
@@ -185,8 +186,7 @@ class LayerRecipe:
             torch.cat(predicted) if predicted else empty,
             torch.cat(logits) if logits else torch.empty(0, weight.shape[0]),
             fold_of,
-            # a fold with no image: the whole layer never saw one of its (future) images
-            [layer if layer is not None else (weight, bias) for layer in fold_layers],
+            fold_layers,
         )
 
     def _calibrate(

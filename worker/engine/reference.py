@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,15 @@ class Kept:
     digest: str
     label: str
     path: Path | None
+
+
+def conflicting(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """The digests of ``(digest, label)`` pairs that come under more than one label, each with
+    its labels: an image cannot be an example of two labels."""
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    for digest, label in pairs:
+        labels_of[digest].add(label)
+    return {d: sorted(found) for d, found in labels_of.items() if len(found) > 1}
 
 
 def file_digest(path: Path) -> str:
