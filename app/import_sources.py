@@ -193,7 +193,32 @@ def parse_manifest(
                 entries.append(Entry(text, uri.bucket, uri.key, label))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ImportFailed("manifest_invalid", f"the manifest is not CSV text: {exc}") from None
-    return entries, rejected
+    return _once(entries, rejected)
+
+
+def _once(
+    entries: list[Entry], rejected: list[dict[str, str]]
+) -> tuple[list[Entry], list[dict[str, str]]]:
+    """Each object copied once: a line repeating an object under the same label is dropped
+    (and said); an object listed under two labels is not imported (which is it?), and named."""
+    labels: dict[tuple[str, str], list[str]] = {}
+    for e in entries:
+        labels.setdefault((e.bucket, e.key), []).append(e.label)
+    kept: list[Entry] = []
+    seen: set[tuple[str, str]] = set()
+    for e in entries:
+        where = (e.bucket, e.key)
+        distinct = sorted(set(labels[where]))
+        if len(distinct) > 1:
+            if where not in seen:
+                reason = f"listed under {len(distinct)} labels ({', '.join(distinct[:5])})"
+                rejected.append({"path": e.path, "reason": reason})
+        elif where in seen:
+            rejected.append({"path": e.path, "reason": "listed again: copied once"})
+        else:
+            kept.append(e)
+        seen.add(where)
+    return kept, rejected
 
 
 def download(client: Any, bucket: str, key: str, target: Path, cap: int) -> bool:

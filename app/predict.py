@@ -5,25 +5,43 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.datasets import ALLOWED_DECODERS
-from app.errors import Invalid
+from app.errors import Conflict, Invalid, ServiceError
 from app.models import ModelVersion
-from app.registry import SAFETENSORS
 from app.schemas import Prediction
 from app.storage import Storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.data import eval_transform
+from worker.engine.errors import resource_error
+from worker.engine.formats import SAFETENSORS
 from worker.engine.weights import load_classifier
+
+
+@contextmanager
+def cannot_run(name: str) -> Iterator[None]:
+    """A stored model that fails to load or run is a 409 that says why, never a 500; running
+    out of memory stays what it is."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, ServiceError) or resource_error(exc) is not None:
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise Conflict(f"{name} cannot run here: {type(exc).__name__}: {text}") from None
 
 
 class Predictor:
     def __init__(self, version: ModelVersion, storage: Storage) -> None:
         weights = storage.local_path(version.artifacts[SAFETENSORS]["key"])
-        self.model, _ = load_classifier(version.architecture, len(version.labels), weights)
+        self.name = f"version {version.version}"
+        with cannot_run(self.name):
+            self.model, _ = load_classifier(version.architecture, len(version.labels), weights)
         self.labels = list(version.labels)
         self.prep = Preprocessing.from_dict(version.preprocessing)
         self.transform = eval_transform(self.prep)
@@ -45,7 +63,7 @@ class Predictor:
 
     def predict(self, images: list[bytes], top_k: int) -> list[list[Prediction]]:
         batch = torch.stack([self._tensor(i, data) for i, data in enumerate(images)])
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), cannot_run(self.name):
             probabilities = self.model(batch).float().softmax(dim=1)
         k = min(top_k, len(self.labels))
         scores, indices = probabilities.topk(k, dim=1)

@@ -6,7 +6,6 @@ import difflib
 import json
 import logging
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,14 +17,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import __version__, datasets, references
+from app import __version__, datasets, model_uploads, references
 from app.db import paginate
 from app.errors import Conflict, Invalid, NotFound
 from app.gate import parse_gate
 from app.inputs import control_character_at
 from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
-    ARTIFACT_SUFFIXES,
     NAME_PATTERN,
     ModelRead,
     ModelVersionRead,
@@ -33,23 +31,20 @@ from app.schemas import (
     PromotionRead,
     VersionSummary,
 )
+from app.settings import Settings
 from app.storage import Storage, StoredObject
+from worker.engine import intake, sandbox
 from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
-from worker.engine.errors import EngineError, resource_error
-from worker.engine.export import EXPORTERS, PORTABLE, native_formats
-from worker.engine.families import module_for
-from worker.engine.weights import (
-    convert_to_safetensors,
-    is_safetensors,
-    load_classifier,
-    save_safetensors,
-)
+from worker.engine.artifacts import write_artifacts
+from worker.engine.errors import EngineError
+from worker.engine.export import PORTABLE
+from worker.engine.formats import SAFETENSORS, SUFFIXES
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
-SAFETENSORS = "safetensors"
 EXPORTS = PORTABLE  # what version 1 gets besides safetensors (and its family's own format)
 
 
@@ -77,32 +72,26 @@ def store_model_files(
     exports: Sequence[str],
     tmp: Path,
     stored: list[StoredObject],
+    images: torch.Tensor,
 ) -> tuple[dict[str, StoredObject], dict[str, str]]:
-    """Store a version's files under ``prefix``, each carrying ``metadata``: the safetensors
-    file, then each format of ``exports``. A format the architecture cannot be exported to is
-    left out (the version has the others); running out of memory or disk is raised. Each
-    object is added to ``stored`` as soon as it exists, for the caller to delete should the
-    version not be recorded. Returns the stored files by format, and why each export that
-    was asked for failed."""
+    """Store a version's files under ``prefix``, each carrying ``metadata`` and each run in
+    its own runtime on ``images`` against the model before it is stored
+    (:func:`worker.engine.artifacts.write_artifacts`): the safetensors file, then each format
+    of ``exports``. A format that cannot be written or does not reproduce the model is left
+    out (the version has the others); running out of memory or disk is raised. Each object
+    is added to ``stored`` as soon as it exists, for the caller to delete should the version
+    not be recorded. Returns the stored files by format, and why each format that was asked
+    for is not offered."""
     files: dict[str, StoredObject] = {}
-    failed: dict[str, str] = {}
-    for fmt in (SAFETENSORS, *exports, *native_formats(model)):
-        path = tmp / f"model{ARTIFACT_SUFFIXES[fmt]}"
-        try:
-            if fmt == SAFETENSORS:  # the framework of its tensors is safetensors' own key
-                save_safetensors(path, model, {"format": "pt", **metadata})
-            else:
-                EXPORTERS[fmt](model, preprocessing, path, metadata)
-        except Exception as exc:
-            if fmt == SAFETENSORS or resource_error(exc) is not None:
-                raise
-            failed[fmt] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
-            log.warning("%s: no %s file: %s", prefix, fmt, failed[fmt])
-            path.unlink(missing_ok=True)
-            continue
-        files[fmt] = storage.put_file(f"{prefix}/model{ARTIFACT_SUFFIXES[fmt]}", path)
+
+    def keep(fmt: str, path: Path) -> None:
+        files[fmt] = storage.put_file(f"{prefix}/model{SUFFIXES[fmt]}", path)
         stored.append(files[fmt])
         path.unlink()  # a big model's copies need not all wait on the disk
+
+    failed = write_artifacts(model, preprocessing, metadata, exports, tmp, images, keep)
+    for fmt, why in failed.items():
+        log.warning("%s: no %s file: %s", prefix, fmt, why)
     return files, failed
 
 
@@ -208,46 +197,48 @@ def check_registration(
 def store_registration(
     storage: Storage,
     registration: Registration,
-    weights: Path,
-    reference_per_label: int,
+    upload: Path,
+    settings: Settings,
     tmp_root: Path,
 ) -> Registration:
-    """Check the weights against the architecture and store version 1's files (outside any
-    transaction): the weights as safetensors, the same model as ONNX and TorchScript where
-    its architecture exports (else without them), and the reference dataset's images."""
+    """Check the model and store version 1's files (outside any transaction). The upload is
+    opened, run and written out only in a bounded process (:mod:`worker.engine.intake`):
+    version 1 gets its safetensors file, ONNX and TorchScript where they reproduce the model
+    (and its family's own format), each run in its own runtime first; then the reference
+    dataset's images. A model refused there is a 422 naming the field at fault."""
     r = registration
-    try:
-        if r.architecture.startswith("hf:"):
-            model = _hf_upload(r, weights, tmp_root)
-        elif r.architecture.startswith(("keras:", "onnx:")):
-            model = _file_upload(r, weights)
-        else:
-            if not is_safetensors(weights):
-                converted = weights.with_suffix(".safetensors")
-                convert_to_safetensors(weights, converted)
-                weights = converted
-            model, _head = load_classifier(r.architecture, len(r.labels), weights)
-    except EngineError as exc:
-        raise resource_error(exc) or Invalid(str(exc), "weights") from None
-    stored: list[StoredObject] = []
+    limits = sandbox.Limits(
+        memory_bytes=settings.model_check_memory_bytes,
+        wall_s=settings.model_check_timeout_s,
+        file_bytes=2 * upload.stat().st_size + 1024**3,
+    )
     try:
         with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
-            metadata = artifact_metadata(
-                r.name, r.architecture, r.labels, r.preprocessing.to_dict(), None
-            )
+            folder = Path(tmp)
+            source = _unpacked(r.architecture, upload, folder / "upload", settings)
             try:
-                r.files, _failed = store_model_files(  # logged; `formats` shows the rest
-                    storage,
-                    f"models/{r.model_id}/{r.version_id}",
-                    model,
-                    metadata,
-                    r.preprocessing,
-                    EXPORTS,
-                    Path(tmp),
-                    stored,
+                answer = intake.check_model(
+                    folder,
+                    architecture=r.architecture,
+                    labels=r.labels,
+                    upload=source,
+                    preprocessing=r.preprocessing.to_dict() if r.preprocessing_given else None,
+                    exports=list(EXPORTS),
+                    metadata=artifact_metadata(
+                        r.name, r.architecture, r.labels, r.preprocessing.to_dict(), None
+                    ),
+                    limits=limits,
                 )
-            finally:
-                r.written += [o.key for o in stored]
+            except sandbox.Refused as exc:
+                raise Invalid(str(exc), exc.field) from None
+            r.preprocessing = Preprocessing.from_dict(answer["preprocessing"])
+            log.info("model %s: %s", r.name, answer["model"])
+            for fmt, name in answer["files"].items():
+                key = f"models/{r.model_id}/{r.version_id}/model{SUFFIXES[fmt]}"
+                r.files[fmt] = storage.put_file(key, folder / name)
+                r.written.append(key)
+            for fmt, why in answer["failed"].items():
+                log.warning("model %s: no %s file: %s", r.name, fmt, why)
         if r.dataset is not None:
             r.reference, _, images = references.extend_reference(
                 storage,
@@ -256,7 +247,7 @@ def store_registration(
                 None,
                 r.dataset,
                 set(r.labels),
-                reference_per_label,
+                settings.reference_per_label,
                 tmp_root,
             )
             if r.reference is not None:
@@ -270,54 +261,32 @@ def store_registration(
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
-def _hf_upload(r: Registration, archive: Path, tmp_root: Path) -> nn.Module:
-    """A Hugging Face model uploaded as a zip or tar of its ``save_pretrained`` folder: only
-    the files ``from_pretrained`` needs are unpacked (no code, no pickle). The folder's
-    preprocessing is the default; its config must name the architecture and the labels'
-    count."""
-    from worker.engine import hf  # noqa: PLC0415 (optional dependency)
-
-    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp, archive.open("rb") as f:
-        folder = Path(tmp)
-        for member in datasets.iter_members(f):
-            parts = datasets.safe_parts(member.name)
-            if member.kind != "file" or not parts or parts[-1] not in HF_FILES:
-                continue
-            if (folder / parts[-1]).exists():
-                raise Invalid(f"the archive holds more than one {parts[-1]}", "weights")
-            with member.open() as source, (folder / parts[-1]).open("wb") as out:
-                shutil.copyfileobj(source, out)
-        model, prep = hf.read_folder(folder)
-    named = hf.architecture_of(model.config.to_dict())
-    if named != r.architecture:
-        raise Invalid(f"the model's config.json is a {named}, not {r.architecture}", "architecture")
-    if model.config.num_labels != len(r.labels):
-        raise Invalid(
-            f"{len(r.labels)} labels were given but the model's config.json has "
-            f"{model.config.num_labels}",
-            "labels",
-        )
-    if prep is not None and not r.preprocessing_given:
-        r.preprocessing = prep
-    return model
-
-
-def _file_upload(r: Registration, path: Path) -> nn.Module:
-    """A ``.keras`` file (opened in safe mode: no code from it runs) or an ``.onnx`` graph
-    (whose logits come from a Gemm or MatMul+Add with constant weights). Its input size is the
-    default preprocessing."""
-    family = module_for(r.architecture.partition(":")[0])
-    assert family is not None
-    model = family.read_file(path)
-    if model.fc.out_features != len(r.labels):
-        raise Invalid(
-            f"{len(r.labels)} labels were given but the {family.TITLE} model has "
-            f"{model.fc.out_features} outputs",
-            "labels",
-        )
-    if not r.preprocessing_given:
-        r.preprocessing = family.preprocessing_of(model)
-    return model
+def _unpacked(architecture: str, upload: Path, folder: Path, settings: Settings) -> Path:
+    """What the sandbox opens: the upload itself, or the folder its archive unpacks to (a
+    Hugging Face ``save_pretrained`` folder; an ONNX graph with its data files)."""
+    if problem := model_uploads.kind_problem(architecture, upload):
+        raise Invalid(problem, "weights")
+    family = architecture.partition(":")[0]
+    if family not in ("hf", "onnx") or not model_uploads.is_archive(upload):
+        if family == "hf":
+            raise Invalid(
+                "a Hugging Face model is sent as a .zip or .tar(.gz) of its save_pretrained folder",
+                "weights",
+            )
+        return upload
+    folder.mkdir()
+    model_uploads.unpack(
+        upload,
+        folder,
+        datasets.archive_limits(settings),
+        settings.max_upload_bytes,
+        # only the files from_pretrained needs (no code, no pickle), flattened; an ONNX
+        # graph's folder as it is
+        (lambda parts: parts[-1:] if parts[-1] in HF_FILES else None)
+        if family == "hf"
+        else (lambda parts: parts),
+    )
+    return folder
 
 
 def discard_registration(storage: Storage, registration: Registration) -> None:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 from app.gate import GateConfig
 from app.inputs import Input, VersionNumber
+from worker.engine.formats import SUFFIXES
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 T = TypeVar("T")
@@ -20,13 +21,7 @@ T = TypeVar("T")
 # a Keras model's ``.keras`` file, which only ``keras:`` versions have.
 ArtifactFormat = Literal["safetensors", "onnx", "torchscript", "hf", "keras"]
 ExportFormat = Literal["onnx", "torchscript"]
-ARTIFACT_SUFFIXES: dict[str, str] = {
-    "safetensors": ".safetensors",
-    "onnx": ".onnx",
-    "torchscript": ".torchscript.pt",
-    "hf": ".hf.zip",
-    "keras": ".keras",
-}
+ARTIFACT_SUFFIXES: dict[str, str] = SUFFIXES
 
 
 class Page(BaseModel, Generic[T]):

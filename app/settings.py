@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = 16 * 1024 * MiB
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 64_000_000
+    # A model a user sends is opened, run and written out in a process of its own with these
+    # limits (address space, wall clock); past one, the registration is refused (422).
+    model_check_memory_bytes: int = Field(16 * 1024 * MiB, ge=1024 * MiB)
+    model_check_timeout_s: float = Field(300.0, gt=0)
     # Datasets registered by reference (POST /v1/datasets {"source"|"manifest": "s3://..."})
     # are copied from these buckets only (comma-separated), with the server's own S3
     # credentials; empty: importing by reference is off.

@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import or_, select, update
@@ -25,7 +26,7 @@ from sqlalchemy import or_, select, update
 from app.db import session_scope, utcnow
 from app.jobs import job_read
 from app.models import Job, JobStatus
-from app.outbound import refused_destination
+from app.outbound import destination
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,12 @@ def _deliver(settings: Settings, job_id: str, due: tuple) -> bool:
 def _post(
     settings: Settings, url: str, body: bytes, job_id: str, attempt: int, status: str
 ) -> bool:
-    refused = refused_destination(url, settings)
-    if refused:
-        log.warning("webhook for job %s not sent: %s", job_id, refused)
+    target = destination(url, settings)
+    if isinstance(target, str):
+        log.warning("webhook for job %s not sent: %s", job_id, target)
         return False
     headers = {
+        "Host": target.host,
         "Content-Type": "application/json",
         "User-Agent": "graft-webhooks",
         "Graft-Event": f"job.{status}",
@@ -105,9 +107,15 @@ def _post(
         "Graft-Signature": sign(body, webhook_secret(settings)),
     }
     try:
-        response = httpx.post(
-            url, content=body, headers=headers, timeout=10, follow_redirects=False
-        )
+        with httpx.Client(timeout=10, follow_redirects=False) as http:
+            response = http.request(
+                "POST",
+                target.url,
+                content=body,
+                headers=headers,
+                # TLS is checked against the name, though the connection is to the address
+                extensions={"sni_hostname": urlsplit(url).hostname or ""},
+            )
     except httpx.HTTPError as exc:
         log.warning("webhook for job %s to %s failed (attempt %d): %s", job_id, url, attempt, exc)
         return False

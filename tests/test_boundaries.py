@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-ENGINE_MODULES = ["worker.engine.expand", "worker.engine.export", "worker.engine.weights"]
+ENGINE_MODULES = [
+    "worker.engine.expand",
+    "worker.engine.export",
+    "worker.engine.weights",
+    "worker.engine.intake",
+    "worker.engine.artifacts",
+    "worker.engine.probe",
+]
 
 
 def loaded_after_import(modules: list[str]) -> set[str]:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -27,6 +28,8 @@ from app.registry import add_version, artifact_metadata, store_model_files
 from app.settings import MiB, Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
+from worker.engine.artifacts import PROBE_IMAGES
+from worker.engine.data import sample_images
 from worker.engine.errors import EngineError, JobCancelled, resource_error
 from worker.engine.expand import (
     ExpansionResult,
@@ -145,7 +148,10 @@ def _expand(
         result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
         heartbeat.report(Progress("exporting", 0.0))
         version_id = new_id()
-        artifacts, failed = _store_artifacts(storage, spec, version_id, result, tmp, stored)
+        # new labels first: a file that breaks on them is found before it is stored
+        samples = sorted(request.samples, key=lambda s: s.label not in request.new_labels)
+        images = sample_images(samples, request.preprocessing, PROBE_IMAGES)
+        artifacts, failed = _store_artifacts(storage, spec, version_id, result, tmp, stored, images)
         reference = keep_reference(storage, spec.model_id, version_id, result, tmp)
         if reference:
             stored.append(StoredObject(**reference["manifest"]))
@@ -182,8 +188,10 @@ def _store_artifacts(
     result: ExpansionResult,
     tmp: Path,
     stored: list[StoredObject],
+    images: torch.Tensor,
 ) -> tuple[dict[str, StoredObject], dict[str, str]]:
     """Write every format before the version exists; a reader never sees half a version.
+    Each file is run in its own runtime on ``images`` (a few of the job's) first.
     Each object is added to ``stored`` as soon as it exists. A format the architecture cannot
     be exported to is left out (and reported), not a reason to lose the job's work."""
     metadata = artifact_metadata(
@@ -202,6 +210,7 @@ def _store_artifacts(
         spec.config.get("export", []),
         tmp,
         stored,
+        images,
     )
 
 

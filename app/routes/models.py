@@ -109,7 +109,7 @@ async def register_model(
             storage,
             checked,
             path,
-            settings.reference_per_label,
+            settings,
             Path(tmp),
         )
 

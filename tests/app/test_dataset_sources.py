@@ -164,8 +164,11 @@ def test_a_manifest_registers_the_images_it_lists(importing, s3):
         return [o["Key"] for o in listed["Contents"]]
 
     lines = ["uri,label"]
-    lines += [f"s3://{BUCKET}/{key},three" for key in keys("digits/3/", 30)]
-    lines += [f's3://{BUCKET}/{key},"seven, sort of"' for key in keys("digits/7/", 3)]
+    threes, sevens = keys("digits/3/", 30), keys("digits/7/", 3)
+    lines += [f"s3://{BUCKET}/{key},three" for key in threes]
+    lines += [f's3://{BUCKET}/{key},"seven, sort of"' for key in sevens]
+    lines += [f"s3://{BUCKET}/{threes[0]},three"] * 30  # copied once, not 31 times
+    lines += [f"s3://{BUCKET}/{sevens[0]},three"]  # which is it? not imported
     lines += [
         f"s3://{OTHER}/secret/0/a.png,zero",
         f"s3://{BUCKET}/digits/../digits/3/00003.png,three",
@@ -180,8 +183,11 @@ def test_a_manifest_registers_the_images_it_lists(importing, s3):
     assert response.status_code == 202, response.text
     dataset = settle(client, response.json()["id"])
     assert dataset["status"] == "ready" and dataset["name"] == "listed"
-    assert dataset["labels"] == {"seven, sort of": 3, "three": 30}
+    assert dataset["labels"] == {"seven, sort of": 2, "three": 30}
     reasons = {r["path"]: r["reason"] for r in dataset["rejected"]}
+    assert reasons[f"s3://{BUCKET}/{threes[0]}"] == "listed again: copied once"
+    assert "2 labels (seven, sort of, three)" in reasons[f"s3://{BUCKET}/{sevens[0]}"]
+    del reasons[f"s3://{BUCKET}/{threes[0]}"], reasons[f"s3://{BUCKET}/{sevens[0]}"]
     assert "not one this server imports from" in reasons[f"s3://{OTHER}/secret/0/a.png"]
     assert "'..'" in reasons[f"s3://{BUCKET}/digits/../digits/3/00003.png"]
     assert reasons[f"s3://{BUCKET}/digits/3/missing.png"] == "no such object"

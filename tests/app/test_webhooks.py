@@ -134,3 +134,27 @@ def test_webhooks_to_internal_addresses_are_refused_when_not_on_loopback(
             )
             assert response.status_code == 422, url
             assert "non-public" in response.json()["detail"]
+
+
+def test_a_webhook_goes_to_the_address_that_was_checked(
+    client, quick, receiver, base_weights, digit_splits, monkeypatch
+):
+    """The name is resolved once, checked, and the connection made to that address (a name
+    that rebinds between check and connect reaches nothing new); Host still names it."""
+    import socket
+
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    finished_job(client, base_weights, digit_splits, url)
+    asked: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def spy(host, *args, **kwargs):
+        asked.append(host)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    receiver.answers.clear()
+    assert deliver_due(quick) == 1
+    assert asked.count("localhost") == 1
+    headers, _ = receiver.requests[-1]
+    assert headers["Host"] == f"localhost:{receiver.server.server_port}"

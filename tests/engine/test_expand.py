@@ -20,7 +20,6 @@ from worker.engine.errors import JobCancelled, UnsupportedHead, WeightsError
 from worker.engine.expand import ExpansionConfig, expand_classifier
 from worker.engine.export import export_onnx
 from worker.engine.weights import (
-    convert_to_safetensors,
     load_classifier,
     load_pickled_state_dict,
     read_state_dict,
@@ -141,15 +140,33 @@ def test_a_model_that_transforms_its_logits_is_refused(tmp_path, digit_splits):
 
 
 class TestWeightFiles:
-    def test_a_torch_state_dict_is_converted_in_a_sandbox(self, tmp_path, base_weights):
-        path, converted = tmp_path / "w.pt", tmp_path / "w.safetensors"
+    def test_a_torch_state_dict_is_opened_in_a_sandbox(self, tmp_path, base_weights):
+        from worker.engine import intake, sandbox
+
+        path = tmp_path / "w.pt"
         torch.save({"state_dict": read_state_dict(base_weights)}, path)
-        convert_to_safetensors(path, converted)
+        labels = [str(d) for d in range(9)]
+
+        def check(folder, limits):
+            folder.mkdir()
+            return intake.check_model(
+                folder,
+                architecture="timm:resnet18",
+                labels=labels,
+                upload=path,
+                preprocessing=D.PREP.to_dict(),
+                exports=[],
+                metadata={"architecture": "timm:resnet18", "labels": labels},
+                limits=limits,
+            )
+
+        answer = check(tmp_path / "ok", sandbox.Limits())
+        converted = tmp_path / "ok" / answer["files"]["safetensors"]
         assert torch.equal(
             read_state_dict(converted)["fc.weight"], read_state_dict(base_weights)["fc.weight"]
         )
-        with pytest.raises(WeightsError, match="longer than"):
-            convert_to_safetensors(path, converted, timeout_s=0.05)
+        with pytest.raises(sandbox.OverLimit, match="longer than"):
+            check(tmp_path / "slow", sandbox.Limits(wall_s=0.05))
 
     def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(self, tmp_path):
         marker = tmp_path / "pwned"
@@ -164,8 +181,6 @@ class TestWeightFiles:
             zf.writestr("evil/version", "3\n")
         with pytest.raises(WeightsError, match="weights_only"):
             load_pickled_state_dict(path)
-        with pytest.raises(WeightsError, match="weights_only"):
-            convert_to_safetensors(path, tmp_path / "out.safetensors")
         plain = tmp_path / "evil.pkl"
         plain.write_bytes(pickle.dumps(Exploit()))
         with pytest.raises(WeightsError):

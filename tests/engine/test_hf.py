@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 pytest.importorskip("transformers")
@@ -140,6 +141,10 @@ def test_the_engine_refuses_what_it_cannot_build(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "config.json").write_text(json.dumps(CONFIGS["vit"][0].to_dict()))
     save_safetensors(tmp_path / "folder" / "model.safetensors", torch.nn.Linear(2, 2), {})
+    with pytest.raises(WeightsError, match="74,562 parameters but model.safetensors holds 6"):
+        hf.read_folder(tmp_path / "folder")  # checked before anything is built
+    as_many = {"wrong.name": torch.zeros(74_562)}  # as many values, under other names
+    safetensors.torch.save_file(as_many, str(tmp_path / "folder" / "model.safetensors"))
     with pytest.raises(WeightsError, match="missing"):  # not a random init, silently
         hf.read_folder(tmp_path / "folder")
     (tmp_path / "folder" / "model.safetensors").unlink()

@@ -169,3 +169,18 @@ class ImageDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + i)
             return transform(image), index
+
+
+def sample_images(samples: Sequence[Sample], prep: Preprocessing, n: int) -> torch.Tensor:
+    """Up to ``n`` of the images, one label after another (the labels in the order they
+    first appear), as the model's input: a few real images to run a file on."""
+    by_label: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_label.setdefault(sample.label, []).append(sample)
+    picked: list[Sample] = []
+    for rank in range(n):
+        for group in by_label.values():
+            if rank < len(group) and len(picked) < n:
+                picked.append(group[rank])
+    transform = eval_transform(prep)
+    return torch.stack([transform(open_image(s.path, prep)) for s in picked])

@@ -97,3 +97,12 @@ def resource_error(exc: BaseException) -> EngineError | None:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]
+
+
+class Mismatch(WeightsError):
+    """The model file disagrees with another field of the request (its labels, its
+    architecture); ``field`` names that field."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from worker.engine.errors import UnknownArchitecture, WeightsError
+from worker.engine.errors import Mismatch, UnknownArchitecture, UnsupportedHead, WeightsError
 from worker.engine.preprocessing import Preprocessing
 
 FAMILY = "hf"
@@ -79,7 +80,15 @@ class HFClassifier(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
     def get_classifier(self) -> nn.Module:
-        return self.model.classifier
+        classifier = getattr(self.model, "classifier", None)
+        if not isinstance(classifier, nn.Module):
+            heads = [n for n, m in self.model.named_children() if isinstance(m, nn.Linear)]
+            raise UnsupportedHead(
+                f"{type(self.model).__name__} has no single classifier layer (its output "
+                f"layers: {', '.join(heads) or 'none found'}): Graft grows Hugging Face models "
+                "whose logits come from one `classifier` layer"
+            )
+        return classifier
 
     @property
     def config(self) -> Any:
@@ -141,8 +150,15 @@ def _from_pretrained(transformers: Any, folder: Path) -> HFClassifier:
         model, info = transformers.AutoModelForImageClassification.from_pretrained(
             str(folder), local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise WeightsError(f"transformers cannot load the model: {exc}") from None
+    except RecursionError:
+        raise WeightsError("the model's config is nested too deeply to read") from None
+    except Exception as exc:  # noqa: BLE001 (a garbage checkpoint raises whatever it raises)
+        if isinstance(exc, MemoryError):
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise WeightsError(
+            f"transformers cannot load the model: {type(exc).__name__}: {first}"
+        ) from None
     problems = [
         f"{what}: {sorted(map(str, keys))[:5]}"
         for what, keys in (
@@ -157,16 +173,21 @@ def _from_pretrained(transformers: Any, folder: Path) -> HFClassifier:
     return HFClassifier(model).eval()
 
 
-def read_folder(folder: Path) -> tuple[HFClassifier, Preprocessing | None]:
+def read_folder(
+    folder: Path, num_labels: int | None = None
+) -> tuple[HFClassifier, Preprocessing | None]:
     """The model of a folder as ``save_pretrained`` writes it (the folder may sit one level
     down, as in an archive of it), and the preprocessing of its ``preprocessor_config.json``
-    (None without one). Only safetensors weights are read: no pickle is ever loaded."""
+    (None without one). Only safetensors weights are read: no pickle is ever loaded. The
+    config is checked before anything is built: its label count against ``num_labels``, and
+    the parameters it describes (counted on the ``meta`` device) against the tensors of
+    ``model.safetensors``, so a config cannot make Graft allocate what the file does not
+    hold."""
     transformers = _transformers()
     folder = _root(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"the model folder's config.json is unreadable: {exc}") from None
+    config = _read_json(folder / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise WeightsError("the model folder's config.json is not a JSON object")
     architecture_of(config)
     if not (folder / "model.safetensors").is_file():
         raise WeightsError(
@@ -174,7 +195,70 @@ def read_folder(folder: Path) -> tuple[HFClassifier, Preprocessing | None]:
             "sharded checkpoints are not accepted: save_pretrained(safe_serialization=True) "
             "with a max_shard_size that fits the model in one file)"
         )
+    declared = _declared_labels(config)
+    if num_labels is not None and declared is not None and declared != num_labels:
+        raise Mismatch(
+            f"{num_labels} labels were given but the model's config.json has {declared}",
+            "labels",
+        )
+    _check_size(transformers, config, folder / "model.safetensors")
     return _from_pretrained(transformers, folder), _preprocessing(folder)
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise WeightsError(f"{name} is nested too deeply to read") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"the model folder's {name} is unreadable: {exc}") from None
+
+
+def _declared_labels(config: dict) -> int | None:
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    count = config.get("num_labels")
+    if count is None:
+        return None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise WeightsError(f"config.json's num_labels is not a positive integer: {count!r}")
+    return count
+
+
+def _check_size(transformers: Any, config: dict, weights: Path) -> None:
+    """The parameters ``config`` describes, counted without allocating them, must be the
+    tensors the checkpoint holds (give or take buffers)."""
+    from worker.engine.weights import tensor_layout  # noqa: PLC0415
+
+    held = sum(math.prod(shape) for _, shape in tensor_layout(weights).values())
+    labels = ("id2label", "label2id", "num_labels")  # checked already; rows are few
+    settings = {k: v for k, v in config.items() if k not in labels}
+    model_type = settings.pop("model_type", None)
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **settings)
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageClassification.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001 (a config from outside raises what it raises)
+        if isinstance(exc, MemoryError):
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise WeightsError(
+            f"config.json does not describe an image classifier: {type(exc).__name__}: {first}"
+        ) from None
+    described = sum(p.numel() for p in model.parameters())
+    if described > held * 1.01 + 1024:
+        raise WeightsError(
+            f"config.json describes {described:,} parameters but model.safetensors holds "
+            f"{held:,} values: the config does not belong to these weights"
+        )
+
+
+def run_folder(folder: Path, images: torch.Tensor) -> torch.Tensor:
+    """The logits of the model in a ``save_pretrained`` folder, loaded as its users load it."""
+    model = _from_pretrained(_transformers(), folder)
+    with torch.inference_mode():
+        return model(images.float().cpu())
 
 
 def save(path: Path, model: HFClassifier, metadata: Mapping[str, object]) -> None:

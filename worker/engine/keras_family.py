@@ -77,7 +77,8 @@ class KerasClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        return self.fc(self.backbone(x))
+        # training=False: augmentation and dropout layers inside the model stay off
+        return self.fc(self.backbone(x, training=False))
 
     def get_classifier(self) -> nn.Module:
         return self.fc
@@ -109,6 +110,12 @@ def _classifier_layer(model: Any) -> Any:
     """The ``Dense`` layer whose output is the model's output (maybe through a final
     ``Activation``/``Softmax`` layer, which the ``Dense`` layer then takes over)."""
     keras = _keras()
+    if len(model.inputs) != 1:
+        names = [getattr(i, "name", "?") for i in model.inputs]
+        raise EngineError(
+            f"the Keras model takes {len(model.inputs)} inputs ({', '.join(names[:5])}); "
+            "Graft grows models whose only input is the image"
+        )
     if len(model.outputs) != 1:
         raise EngineError("the Keras model has several outputs; Graft expands models with one")
     layer = model.layers[-1]
@@ -145,9 +152,26 @@ def _open(keras: Any, path: Path) -> KerasClassifier:
                 f"does not run: {text.splitlines()[0]}"
             ) from None
         raise WeightsError(f"keras cannot open the file: {text.splitlines()[0]}") from None
-    except (OSError, TypeError, KeyError) as exc:
+    except RecursionError:
+        raise WeightsError("the .keras file's config is nested too deeply to read") from None
+    except (OSError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise WeightsError(f"keras cannot open the file: {exc}") from None
     return KerasClassifier(model).eval()
+
+
+def run_file(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """What a ``.keras`` file outputs for ``images`` (``[N, C, H, W]``), loaded and called
+    the way Keras users do (``load_model``, ``training=False``)."""
+    keras = _keras()
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / "model.keras"
+        named.symlink_to(path.resolve())
+        model = keras.saving.load_model(str(named), compile=False, safe_mode=True)
+    last = keras.config.image_data_format() == "channels_last"
+    x = images.permute(0, 2, 3, 1) if last else images
+    with torch.no_grad():
+        out = model(x.float().cpu(), training=False)
+    return torch.as_tensor(keras.ops.convert_to_numpy(out))
 
 
 def preprocessing_of(model: KerasClassifier) -> Preprocessing:

@@ -76,6 +76,7 @@ class OnnxClassifier(nn.Module):
                 self.fc.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
         self.input_name = model.graph.input[0].name
         self.channels_last = _channels_last(model)
+        self.batch = fixed_batch(model)  # a graph exported for batches of one size only
         self._session: Any = None
         # what the backbone is, for the features cache (its weights are no torch parameters)
         self.register_buffer("backbone_sha256", _backbone_digest(model, self.head))
@@ -97,10 +98,10 @@ class OnnxClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:  # e.g. a Keras model's export: [N, H, W, C]
             x = x.permute(0, 2, 3, 1)
-        (features,) = self.session().run(
-            [self.head.features], {self.input_name: x.detach().float().cpu().numpy()}
+        features = run_session(
+            self.session(), self.head.features, self.input_name, x.detach(), self.batch
         )
-        features = torch.from_numpy(features).reshape(len(x), -1).to(x.device)
+        features = features.reshape(len(x), -1).to(x.device)
         return self.fc(features.to(self.fc.weight.dtype))
 
     def get_classifier(self) -> nn.Module:
@@ -199,21 +200,175 @@ def _init_inputs(graph: onnx.GraphProto) -> int:
     return sum(1 for i in graph.input if i.name in inits)
 
 
-def read_bytes(data: bytes) -> OnnxClassifier:
+def read_bytes(data: bytes, folder: Path | None = None) -> OnnxClassifier:
+    """An ONNX model from its serialized bytes. Tensors kept in external data files are read
+    from ``folder`` (the graph's own folder, as unpacked from an upload), by plain file names
+    only; without a folder they are refused, saying how to send them."""
     try:
         model = onnx.load_from_string(data)
-        onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 (a broken file, whatever the error)
-        raise WeightsError(f"not a valid ONNX model: {str(exc).splitlines()[0][:300]}") from None
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
-        raise WeightsError(
-            "ONNX models with external data files are not accepted: save as one file"
-        )
-    return OnnxClassifier(model).eval()
+        raise WeightsError(f"not a valid ONNX model: {_first_line(exc)}") from None
+    check_graph(model)
+    _load_external(model, folder)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"not a valid ONNX model: {_first_line(exc)}") from None
+    return OnnxClassifier(prune(model)).eval()
 
 
 def read_file(path: Path) -> OnnxClassifier:
+    """A ``.onnx`` file, or a folder holding one ``.onnx`` file and its external data."""
+    if path.is_dir():
+        graphs = sorted(path.rglob("*.onnx"))
+        if len(graphs) != 1:
+            raise WeightsError(
+                f"the archive must hold one .onnx file (and its data files); it holds {len(graphs)}"
+            )
+        return read_bytes(graphs[0].read_bytes(), graphs[0].parent)
     return read_bytes(path.read_bytes())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# Operator sets onnxruntime runs without custom code; any other domain needs a library of its
+# own (a custom op), which Graft never loads.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+def _graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), functions' bodies aside."""
+    found, todo = [], [model.graph]
+    while todo:
+        graph = todo.pop()
+        found.append(graph)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    todo.append(attr.g)
+                todo.extend(attr.graphs)
+    return found
+
+
+def _nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    nodes = [n for g in _graphs(model) for n in g.node]
+    return nodes + [n for f in model.functions for n in f.node]
+
+
+def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor the model holds: initializers, sparse ones, and node attributes'."""
+    found: list[onnx.TensorProto] = []
+    for graph in _graphs(model):
+        found.extend(graph.initializer)
+        for sparse in graph.sparse_initializer:
+            found += [sparse.values, sparse.indices]
+    for node in _nodes(model):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                found.append(attr.t)
+            found.extend(attr.tensors)
+            if attr.HasField("sparse_tensor"):
+                found += [attr.sparse_tensor.values, attr.sparse_tensor.indices]
+    return found
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """Refuse operators from outside the standard sets (custom ops run code Graft does not
+    have; a model's own functions are fine)."""
+    known = STANDARD_DOMAINS | {f.domain for f in model.functions}
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in _nodes(model) if n.domain not in known})
+    if custom:
+        raise WeightsError(
+            f"the ONNX model uses operators outside the standard sets ({', '.join(custom[:5])}): "
+            "custom operators need code of their own, which Graft does not load"
+        )
+
+
+def _load_external(model: onnx.ModelProto, folder: Path | None) -> None:
+    external = [t for t in _tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    locations = sorted({e.value for t in external for e in t.external_data if e.key == "location"})
+    if folder is None:
+        raise WeightsError(
+            f"the ONNX graph keeps its weights in a separate file ({', '.join(locations[:3])}), "
+            "which was not sent: upload a .zip holding the .onnx file and its data file(s), "
+            "or save one file: onnx.save(onnx.load('model.onnx'), 'one.onnx')"
+        )
+    for name in locations:
+        if Path(name).name != name or name in ("", ".", "..") or not (folder / name).is_file():
+            raise WeightsError(
+                f"the ONNX graph's external data {name!r} is not a file beside it in the archive"
+            )
+    try:
+        for tensor in external:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+    except Exception as exc:  # noqa: BLE001 (offsets past the file's end, and the like)
+        raise WeightsError(
+            f"the ONNX graph's external data is unreadable: {_first_line(exc)}"
+        ) from None
+
+
+def prune(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without nodes whose results reach no output (an exporter's label branch
+    left behind, say): what is grown and stored is only what computes the output."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):  # nodes are in topological order
+        if not any(o in needed for o in node.output):
+            continue
+        kept.append(node)
+        needed.update(i for i in node.input if i)
+        for attr in node.attribute:  # a subgraph may read any tensor of the outer graph
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                needed.update(i for n in sub.node for i in n.input if i)
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+        keep = [i for i in graph.initializer if i.name in needed]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return model
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a graph was exported for, when its input takes no other."""
+    sizes = _sizes(model)
+    return sizes[0] if sizes and sizes[0] else None
+
+
+def run_session(
+    session: Any, output: str, input_name: str, x: torch.Tensor, batch: int | None
+) -> torch.Tensor:
+    """Run ``session`` on ``x`` (channels as the graph takes them), in chunks of the graph's
+    fixed batch size if it has one (the last chunk padded, the padding dropped)."""
+    data = x.float().cpu().numpy()
+    if batch is None or len(data) == batch:
+        return torch.from_numpy(session.run([output], {input_name: data})[0])
+    parts = []
+    for start in range(0, len(data), batch):
+        chunk = data[start : start + batch]
+        short = batch - len(chunk)
+        if short:
+            chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), chunk.dtype)])
+        parts.append(session.run([output], {input_name: chunk})[0][: batch - short])
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def run_file(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """The output of an ONNX file for ``images`` (``[N, C, H, W]``), run by onnxruntime as a
+    user would: the graph's own layout and batch size."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    model = onnx.load(str(path), load_external_data=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images.permute(0, 2, 3, 1) if _channels_last(model) else images
+    name = model.graph.input[0].name
+    return run_session(session, model.graph.output[0].name, name, x, fixed_batch(model))
 
 
 def _sizes(model: onnx.ModelProto) -> list[int | None]:

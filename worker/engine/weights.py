@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import resource
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,7 +35,7 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     Never unpickles arbitrary objects: a checkpoint that needs code, a TorchScript archive or a
     whole pickled module is refused with :class:`WeightsError`. Run it in a sandbox
-    (:func:`convert_to_safetensors`), not in a server process.
+    (:mod:`worker.engine.intake`), not in a server process.
     """
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -50,36 +46,6 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"torch.load(weights_only=True); refused: {first_line}"
         ) from None
     return _as_state_dict(loaded)
-
-
-def convert_to_safetensors(
-    source: Path, target: Path, timeout_s: float = 120, memory_bytes: int | None = None
-) -> None:
-    """Turn a ``.pt``/``.pth`` state dict into safetensors in a short-lived process with an
-    address-space and time limit, so a hostile or enormous pickle cannot hurt the caller."""
-    limit = memory_bytes or 4 * 1024**3 + 3 * source.stat().st_size
-
-    def constrain() -> None:  # runs in the child, before Python starts
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "worker.engine.unpickle", str(source), str(target)],
-            preexec_fn=constrain,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env={k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME")},
-        )
-    except subprocess.TimeoutExpired:
-        raise WeightsError(f"reading the weights took longer than {timeout_s:.0f} s") from None
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        reason = lines[-1] if done.returncode == 2 and lines else "it could not be read"
-        if done.returncode < 0 or "MemoryError" in done.stderr:
-            reason = "reading it needed more memory than allowed"
-        raise WeightsError(reason.removeprefix("WeightsError: "))
 
 
 def tensor_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
