@@ -203,6 +203,29 @@ def folder_problem(parts: tuple[str, ...]) -> dict[str, str] | None:
     return None
 
 
+def checked_members(
+    f: BinaryIO, limits: ArchiveLimits, field: str = "archive"
+) -> Iterator[tuple[Member, tuple[str, ...]]]:
+    """The archive's files with their path parts: more than ``limits.max_members`` entries,
+    a link or special file, or a path outside the folder is a 422 (on ``field``)."""
+    for count, member in enumerate(iter_members(f), start=1):
+        if count > limits.max_members:
+            raise Invalid(f"the archive has more than {limits.max_members} entries", field)
+        parts = safe_parts(member.name)
+        if member.kind in ("link", "device"):
+            raise Invalid(f"{member.name}: links and special files are refused", field)
+        if member.kind == "file" and parts:
+            yield member, parts
+
+
+def check_expansion(total: int, archive_size: int, limits: ArchiveLimits, field: str) -> None:
+    """422 once the bytes unpacked so far are past the size or compression-ratio limit."""
+    if total > limits.max_total_bytes:
+        raise Invalid("the archive expands beyond the size limit", field)
+    if total > RATIO_CHECK_AFTER and total > limits.max_ratio * max(archive_size, 1):
+        raise Invalid("the archive's compression ratio is beyond the limit", field)
+
+
 def _read_capped(stream: BinaryIO, cap: int) -> bytes | None:
     """At most ``cap`` bytes, or None when the member holds more (whatever its header says)."""
     data = stream.read(cap + 1)
@@ -216,13 +239,8 @@ def extract_images(
     accepted: list[tuple[tuple[str, ...], str, Path]] = []
     rejected: list[dict[str, str]] = []
     total = 0
-    for count, member in enumerate(iter_members(f), start=1):
-        if count > limits.max_members:
-            raise Invalid(f"the archive has more than {limits.max_members} entries", "archive")
-        parts = safe_parts(member.name)
-        if member.kind in ("link", "device"):
-            raise Invalid(f"{member.name}: links and special files are refused", "archive")
-        if member.kind == "dir" or not parts or is_ignored(parts):
+    for member, parts in checked_members(f, limits):
+        if is_ignored(parts):
             continue
         shown = "/".join(parts)
         try:
@@ -242,10 +260,7 @@ def extract_images(
             rejected.append({"path": shown, "reason": "file larger than the per-file limit"})
             continue
         total += len(data)
-        if total > limits.max_total_bytes:
-            raise Invalid("the archive expands beyond the size limit", "archive")
-        if total > RATIO_CHECK_AFTER and total > limits.max_ratio * max(archive_size, 1):
-            raise Invalid("the archive's compression ratio is beyond the limit", "archive")
+        check_expansion(total, archive_size, limits, "archive")
         if problem := folder_problem(parts):
             rejected.append(problem)
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from app.datasets import RATIO_CHECK_AFTER, ArchiveLimits, iter_members, safe_parts
+from app.datasets import ArchiveLimits, check_expansion, checked_members
 from app.errors import Invalid
 from worker.engine.errors import resource_error
 
@@ -32,22 +32,16 @@ def unpack(
     limits: ArchiveLimits,
     max_member_bytes: int,
     place: Callable[[tuple[str, ...]], tuple[str, ...] | None],
-) -> list[Path]:
+) -> None:
     """Copy the archive's files that ``place`` maps to a path (parts under ``folder``; None:
     skipped) into ``folder``. A member over ``max_member_bytes`` (``.json`` files: 16 MiB),
     the archive over ``limits`` in members, bytes or ratio, or a link or special file, is a
     422 naming the member; what was written so far is the caller's to remove."""
     size = archive.stat().st_size
     total = 0
-    written: list[Path] = []
     with archive.open("rb") as f:
-        for count, member in enumerate(iter_members(f), start=1):
-            if count > limits.max_members:
-                raise Invalid(f"the archive has more than {limits.max_members} entries", "weights")
-            parts = safe_parts(member.name)
-            if member.kind in ("link", "device"):
-                raise Invalid(f"{member.name}: links and special files are refused", "weights")
-            target_parts = place(parts) if member.kind == "file" and parts else None
+        for member, parts in checked_members(f, limits, "weights"):
+            target_parts = place(parts)
             if target_parts is None:
                 continue
             target = folder.joinpath(*target_parts)
@@ -56,7 +50,6 @@ def unpack(
                 raise Invalid(f"the archive holds more than one {shown}", "weights")
             cap = MAX_JSON_BYTES if parts[-1].endswith(".json") else max_member_bytes
             target.parent.mkdir(parents=True, exist_ok=True)
-            written.append(target)
             member_bytes = 0
             try:
                 with member.open() as source, target.open("wb") as out:
@@ -67,12 +60,7 @@ def unpack(
                             raise Invalid(
                                 f"{member.name}: larger than the {cap} bytes allowed", "weights"
                             )
-                        if total > limits.max_total_bytes:
-                            raise Invalid("the archive expands beyond the size limit", "weights")
-                        if total > RATIO_CHECK_AFTER and total > limits.max_ratio * max(size, 1):
-                            raise Invalid(
-                                "the archive's compression ratio is beyond the limit", "weights"
-                            )
+                        check_expansion(total, size, limits, "weights")
                         out.write(chunk)
             except Invalid:
                 raise
@@ -83,7 +71,6 @@ def unpack(
                     f"{member.name}: unreadable archive member ({type(exc).__name__}: {exc})",
                     "weights",
                 ) from None
-    return written
 
 
 def kind_problem(architecture: str, upload: Path) -> str | None:

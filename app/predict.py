@@ -18,7 +18,7 @@ from app.schemas import Prediction
 from app.storage import Storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.data import eval_transform
-from worker.engine.errors import resource_error
+from worker.engine.errors import named, resource_error
 from worker.engine.formats import SAFETENSORS
 from worker.engine.weights import load_classifier
 
@@ -32,8 +32,7 @@ def cannot_run(name: str) -> Iterator[None]:
     except Exception as exc:
         if isinstance(exc, ServiceError) or resource_error(exc) is not None:
             raise
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise Conflict(f"{name} cannot run here: {type(exc).__name__}: {text}") from None
+        raise Conflict(f"{name} cannot run here: {named(exc)}") from None
 
 
 class Predictor:

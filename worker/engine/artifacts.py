@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.engine.errors import EngineError, ExportFailed, resource_error
+from worker.engine.errors import EngineError, ExportFailed, first_line, named, resource_error
 from worker.engine.export import EXPORTERS, native_formats
 from worker.engine.formats import SAFETENSORS, SUFFIXES
 from worker.engine.preprocessing import Preprocessing
@@ -78,8 +78,7 @@ def write_artifacts(
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return text if isinstance(exc, EngineError) else f"{type(exc).__name__}: {text}"
+    return first_line(exc) if isinstance(exc, EngineError) else named(exc)
 
 
 def run_artifact(

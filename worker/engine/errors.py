@@ -94,9 +94,21 @@ def resource_error(exc: BaseException) -> EngineError | None:
     return None
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type's
+    name when it has none): what a message quoting a foreign library's error shows."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def named(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an exception (the type alone when it has no message)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {first_line(exc, limit)}" if text else type(exc).__name__
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return first_line(exc, 200)
 
 
 class Mismatch(WeightsError):

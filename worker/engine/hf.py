@@ -30,7 +30,13 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from worker.engine.errors import Mismatch, UnknownArchitecture, UnsupportedHead, WeightsError
+from worker.engine.errors import (
+    Mismatch,
+    UnknownArchitecture,
+    UnsupportedHead,
+    WeightsError,
+    named,
+)
 from worker.engine.preprocessing import Preprocessing
 
 FAMILY = "hf"
@@ -155,10 +161,7 @@ def _from_pretrained(transformers: Any, folder: Path) -> HFClassifier:
     except Exception as exc:  # noqa: BLE001 (a garbage checkpoint raises whatever it raises)
         if isinstance(exc, MemoryError):
             raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise WeightsError(
-            f"transformers cannot load the model: {type(exc).__name__}: {first}"
-        ) from None
+        raise WeightsError(f"transformers cannot load the model: {named(exc)}") from None
     problems = [
         f"{what}: {sorted(map(str, keys))[:5]}"
         for what, keys in (
@@ -242,9 +245,8 @@ def _check_size(transformers: Any, config: dict, weights: Path) -> None:
     except Exception as exc:  # noqa: BLE001 (a config from outside raises what it raises)
         if isinstance(exc, MemoryError):
             raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise WeightsError(
-            f"config.json does not describe an image classifier: {type(exc).__name__}: {first}"
+            f"config.json does not describe an image classifier: {named(exc)}"
         ) from None
     described = sum(p.numel() for p in model.parameters())
     if described > held * 1.01 + 1024:

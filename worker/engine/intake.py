@@ -23,7 +23,7 @@ from typing import Any
 
 from worker.engine import sandbox
 from worker.engine.architectures import Preprocessing, default_preprocessing
-from worker.engine.errors import EngineError, Mismatch, WeightsError, resource_error
+from worker.engine.errors import EngineError, Mismatch, WeightsError, named, resource_error
 from worker.engine.families import module_for
 
 REQUEST = "request.json"
@@ -71,8 +71,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 (a foreign file raises what it raises)
         if resource_error(exc) is not None:
             raise  # the parent names the limit it went past
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        answer = {"error": f"the model could not be opened or run: {type(exc).__name__}: {text}"}
+        answer = {"error": f"the model could not be opened or run: {named(exc)}"}
     (folder / sandbox.ANSWER).write_text(json.dumps(answer))
     return 2 if "error" in answer else 0
 

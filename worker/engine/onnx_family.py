@@ -32,7 +32,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from worker.engine.errors import EngineError, WeightsError
+from worker.engine.errors import EngineError, WeightsError, first_line
 from worker.engine.metadata import string_metadata
 from worker.engine.preprocessing import Preprocessing
 
@@ -207,13 +207,13 @@ def read_bytes(data: bytes, folder: Path | None = None) -> OnnxClassifier:
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # noqa: BLE001 (a broken file, whatever the error)
-        raise WeightsError(f"not a valid ONNX model: {_first_line(exc)}") from None
+        raise WeightsError(f"not a valid ONNX model: {first_line(exc)}") from None
     check_graph(model)
     _load_external(model, folder)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"not a valid ONNX model: {_first_line(exc)}") from None
+        raise WeightsError(f"not a valid ONNX model: {first_line(exc)}") from None
     return OnnxClassifier(prune(model)).eval()
 
 
@@ -227,11 +227,6 @@ def read_file(path: Path) -> OnnxClassifier:
             )
         return read_bytes(graphs[0].read_bytes(), graphs[0].parent)
     return read_bytes(path.read_bytes())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # Operator sets onnxruntime runs without custom code; any other domain needs a library of its
@@ -308,7 +303,7 @@ def _load_external(model: onnx.ModelProto, folder: Path | None) -> None:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
     except Exception as exc:  # noqa: BLE001 (offsets past the file's end, and the like)
         raise WeightsError(
-            f"the ONNX graph's external data is unreadable: {_first_line(exc)}"
+            f"the ONNX graph's external data is unreadable: {first_line(exc)}"
         ) from None
 
 

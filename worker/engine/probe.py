@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.errors import UnsupportedHead, WeightsError
+from worker.engine.errors import UnsupportedHead, WeightsError, named
 from worker.engine.heads import find_head
 from worker.engine.preprocessing import Preprocessing
 
@@ -98,10 +98,9 @@ def _run(model: nn.Module, images: torch.Tensor, prep: Preprocessing) -> torch.T
     except Exception as exc:  # noqa: BLE001 (whatever a foreign model raises)
         if isinstance(exc, MemoryError):
             raise
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise WeightsError(
             f"the model does not run on a batch of {len(images)} images of "
-            f"{'x'.join(map(str, prep.input_size))}: {type(exc).__name__}: {text}"
+            f"{'x'.join(map(str, prep.input_size))}: {named(exc)}"
         ) from None
     if not isinstance(out, torch.Tensor):
         raise WeightsError(f"the model returns a {type(out).__name__}, not a tensor of logits")

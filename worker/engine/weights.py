@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from worker.engine.architectures import build_model
-from worker.engine.errors import WeightsError, resource_error
+from worker.engine.errors import WeightsError, first_line, resource_error
 from worker.engine.families import family_of, module_for
 from worker.engine.heads import Head, find_head
 
@@ -40,10 +40,9 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             "weights must be a .safetensors file or a state dict loadable with "
-            f"torch.load(weights_only=True); refused: {first_line}"
+            f"torch.load(weights_only=True); refused: {first_line(exc, 10_000)}"
         ) from None
     return _as_state_dict(loaded)
 
