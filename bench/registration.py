@@ -1,8 +1,11 @@
-"""What writing ONNX and TorchScript at registration adds to POST /v1/models.
+"""What writing ONNX and TorchScript at registration adds to POST /v1/models, and what the
+bounded process that opens every upload costs.
 
 Registers a resnet18 (9 labels, random weights: the time does not depend on their values)
 through the real app (SQLite, a local artifact folder) at each input size, with every format
 and with safetensors only, alternating, and prints the median of each and their difference.
+Then the sandbox's fixed cost: a child started under the same limits that imports what the
+intake imports and exits (median of the repeats).
 `.venv/bin/python bench/registration.py [--sizes 32 224] [--repeats 3]`
 """
 
@@ -81,6 +84,20 @@ def main() -> None:
                 registry.EXPORTS = exports
                 base, full = (statistics.median(times[k]) for k in (False, True))
                 print(f"{size:>5} {base:>16.2f} {full:>24.2f} {full - base:>10.2f}")
+        starts = [start_up(Path(tmp)) for _ in range(args.repeats)]
+        print(
+            f"sandbox start-up (a child importing the intake's modules): "
+            f"{statistics.median(starts):.2f} s"
+        )
+
+
+def start_up(folder: Path) -> float:
+    """Seconds a bounded child takes to import what the intake imports, and answer."""
+    from worker.engine import sandbox
+
+    start = time.perf_counter()
+    sandbox.run("bench.sandbox_start", folder, [], sandbox.Limits(), "starting")
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
