@@ -17,14 +17,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from PIL import Image
 
 from tests.support import digits as D
-
-LABELS = ["a", "b", "c"]
-PREP = {"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+from tests.support.model_files import LABELS, RESNET, external_constant, hf_zip, linear_graph
 
 
 def register(client, name: str, architecture: str, blob: bytes, filename: str, **fields):
@@ -59,28 +56,6 @@ def pngs(n: int, size: int = 8) -> list[bytes]:
 
 
 # ---------------------------------------------------------------- ONNX
-
-
-def linear_graph(batch: int | str = "n", extra_nodes=(), opsets=(("", 18),)) -> onnx.ModelProto:
-    """images [batch, 3, 8, 8] -> Flatten -> Gemm -> logits -> Softmax -> probabilities."""
-    rng = np.random.default_rng(1)
-    weight = numpy_helper.from_array(rng.normal(size=(3, 192)).astype(np.float32), "W")
-    bias = numpy_helper.from_array(np.zeros(3, np.float32), "B")
-    nodes = [
-        helper.make_node("Flatten", ["images"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        *extra_nodes,
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, 3])],
-        [weight, bias],
-    )
-    imports = [helper.make_opsetid(domain, version) for domain, version in opsets]
-    return helper.make_model(graph, opset_imports=imports, ir_version=9)
 
 
 def test_an_onnx_graph_exported_for_a_batch_of_one_registers_and_predicts_many(client):
@@ -130,17 +105,7 @@ def test_external_data_comes_as_a_zip_and_a_lone_graph_says_how(client, settings
 @pytest.mark.parametrize("location", ["/etc/hostname", "../../../../etc/hostname", "nothere"])
 def test_external_data_outside_the_upload_is_refused(client, settings, location):
     """Even in a Constant node (not only initializers), and without saying what exists."""
-    constant = helper.make_tensor("k", TensorProto.FLOAT, [3], [0.0, 0.0, 0.0])
-    constant.data_location = TensorProto.EXTERNAL
-    del constant.float_data[:]
-    entry = constant.external_data.add()
-    entry.key, entry.value = "location", location
-    extra = [
-        helper.make_node("Constant", [], ["k_out"], value=constant),
-        helper.make_node("Add", ["logits", "k_out"], ["unused"]),
-    ]
-    refused = register(client, "ext", "onnx:ext", linear_graph(extra_nodes=extra)
-                       .SerializeToString(), "m.onnx")  # fmt: skip
+    refused = register(client, "ext", "onnx:ext", external_constant(location), "m.onnx")
     assert refused.status_code == 422, refused.text
     assert "separate file" in refused.json()["detail"]
     nothing_left(client, settings)
@@ -198,18 +163,6 @@ def test_keras_augmentation_layers_stay_off_so_predictions_repeat(client, k, tmp
 # ---------------------------------------------------------------- Hugging Face
 
 
-def hf_zip(config: dict, tensors: bytes | None = None, extra: dict | None = None) -> bytes:
-    from safetensors.torch import save
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("m/config.json", json.dumps(config) if isinstance(config, dict) else config)
-        zf.writestr("m/model.safetensors", tensors or save({"x": torch.zeros(4)}))
-        for name, data in (extra or {}).items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def transformers():
     return pytest.importorskip("transformers")
@@ -256,16 +209,6 @@ def test_heads_graft_cannot_grow_are_refused_at_registration_with_the_reason(
         assert refused.status_code == 422, refused.text
         assert said in refused.json()["detail"], refused.json()["detail"]
     nothing_left(client, settings)
-
-
-RESNET = {
-    "model_type": "resnet",
-    "architectures": ["ResNetForImageClassification"],
-    "embedding_size": 8,
-    "hidden_sizes": [8, 16],
-    "depths": [1, 1],
-    "num_labels": 3,
-}
 
 
 @pytest.mark.parametrize(

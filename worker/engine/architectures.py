@@ -45,7 +45,7 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
     if family == "keras":  # any name: the model's config is in its file
         from worker.engine import keras_family  # noqa: PLC0415 (optional dependency)
 
-        keras_family._keras()
+        keras_family.require()
         if not name:
             raise UnknownArchitecture(architecture, ["keras:model"])
         return family, name

@@ -15,9 +15,11 @@ labels. ``keras`` is an optional dependency (``pip install graft[keras]``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,13 @@ def _keras() -> Any:
             "KERAS_BACKEND=torch"
         )
     return keras
+
+
+def require() -> None:
+    """:class:`MissingKeras` unless keras is installed; imports nothing (a server that only
+    names the family does not pay for importing Keras)."""
+    if importlib.util.find_spec("keras") is None:
+        raise MissingKeras(MISSING)
 
 
 class KerasClassifier(nn.Module):
@@ -132,9 +141,15 @@ def _classifier_layer(model: Any) -> Any:
     return layer
 
 
+# Keras builds a Sequential by adding its layers one at a time and rebuilding the model after
+# each, in time that grows with the square of their number (800 layers: about a minute).
+MAX_SEQUENTIAL_LAYERS = 400
+
+
 def read_file(path: Path) -> KerasClassifier:
     """A ``.keras`` file, opened without running any code from it."""
     keras = _keras()
+    _check_config(path)
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp) / "model.keras"  # keras reads only files named so
         named.symlink_to(path.resolve())
@@ -157,6 +172,34 @@ def _open(keras: Any, path: Path) -> KerasClassifier:
     except (OSError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise WeightsError(f"keras cannot open the file: {exc}") from None
     return KerasClassifier(model).eval()
+
+
+def _check_config(path: Path) -> None:
+    """Refuse, before Keras builds anything, a config too deep or a Sequential too long."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json"))
+    except RecursionError:
+        raise WeightsError("the .keras file's config is nested too deeply to read") from None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise WeightsError(f"keras cannot open the file: {exc}") from None
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            inner = item.get("config")
+            layers = inner.get("layers") if isinstance(inner, dict) else None
+            long = isinstance(layers, list) and len(layers) > MAX_SEQUENTIAL_LAYERS
+            if item.get("class_name") == "Sequential" and long:
+                raise WeightsError(
+                    f"the .keras file is a Sequential model of {len(layers):,} layers; Keras "
+                    f"builds a Sequential of more than {MAX_SEQUENTIAL_LAYERS} layers too "
+                    "slowly to check (its time grows with the square of the layer count): "
+                    "save it as a Functional model, keras.Model(inputs, outputs)"
+                )
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def run_file(path: Path, images: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 A model file a user sends is opened, run and written out only in such a process
 (:mod:`worker.engine.intake`): a hostile or enormous file can exhaust the child's limits, never
-the server's. The child gets an address-space limit (``RLIMIT_AS``), a CPU-time limit, a cap on
+the server's. The child is forked from a zygote that has imported the engine once
+(:mod:`worker.engine.zygote`), so a step does not pay for starting Python and importing torch.
+It gets an address-space limit (``RLIMIT_AS``), a CPU-time limit, a cap on
 the size of any file it writes (``RLIMIT_FSIZE``), a cap on open files, no core dumps, a wall
 clock, an environment with nothing of the server's (no credentials, no network for hub
 downloads) and its scratch folder as working directory. It answers with a JSON file in that
@@ -11,21 +13,28 @@ folder; a refusal is ``{"error": ..., "field": ...}``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
-import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import WeightsError
+from worker.engine.zygote import STDERR
 
 GiB = 1024**3
 ANSWER = "answer.json"  # what the child writes in its folder
+START_S = 300.0  # how long a first step may wait for the zygote's imports
 _ENV_KEPT = ("PATH", "PYTHONPATH", "HOME", "LANG", "TMPDIR")
 _ENV_SET = {
     "KERAS_BACKEND": "torch",
@@ -68,55 +77,134 @@ class OverLimit(Refused):
 
 
 def run(module: str, folder: Path, argv: list[str], limits: Limits, what: str) -> dict[str, Any]:
-    """``python -m module *argv`` in ``folder`` under ``limits``; the JSON it wrote as
-    ``folder/ANSWER``. :class:`Refused` when it refused (its reason), :class:`OverLimit`
-    when it went past a limit (which one, and the setting); ``what`` names the step."""
+    """``module.main(argv)`` in ``folder`` under ``limits``, in a child forked from the
+    zygote; the JSON it wrote as ``folder/ANSWER``. :class:`Refused` when it refused (its
+    reason), :class:`OverLimit` when it went past a limit (which one, and the setting);
+    ``what`` names the step."""
     answer = folder / ANSWER
     answer.unlink(missing_ok=True)
-    threads = str(limits.threads)
-    env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT}
-    env |= _ENV_SET | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_root(), env.get("PYTHONPATH")]))
-
-    def constrain() -> None:  # in the child, before Python starts
-        cpu = int(limits.wall_s * max(limits.threads, 1)) + 30
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    child = subprocess.Popen(
-        [sys.executable, "-m", module, *argv],
-        cwd=folder,
-        env=env,
-        preexec_fn=constrain,
-        start_new_session=True,  # its own process group: a timeout kills what it started too
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    try:
-        _, stderr = child.communicate(timeout=limits.wall_s)
-    except subprocess.TimeoutExpired:
-        _kill(child)
-        raise OverLimit(
-            f"{what} took longer than {limits.wall_s:.0f} s (GRAFT_MODEL_CHECK_TIMEOUT_S)"
-        ) from None
-    finally:
-        _kill(child)
+    request = {
+        "module": module,
+        "folder": str(folder.resolve()),
+        "argv": argv,
+        "limits": asdict(limits),
+    }
+    code = _ZYGOTE.run(request, limits.wall_s, what)
+    stderr = _tail(folder / STDERR)
     if answer.is_file():
         try:
             data = json.loads(answer.read_text())
         except ValueError:
             data = {"error": f"{what} gave no readable answer"}
-        if child.returncode == 0 and "error" not in data:
+        if code == 0 and "error" not in data:
             return data
         if "error" in data:
             raise Refused(str(data["error"]), str(data.get("field") or "weights"))
-    raise _failure(child.returncode, stderr or "", limits, what)
+    raise _failure(code, stderr, limits, what)
+
+
+class _Zygote:
+    """The server's side of :mod:`worker.engine.zygote`: started on first use (and again if
+    it died), stopped when the server exits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._folder: Path | None = None
+        atexit.register(self.stop)
+
+    def run(self, request: dict[str, Any], wall_s: float, what: str) -> int:
+        """The exit code of the child that ran ``request``; killed after ``wall_s``."""
+        with self._connect() as conn:
+            lines = _Lines(conn)
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            first = lines.next(START_S)  # the zygote may still be importing
+            if first is None:
+                raise OverLimit(f"{what} could not start: the sandbox stopped")
+            pid = int(first["pid"])
+            try:
+                last = lines.next(wall_s)
+            except TimeoutError:
+                _kill_group(pid)
+                raise OverLimit(
+                    f"{what} took longer than {wall_s:.0f} s (GRAFT_MODEL_CHECK_TIMEOUT_S)"
+                ) from None
+            finally:
+                _kill_group(pid)  # what it started and left behind
+            if last is None:
+                raise OverLimit(f"{what} stopped unexpectedly: the sandbox stopped")
+            return int(last["code"])
+
+    def _connect(self) -> socket.socket:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._start()
+            assert self._folder is not None
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(self._folder / "socket"))
+            return conn
+
+    def _start(self) -> None:
+        self.stop()
+        self._folder = Path(tempfile.mkdtemp(prefix="graft-zygote-"))  # 0700: ours only
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(self._folder / "socket"))
+            listener.listen(64)
+            env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT} | _ENV_SET
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_root(), env.get("PYTHONPATH")]))
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "worker.engine.zygote", str(listener.fileno())],
+                env=env,
+                pass_fds=[listener.fileno()],
+                start_new_session=True,
+                stdin=subprocess.PIPE,  # closed when this process ends: so does the zygote
+                stdout=subprocess.DEVNULL,
+            )
+
+    def stop(self) -> None:
+        """Stop the zygote (and the children it still runs) and remove its folder."""
+        process, self._process = self._process, None
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
+class _Lines:
+    """JSON lines read from a socket, each within a deadline."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn, self._buffer = conn, b""
+
+    def next(self, timeout_s: float) -> dict[str, Any] | None:
+        """The next line (None when the other side closed); TimeoutError past ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buffer:
+            self._conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                chunk = self._conn.recv(4096)
+            except TimeoutError:
+                raise TimeoutError from None
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+
+_ZYGOTE = _Zygote()
+
+
+def stop() -> None:
+    """Stop the zygote; the next step starts another (with the environment of that moment)."""
+    _ZYGOTE.stop()
 
 
 def _failure(code: int, stderr: str, limits: Limits, what: str) -> OverLimit:
@@ -124,29 +212,39 @@ def _failure(code: int, stderr: str, limits: Limits, what: str) -> OverLimit:
         -signal.SIGXCPU: "more CPU time than allowed",
         -signal.SIGXFSZ: f"a file larger than {limits.file_bytes / GiB:.1f} GiB",
         -signal.SIGKILL: "more memory than the machine could give",
-        -signal.SIGSEGV: "more memory than allowed (it crashed)",
-        -signal.SIGABRT: "more memory than allowed (it aborted)",
     }
+    memory = f"{limits.memory_bytes / GiB:.1f} GiB, GRAFT_MODEL_CHECK_MEMORY_BYTES"
     text = stderr.lower()
     if any(sign in text for sign in _MEMORY_SIGNS):
-        return OverLimit(
-            f"{what} needed more memory than allowed ({limits.memory_bytes / GiB:.1f} GiB, "
-            "GRAFT_MODEL_CHECK_MEMORY_BYTES)"
-        )
+        return OverLimit(f"{what} needed more memory than allowed ({memory})")
     if code in signals:
         return OverLimit(f"{what} needed {signals[code]}")
     last = stderr.strip().splitlines()[-1][:300] if stderr.strip() else f"exit code {code}"
+    if code in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS):
+        return OverLimit(
+            f"{what} crashed ({signal.Signals(-code).name}: {last}); a large model may need "
+            f"more memory than allowed ({memory})"
+        )
     return OverLimit(f"{what} stopped unexpectedly ({last})")
 
 
 _MEMORY_SIGNS = ("memoryerror", "bad_alloc", "allocate", "failed to map", "out of memory")
 
 
-def _kill(child: subprocess.Popen) -> None:
-    """The child and anything it started (its process group)."""
+def _kill_group(pid: int) -> None:
+    """A child and anything it started (its process group)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _tail(path: Path, size: int = 16384) -> str:
+    """The end of a child's standard error."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(path.stat().st_size - size, 0))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _root() -> str:
