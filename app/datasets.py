@@ -15,7 +15,6 @@ import io
 import logging
 import stat
 import tarfile
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -33,6 +32,7 @@ from app.db import paginate, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, Job, JobStatus, new_id
 from app.schemas import DatasetRead, RejectedFile
+from app.scratch import scratch
 from app.settings import Settings
 from app.storage import Storage
 from worker.engine.reference import conflicting
@@ -350,8 +350,7 @@ def build_dataset(
         digest.update(chunk)
     archive.seek(0)
     dataset_id = new_id()
-    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="dataset-") as tmp:
-        workdir = Path(tmp)
+    with scratch(tmp_root, prefix="dataset-") as workdir:
         (workdir / "images").mkdir()
         extracted = extract_images(archive, archive_size, limits, workdir / "images")
         if not extracted.images:

@@ -5,11 +5,12 @@ and writing its progress every second (see app.imports for the claim and its fen
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import threading
 
-from app import s3uri
+from app import s3uri, scratch
 from app.datasets import DatasetStatus, archive_limits, pack_images
 from app.db import utcnow
 from app.import_sources import (
@@ -47,6 +48,7 @@ class Run:
         heartbeat = threading.Thread(target=self._heartbeat, name="import-lease", daemon=True)
         self._remove_earlier_attempts()
         self.folder.mkdir(parents=True)
+        held = scratch.hold(self.folder)  # the janitor leaves it alone while this runs
         heartbeat.start()
         try:
             copied = self._copy()
@@ -71,6 +73,7 @@ class Run:
             self.stop.set()
             heartbeat.join()
             shutil.rmtree(self.folder, ignore_errors=True)
+            os.close(held)
         if self.status is None and not self.lost.is_set():  # the server is stopping
             self.lease.write(
                 lease_expires_at=None, progress=progress(0, None, "waiting to be copied again")

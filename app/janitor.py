@@ -1,9 +1,9 @@
 """Removing what nothing owns: the temporary folders of killed uploads and attempts, and the
 stored objects a killed request or worker wrote before its row.
 
-Run by the sweeper every ``orphan_grace_s / 4`` (at least a minute apart); anything last
-written less than ``orphan_grace_s`` ago is left alone, since it may still be in use. A
-job's folder goes as soon as its job is not running.
+Run by the sweeper every ``orphan_grace_s / 4`` (at least a minute apart). A temporary folder
+that a live process holds (:mod:`app.scratch`) is never removed; one nobody holds goes once it
+was last written ``orphan_grace_s`` ago, a job's as soon as its job is not running.
 
 Owners: a dataset's images (``datasets/<id>/``) belong to its row until it is deleted; a
 version's files (``models/<m>/<v>/``) to the version's row; a model's reference images
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope, utcnow
 from app.models import Dataset, Job, JobStatus, Model, ModelVersion
 from app.references import image_key, read_manifest
+from app.scratch import in_use
 from app.settings import Settings
 from app.storage import Storage, open_storage
 
@@ -65,8 +66,8 @@ def _last_written(path: Path) -> datetime:
 
 
 def clean_tmp(settings: Settings, cutoff: datetime | None = None) -> int:
-    """Folders of attempts whose job is not running, and anything else written before
-    ``cutoff`` (default: ``orphan_grace_s`` ago)."""
+    """What no live process holds (:mod:`app.scratch`): folders of attempts whose job is not
+    running, and anything else written before ``cutoff`` (default: ``orphan_grace_s`` ago)."""
     cutoff = cutoff or utcnow() - timedelta(seconds=settings.orphan_grace_s)
     if not settings.tmp_dir.is_dir():
         return 0
@@ -81,6 +82,8 @@ def clean_tmp(settings: Settings, cutoff: datetime | None = None) -> int:
     removed = 0
     for entry in entries:
         try:
+            if in_use(entry):  # a live process is writing it, however deep
+                continue
             if entry.name.startswith("job-"):
                 stale = entry.name.split("-")[1] not in running
             else:

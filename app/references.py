@@ -17,7 +17,6 @@ import hashlib
 import json
 import random
 import tarfile
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,6 +27,7 @@ from sqlalchemy.orm import Session
 from app.datasets import get_dataset
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Dataset, ModelVersion, new_id
+from app.scratch import scratch
 from app.storage import Storage
 
 Entry = tuple[str, str]  # (digest, label)
@@ -55,8 +55,8 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Store a reference set's manifest; the value of ``ModelVersion.reference``."""
     body = {"images": [{"digest": d, "label": label} for d, label in entries]}
-    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
-        path = Path(tmp) / "reference.json"
+    with scratch(tmp_root, prefix="reference-") as tmp:
+        path = tmp / "reference.json"
         path.write_text(json.dumps(body, separators=(",", ":")))
         stored = storage.put_file(f"models/{model_id}/{version_id}/reference-{new_id()}.json", path)
     counts = Counter(label for _, label in entries)
@@ -121,8 +121,8 @@ def extend_reference(
     reference is None when nothing changed. Nothing of the version row changes here; the caller
     swaps the reference in."""
     existing = read_manifest(storage, current)
-    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="reference-") as tmp:
-        offered = _dataset_images(storage, dataset, labels, Path(tmp))
+    with scratch(tmp_root, prefix="reference-") as tmp:
+        offered = _dataset_images(storage, dataset, labels, tmp)
         kept = cap_per_label(existing + list(offered), per_label, seed=f"{version_id}:{dataset.id}")
         if kept == existing:
             return None, {}, []

@@ -6,7 +6,6 @@ import difflib
 import json
 import logging
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from app.schemas import (
     PromotionRead,
     VersionSummary,
 )
+from app.scratch import scratch
 from app.settings import Settings
 from app.storage import Storage, StoredObject
 from worker.engine import intake, sandbox
@@ -213,8 +213,7 @@ def store_registration(
         file_bytes=2 * upload.stat().st_size + 1024**3,
     )
     try:
-        with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
-            folder = Path(tmp)
+        with scratch(tmp_root, prefix="model-") as folder:
             source = _unpacked(r.architecture, upload, folder / "upload", settings)
             try:
                 answer = intake.check_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import stat
@@ -14,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
+
+from app.scratch import in_use
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -77,6 +80,7 @@ class LocalStorage:
         target.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # not a leftover while this process writes it
         try:
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
                 while chunk := src.read(CHUNK):
@@ -109,10 +113,13 @@ class LocalStorage:
 
     def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
         """Every file under ``prefix`` (a folder), with when it was last written; the
-        leftovers of an interrupted ``put_file`` (``.incoming-*``) included."""
+        leftovers of an interrupted ``put_file`` (``.incoming-*``) included, not one that a
+        live ``put_file`` is writing."""
         base = self.root.joinpath(*PurePosixPath(prefix).parts) if prefix else self.root
         for path in base.rglob("*"):
             try:
+                if path.name.startswith(".incoming-") and in_use(path):
+                    continue
                 if path.is_file():
                     mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
                     yield path.relative_to(self.root).as_posix(), mtime

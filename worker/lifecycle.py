@@ -15,7 +15,6 @@ import enum
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +29,12 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
+from app.disk import below_floor
 from app.jobs import progress_record
 from app.logs import current_job
 from app.models import Job, JobStatus
 from app.queue import publish_jobs
+from app.scratch import scratch
 from app.settings import Settings
 from worker.engine.errors import resource_error
 from worker.engine.expand import Progress
@@ -76,6 +77,7 @@ class StopReason(enum.StrEnum):
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"
     TIMEOUT = "timeout"
+    DISK_FULL = "disk_full"  # the worker's disk fell below GRAFT_MIN_FREE_DISK_MB
 
 
 class Heartbeat:
@@ -86,6 +88,7 @@ class Heartbeat:
         self.settings, self.job_id, self.attempt = settings, job_id, attempt
         self.cancel_requested = False
         self.lost = False
+        self.disk_full: str | None = None  # why, once the disk fell below the floor
         self.deadline = time.monotonic() + settings.job_time_limit_s
         self._pending: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -114,6 +117,8 @@ class Heartbeat:
             return StopReason.SHUTDOWN
         if time.monotonic() > self.deadline:
             return StopReason.TIMEOUT
+        if self.disk_full:
+            return StopReason.DISK_FULL
         return None
 
     def should_stop(self) -> bool:
@@ -128,6 +133,7 @@ class Heartbeat:
                 log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
 
     def beat(self) -> None:
+        self.disk_full = self.disk_full or below_floor(self.settings)
         with self._lock:
             pending, self._pending = self._pending, None
         values: dict[str, Any] = {
@@ -165,8 +171,8 @@ def database_unreachable(exc: BaseException) -> bool:
 @contextmanager
 def job_folder(settings: Settings, job_id: str) -> Iterator[Path]:
     """The attempt's own temporary folder (a killed attempt's is removed by the next one)."""
-    with tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"job-{job_id}-") as tmp:
-        yield Path(tmp)
+    with scratch(settings.tmp_dir, prefix=f"job-{job_id}-") as tmp:
+        yield tmp
 
 
 def with_retries(settings: Settings, what: str, write: Callable[[], T]) -> T:
@@ -227,8 +233,15 @@ def finish(
     log.info("job %s: %s %s", job_id, status, error or "")
 
 
-def stopped(settings: Settings, job_id: str, attempt: int, reason: StopReason | None) -> None:
-    if reason == StopReason.CANCELLED:
+def stopped(heartbeat: Heartbeat) -> None:
+    """Record why the engine stopped at ``heartbeat``'s request (not for a shutdown or a lost
+    lease: those write nothing)."""
+    settings, job_id, attempt = heartbeat.settings, heartbeat.job_id, heartbeat.attempt
+    reason = heartbeat.stop_reason
+    if reason == StopReason.DISK_FULL:
+        error = job_error("disk_full", heartbeat.disk_full)
+        finish(settings, job_id, attempt, JobStatus.FAILED, error)
+    elif reason == StopReason.CANCELLED:
         finish(settings, job_id, attempt, JobStatus.CANCELLED, None)
     elif reason == StopReason.TIMEOUT:
         limit = settings.job_time_limit_s

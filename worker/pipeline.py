@@ -20,17 +20,17 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
-from app.disk import free_bytes, has_room
+from app.disk import below_floor
 from app.janitor import clean_tmp
 from app.logs import current_job
 from app.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from app.registry import add_version, artifact_metadata, store_model_files
-from app.settings import MiB, Settings
+from app.settings import Settings
 from app.storage import Storage, StoredObject, open_storage
 from worker.engine.architectures import Preprocessing
 from worker.engine.artifacts import PROBE_IMAGES
 from worker.engine.data import sample_images
-from worker.engine.errors import EngineError, JobCancelled, resource_error
+from worker.engine.errors import DiskFull, EngineError, JobCancelled, resource_error
 from worker.engine.expand import (
     ExpansionResult,
     Progress,
@@ -77,13 +77,7 @@ def _run_job(job_id: str, settings: Settings) -> None:
         return
     log.info("job %s: attempt %d started", job_id, attempt)
     settings.ensure_dirs()
-    if not has_room(settings):
-        free = free_bytes(settings) // MiB
-        message = (
-            f"the worker's disk is full: {free} MB free under its GRAFT_DATA_DIR, below the "
-            f"{settings.min_free_disk_mb} MB it keeps free (GRAFT_MIN_FREE_DISK_MB). Free "
-            "space on the worker, then submit the job again"
-        )
+    if message := below_floor(settings):
         finish(settings, job_id, attempt, JobStatus.FAILED, job_error("disk_full", message))
         return
     for stale in settings.tmp_dir.glob(f"job-{job_id}-*"):  # left by a killed attempt
@@ -104,7 +98,7 @@ def _run_job(job_id: str, settings: Settings) -> None:
             if heartbeat.stop_reason == StopReason.SHUTDOWN:
                 hand_back = "its worker shut down"
             else:
-                stopped(settings, job_id, attempt, heartbeat.stop_reason)
+                stopped(heartbeat)
         except LeaseLost:
             _discard(storage, stored, job_id)
         except EngineError as exc:
@@ -127,6 +121,15 @@ def _run_job(job_id: str, settings: Settings) -> None:
         release(settings, job_id, attempt, hand_back)
 
 
+def _ensure_room(settings: Settings, model: torch.nn.Module, exports: int) -> None:
+    """:class:`DiskFull` unless the version's files fit above the floor: each format about
+    the size of the weights, written in the job's folder and then stored (twice, on local
+    storage); the safetensors file, the exports and a family's own format."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if message := below_floor(settings, 2 * size * (2 + exports), "the version's files"):
+        raise DiskFull(message)
+
+
 def _kind(settings: Settings, job_id: str) -> str:
     with session_scope(settings.resolved_database_url) as session:
         return session.scalar(select(Job.kind).where(Job.id == job_id)) or JobKind.EXPAND
@@ -147,6 +150,9 @@ def _expand(
         request = expansion_request(spec, storage, settings, tmp)
         result = expand_classifier(request, heartbeat.report, heartbeat.should_stop)
         heartbeat.report(Progress("exporting", 0.0))
+        if heartbeat.should_stop():  # cancelled, or the disk fell, since the engine's last step
+            raise JobCancelled()
+        _ensure_room(settings, result.model, len(spec.config.get("export", [])))
         version_id = new_id()
         # new labels first: a file that breaks on them is found before it is stored
         samples = sorted(request.samples, key=lambda s: s.label not in request.new_labels)

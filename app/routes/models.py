@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +29,7 @@ from app.schemas import (
     ReferenceAdd,
     ReferenceRead,
 )
+from app.scratch import scratch
 from app.uploads import save_upload, upload_size
 
 MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024
@@ -100,9 +100,9 @@ async def register_model(
             gate_json=gate,
         )
     )
-    with tempfile.TemporaryDirectory(dir=settings.tmp_dir) as tmp:
+    with scratch(settings.tmp_dir, prefix="upload-") as tmp:
         path = await run_in_threadpool(
-            save_upload, weights, Path(tmp) / "weights", settings.max_upload_bytes
+            save_upload, weights, tmp / "weights", settings.max_upload_bytes
         )
         stored = await run_in_threadpool(
             registry.store_registration,

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import MiB
 from tests.conftest import digits_archive, register_digits
+from tests.support.cluster import SLOW
 from worker import pipeline
 
 
@@ -54,3 +58,60 @@ def test_a_worker_on_a_crowded_disk_fails_the_job_as_disk_full(
     assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
     assert "GRAFT_MIN_FREE_DISK_MB" in job["error"]["message"]
     assert [v["version"] for v in client.get("/v1/models/digits").json()["versions"]] == [1]
+
+
+def submit(client, base_weights, digit_splits, config: dict | None = None) -> str:
+    assert register_digits(client, base_weights).status_code == 201
+    archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
+    dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+    body = {"model": "digits", "dataset_id": dataset["id"], "config": config or {}}
+    return client.post("/v1/jobs", json=body).json()["id"]
+
+
+def test_a_version_whose_files_would_cross_the_floor_is_not_written(
+    settings, client, base_weights, digit_splits
+):
+    job_id = submit(client, base_weights, digit_splits)
+    before = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
+    # 250 MB above the floor: the job runs (it writes a few MB before its files), but a
+    # resnet18's three files (45 MB each, written in the job's folder and then stored: about
+    # 360 MB by the worker's estimate) would take the disk below it
+    free = shutil.disk_usage(settings.data_dir).free // MiB
+    tight = settings.model_copy(update={"min_free_disk_mb": free - 250})
+    pipeline.run_job(job_id, tight)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
+    assert "the version's files need about" in job["error"]["message"], job["error"]
+    assert [v["version"] for v in client.get("/v1/models/digits").json()["versions"]] == [1]
+    after = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
+    assert after == before
+    assert list(settings.tmp_dir.glob("job-*")) == []
+
+
+def test_a_disk_that_fills_while_a_job_runs_stops_it_as_disk_full(
+    settings, client, base_weights, digit_splits
+):
+    job_id = submit(client, base_weights, digit_splits, SLOW)
+    before = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
+    free = shutil.disk_usage(settings.data_dir).free // MiB
+    tight = settings.model_copy(update={"min_free_disk_mb": free - 200})
+    worker = threading.Thread(target=pipeline.run_job, args=(job_id, tight))
+    worker.start()
+    filler = settings.data_dir / "filler"
+    try:
+        deadline = time.monotonic() + 300
+        while client.get(f"/v1/jobs/{job_id}").json()["progress"]["stage"] != "training":
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.05)
+        with filler.open("wb") as f:  # something else on the machine fills the disk
+            os.posix_fallocate(f.fileno(), 0, 300 * MiB)
+        worker.join(300)
+    finally:
+        filler.unlink(missing_ok=True)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "disk_full", job
+    assert "GRAFT_MIN_FREE_DISK_MB" in job["error"]["message"]
+    assert [v["version"] for v in client.get("/v1/models/digits").json()["versions"]] == [1]
+    after = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
+    assert after == before
+    assert list(settings.tmp_dir.glob("job-*")) == []

@@ -4,8 +4,15 @@ has passed; nothing a row owns is ever touched."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from app import janitor
@@ -13,6 +20,7 @@ from app.db import session_scope
 from app.models import Model, new_id
 from app.storage import open_storage
 from tests.conftest import digits_archive, register_digits
+from tests.support import digits as D
 from worker import pipeline
 
 
@@ -79,3 +87,56 @@ def test_a_running_jobs_folder_is_left_alone(settings, leftovers):
     assert pipeline.claim_job(settings, job_id) == 1
     janitor.clean(settings.model_copy(update={"orphan_grace_s": 0}))
     assert folders[1].exists()
+
+
+def test_an_upload_still_unpacking_survives_a_janitor_pass_past_its_grace(settings, client):
+    """Past any grace (0 s here), a folder a live process holds is never removed: its writer,
+    not the times of its files, says it is alive."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (10, 720, 16, 16, 3), dtype=np.uint8)  # 7,200 distinct images
+    archive = D.zip_image_folder(
+        {str(d): [Image.fromarray(pixels) for pixels in noise[d]] for d in range(10)}
+    )
+    answer: dict = {}
+    upload = threading.Thread(
+        target=lambda: answer.update(
+            r=client.post("/v1/datasets", files={"archive": ("big.zip", archive)})
+        )
+    )
+    upload.start()
+    deadline = time.monotonic() + 120
+    while not [p for p in settings.tmp_dir.glob("dataset-*/images/*")]:
+        assert time.monotonic() < deadline and upload.is_alive()
+        time.sleep(0.005)
+    passes = 0
+    while upload.is_alive():  # every pass treats everything as past its grace
+        janitor.clean(settings.model_copy(update={"orphan_grace_s": 0}))
+        passes += 1
+    upload.join()
+    assert passes >= 1
+    assert answer["r"].status_code == 201, answer["r"].text
+    assert answer["r"].json()["num_images"] == 7200
+    assert list(settings.tmp_dir.iterdir()) == []
+
+
+def test_the_folder_of_a_killed_writer_goes_at_the_next_pass(settings):
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from app.scratch import scratch\n"
+        "with scratch(Path(sys.argv[1]), prefix='dataset-') as folder:\n"
+        "    (folder / 'a' / 'b').mkdir(parents=True)\n"
+        "    print(folder, flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(settings.tmp_dir)], stdout=subprocess.PIPE, text=True
+    )
+    folder = Path(writer.stdout.readline().strip())
+    past_grace = settings.model_copy(update={"orphan_grace_s": 0})
+    janitor.clean(past_grace)
+    assert folder.is_dir()  # held
+    writer.kill()
+    writer.wait()
+    janitor.clean(past_grace)
+    assert not folder.exists()

@@ -41,6 +41,32 @@ def test_a_wrapped_failure_is_found_through_its_cause():
     assert resource_error(ValueError("bad label")) is None
 
 
+def test_a_thread_that_cannot_start_is_out_of_memory():
+    """As when s3transfer's pool starts its threads in a worker whose address space is capped."""
+    script = textwrap.dedent(
+        """
+        import resource, threading, time
+        from worker.engine.errors import resource_error
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 64 * 2**20, resource.RLIM_INFINITY))
+        try:
+            for _ in range(1000):  # each thread maps its stack (8 MiB)
+                threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+            print("started them all")
+        except RuntimeError as exc:
+            error = resource_error(exc)
+            print(error.code if error else "unnamed", "|", error)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    code, _, message = done.stdout.partition(" | ")
+    assert code == "out_of_memory", done.stdout + done.stderr
+    assert "could not start a thread" in message and "ulimit" in message
+
+
 def test_weights_that_cannot_be_mapped_for_lack_of_memory_are_not_invalid_weights(tmp_path):
     """The weights file is fine; the process may not map it (its address space is capped)."""
     path = tmp_path / "big.safetensors"

@@ -62,6 +62,7 @@ _GPU_MEMORY_SIGNS = (
     "cuda error: out of memory",
     "cublas_status_alloc_failed",
 )
+_THREAD_SIGNS = ("can't start new thread", "cannot start new thread")
 _DISK_SIGNS = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
 
@@ -78,6 +79,13 @@ def resource_error(exc: BaseException) -> EngineError | None:
             return OutOfMemory(
                 f"the GPU ran out of memory ({_short(current)}). Lower GRAFT_EXTRACT_BATCH_SIZE "
                 "or the job's batch_size, or run the job on a worker with a larger GPU"
+            )
+        if any(s in text for s in _THREAD_SIGNS):
+            return OutOfMemory(
+                f"the worker could not start a thread ({_short(current)}): it reached its "
+                "memory or process limit (the address space it may map, `ulimit -v`; its "
+                "processes and threads, `ulimit -u` or the container's pids limit). Raise the "
+                "limit, or run fewer workers or jobs on the machine"
             )
         if isinstance(current, MemoryError) or errno == 12 or any(s in text for s in _MEMORY_SIGNS):
             return OutOfMemory(

@@ -228,7 +228,14 @@ def _failure(code: int, stderr: str, limits: Limits, what: str) -> OverLimit:
     return OverLimit(f"{what} stopped unexpectedly ({last})")
 
 
-_MEMORY_SIGNS = ("memoryerror", "bad_alloc", "allocate", "failed to map", "out of memory")
+_MEMORY_SIGNS = (
+    "memoryerror",
+    "bad_alloc",
+    "allocate",
+    "failed to map",
+    "out of memory",
+    "start new thread",
+)
 
 
 def _kill_group(pid: int) -> None:
