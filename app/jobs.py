@@ -282,9 +282,20 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
             .values(cancel_requested=True)
         ).rowcount
         if not asked:
-            raise Conflict(f"job {job_id} has already finished ({job.status})")
+            session.refresh(job)
+            raise Conflict(too_late(job))
     session.refresh(job)
     return job
+
+
+def too_late(job: Job) -> str:
+    """Why a cancel came too late: the job had finished, and what it left."""
+    if job.status == JobStatus.SUCCEEDED and job.result_version is not None:
+        return (
+            f"too late: job {job.id} has already finished; it succeeded and recorded version "
+            f"{job.result_version} of {job.model.name} (DELETE the version to undo it)"
+        )
+    return f"too late: job {job.id} has already finished ({job.status})"
 
 
 def job_read(job: Job) -> JobRead:

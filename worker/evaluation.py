@@ -23,7 +23,7 @@ from worker.engine.errors import EngineError
 from worker.engine.expand import Progress
 from worker.engine.lineage import Lineage
 from worker.engine.reference import conflicting, file_digest
-from worker.lifecycle import Heartbeat, LeaseLost, fenced_finish, job_folder, with_retries
+from worker.lifecycle import Heartbeat, fenced_finish, job_folder, not_recorded, with_retries
 from worker.spec import extract_images
 
 
@@ -215,4 +215,4 @@ def _write(settings: Settings, job_id: str, attempt: int, result: dict[str, Any]
             row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one()
             if tuple(row) == (JobStatus.SUCCEEDED, attempt):
                 return  # an earlier try committed, and only its answer was lost
-            raise LeaseLost()
+            raise not_recorded(session, job_id, attempt)

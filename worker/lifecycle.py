@@ -11,6 +11,7 @@ The API side (re-queueing jobs whose lease ran out) is ``app.sweeper.sweep``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -36,7 +37,7 @@ from app.models import Job, JobStatus
 from app.queue import publish_jobs
 from app.scratch import scratch
 from app.settings import Settings
-from worker.engine.errors import resource_error
+from worker.engine.errors import JobCancelled, resource_error
 from worker.engine.expand import Progress
 
 log = logging.getLogger(__name__)
@@ -198,11 +199,16 @@ def with_retries(settings: Settings, what: str, write: Callable[[], T]) -> T:
 def fenced_finish(
     session: Session, job_id: str, attempt: int, status: JobStatus, **values: Any
 ) -> bool:
-    """Set the final status if this attempt still owns the job; False if it does not."""
+    """Set the final status if this attempt still owns the job; False if it does not. A
+    success is not written over a cancel request: cancelling wins until this write (see
+    :func:`not_recorded`)."""
+    owned = [Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING]
+    if status == JobStatus.SUCCEEDED:
+        owned.append(Job.cancel_requested.is_(False))
     return bool(
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+            .where(*owned)
             .values(
                 status=status,
                 finished_at=utcnow(),
@@ -212,6 +218,18 @@ def fenced_finish(
             )
         ).rowcount
     )
+
+
+def not_recorded(session: Session, job_id: str, attempt: int) -> Exception:
+    """Why :func:`fenced_finish` wrote no success: the user cancelled meanwhile
+    (:class:`JobCancelled`: the attempt's files are discarded and the job is cancelled), or
+    another attempt owns the job (:class:`LeaseLost`)."""
+    row = session.execute(
+        select(Job.attempt, Job.status, Job.cancel_requested).where(Job.id == job_id)
+    ).one()
+    if tuple(row) == (attempt, JobStatus.RUNNING, True):
+        return JobCancelled()
+    return LeaseLost()
 
 
 def finish(
@@ -237,6 +255,9 @@ def stopped(heartbeat: Heartbeat) -> None:
     """Record why the engine stopped at ``heartbeat``'s request (not for a shutdown or a lost
     lease: those write nothing)."""
     settings, job_id, attempt = heartbeat.settings, heartbeat.job_id, heartbeat.attempt
+    if heartbeat.stop_reason is None:  # cancelled at the final write, before a beat saw it
+        with contextlib.suppress(Exception):
+            heartbeat.beat()
     reason = heartbeat.stop_reason
     if reason == StopReason.DISK_FULL:
         error = job_error("disk_full", heartbeat.disk_full)

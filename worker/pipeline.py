@@ -48,6 +48,7 @@ from worker.lifecycle import (
     finish,
     job_error,
     job_folder,
+    not_recorded,
     release,
     stopped,
     with_retries,
@@ -284,7 +285,7 @@ def _write_success(
         if not fenced:
             if session.get(ModelVersion, version_id) is not None:
                 return  # an earlier try committed, and only its answer was lost
-            raise LeaseLost()
+            raise not_recorded(session, job_id, attempt)
         version = add_version(
             session,
             session.get(Model, spec.model_id),
