@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -47,8 +47,10 @@ class Settings(BaseSettings):
     import_threads: int = Field(16, ge=1, le=256)  # parallel GETs of one import
     import_lease_s: float = Field(30.0, gt=0)  # an import not renewed this long is taken over
 
-    job_lease_s: float = 120.0
-    heartbeat_s: float = 5.0
+    job_lease_s: float = Field(120.0, gt=0)
+    # A running job's worker renews its lease, saves its progress and looks for a cancel
+    # request and a full disk this often; less than half the lease.
+    heartbeat_s: float = Field(1.0, gt=0)
     max_attempts: int = 3
     # A worker retries its final write this long (with backoff) while the database is away.
     db_retry_s: float = 120.0
@@ -85,8 +87,23 @@ class Settings(BaseSettings):
     poll_cache_s: float = Field(0.5, ge=0)
     # Temporary folders and stored objects that nothing owns are removed after this long.
     orphan_grace_s: float = Field(3600.0, ge=0)
+    # How often the sweep looks for them; default: a quarter of the grace, at least a minute.
+    janitor_interval_s: float | None = Field(None, ge=1)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_s * 2 > self.job_lease_s:
+            raise ValueError(
+                f"GRAFT_HEARTBEAT_S ({self.heartbeat_s:g}) must be at most half of "
+                f"GRAFT_JOB_LEASE_S ({self.job_lease_s:g}), or a live job loses its lease"
+            )
+        return self
+
+    @property
+    def janitor_every_s(self) -> float:
+        return self.janitor_interval_s or max(self.orphan_grace_s / 4, 60.0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -148,7 +148,7 @@ class Sweeper:
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.settings.sweep_interval_s
-        clean_every = max(self.settings.orphan_grace_s / 4, 60.0)
+        clean_every = self.settings.janitor_every_s
         next_clean = time.monotonic() + min(clean_every, 300.0)
         while not self._stop.wait(1.0):
             try:
