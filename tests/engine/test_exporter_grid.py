@@ -198,7 +198,7 @@ def test_each_exporters_model_registers_grows_and_runs_in_every_format(
         limits=sandbox.Limits(),
     )
     absent = NOT_OFFERED.get(architecture.partition(":")[0], set())
-    assert set(answer["failed"]) == absent, answer["failed"]
+    assert answer["failed"] == {}, answer["failed"]  # not tried, so not a failure either
     assert {"safetensors", *EXPORTS} - absent <= set(answer["files"])
 
     # a job's growth: version 1 loaded back as the worker loads it, two labels added
@@ -224,5 +224,5 @@ def test_each_exporters_model_registers_grows_and_runs_in_every_format(
         images,
         written.__setitem__,
     )
-    assert set(failed) == absent, failed
+    assert failed == {}, failed
     assert set(answer["files"]) == set(written)  # the grown version offers what v1 did

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from worker.engine.errors import EngineError, ExportFailed, first_line, named, resource_error
-from worker.engine.export import EXPORTERS, native_formats
+from worker.engine.export import EXPORTERS, offered_formats
 from worker.engine.formats import SAFETENSORS, SUFFIXES
 from worker.engine.preprocessing import Preprocessing
 from worker.engine.weights import load_classifier, save_safetensors
@@ -57,7 +57,7 @@ def write_artifacts(
     num_labels = len(metadata["labels"])  # type: ignore[arg-type]
     want = reference_logits(model, images)
     failed: dict[str, str] = {}
-    for fmt in dict.fromkeys((SAFETENSORS, *exports, *native_formats(model))):
+    for fmt in dict.fromkeys((SAFETENSORS, *offered_formats(model, exports))):
         path = folder / f"model{SUFFIXES[fmt]}"
         try:
             if fmt == SAFETENSORS:  # the framework of its tensors is safetensors' own key

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -134,6 +134,18 @@ EXPORTERS: dict[str, Exporter] = {
     "keras": export_keras_file,
 }
 PORTABLE = ("onnx", "torchscript")  # formats any architecture may be exported to
+
+
+# Formats a family never has: an ONNX graph runs in onnxruntime, and torch.jit cannot trace
+# the module that calls it.
+NOT_OFFERED = {"onnx": ("torchscript",)}
+
+
+def offered_formats(model: nn.Module, exports: Sequence[str]) -> tuple[str, ...]:
+    """The formats a version of ``model`` is written in: of ``exports``, those its family can
+    have, then its family's own (see :func:`native_formats`)."""
+    never = NOT_OFFERED.get(family_of(model), ())
+    return (*(f for f in exports if f not in never), *native_formats(model))
 
 
 def native_formats(model: nn.Module) -> tuple[str, ...]:
