@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -105,6 +106,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler.addFilter(JobContext())
     if logging.getLevelName(level.upper()) != logging.DEBUG:
         handler.addFilter(StartupNoise())
+        # transformers warns through its own handler of what a user cannot act on (a config's
+        # ``loss_type=None``, say): only its errors, unless the log is at DEBUG.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
         # Containers commonly run as root; the worker accepts JSON only, so this is not a risk.
         warnings.filterwarnings(
             "ignore", message="You're running the worker with superuser privileges"

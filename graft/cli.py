@@ -38,6 +38,25 @@ for sub, name in (
     (keys_app, "keys"),
 ):
     app.add_typer(sub, name=name)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from app import __version__  # noqa: PLC0415
+
+        typer.echo(f"graft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    pass
+
+
 app.command()(serve)
 app.command()(api)
 app.command()(worker)

@@ -64,6 +64,18 @@ class TestModels:
         body = assert_problem(response, 422, field="architecture", says="timm:resnet18")
         assert "close matches" in body["detail"]
 
+    def test_a_name_without_its_family_is_told_the_families_that_have_it(
+        self, client, base_weights
+    ):
+        response = client.post(
+            "/v1/models",
+            data={"name": "x", "architecture": "resnet18", "labels": '["a"]'},
+            files={"weights": ("w.safetensors", base_weights.read_bytes())},
+        )
+        body = assert_problem(response, 422, field="architecture", says="timm:resnet18")
+        assert "torchvision:resnet18" in body["detail"]
+        assert "keras:resnet18" not in body["detail"] and "onnx:resnet18" not in body["detail"]
+
     def test_label_count_mismatch_says_both_numbers(self, client, base_weights):
         response = client.post(
             "/v1/models",

@@ -35,3 +35,23 @@ def test_logs_and_metrics_of_a_job(client, settings, base_weights, digit_splits,
     assert float(rate.split()[1]) > 0
     latency = 'graft_http_request_duration_seconds_count{method="POST",route="/v1/jobs"} 1.0'
     assert latency in metrics
+
+
+def test_transformers_chatter_stays_out_of_the_log_unless_at_debug():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from app.logs import configure_logging\n"
+        "configure_logging(sys.argv[1], 'text')\n"
+        "import transformers\n"
+        "log = transformers.logging.get_logger('transformers.modeling_utils')\n"
+        "log.warning('loss_type=None was set in the config')\n"
+    )
+    for level, shown in (("INFO", False), ("DEBUG", True)):
+        done = subprocess.run(
+            [sys.executable, "-c", script, level], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert ("loss_type=None" in done.stdout + done.stderr) is shown, level

@@ -46,3 +46,15 @@ def test_every_help_page_reads_as_plain_words_with_a_help_text_for_every_option(
                 assert param.opts[-1] in page
     submit = help_of("job", "submit")
     assert "--base-version" in submit and "latest promoted version" in submit
+
+
+def test_graft_version_prints_the_version():
+    import subprocess
+    import sys
+
+    from app import __version__
+
+    done = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout == f"graft {__version__}\n"

@@ -24,6 +24,22 @@ def _known(family: str) -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
+def _families_for(name: str) -> list[str]:
+    """What a name given without a known family may have meant: the timm and torchvision
+    models of that name (or close to it), a Hugging Face class, and the families whose files
+    carry their own model (any name)."""
+    found = [f"{f}:{name}" for f in ("timm", "torchvision") if name in _known(f)]
+    if not found:
+        found = [
+            f"{f}:{m}"
+            for f in ("timm", "torchvision")
+            for m in difflib.get_close_matches(name, _known(f), n=3, cutoff=0.75)
+        ]
+    if name.endswith("ForImageClassification"):
+        found.append(f"hf:{name}")
+    return [*found, "keras:NAME (a .keras file)", "onnx:NAME (an .onnx file)"]
+
+
 def parse_architecture(architecture: str) -> tuple[str, str]:
     """Split ``family:name`` and check the name exists, suggesting close matches if not.
 
@@ -32,7 +48,7 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
     """
     family, sep, name = architecture.partition(":")
     if not sep or family not in FAMILIES:
-        raise UnknownArchitecture(architecture, [f"{f}:{name or architecture}" for f in FAMILIES])
+        raise UnknownArchitecture(architecture, _families_for(name if sep else architecture))
     if family == "hf":
         from worker.engine import hf  # noqa: PLC0415 (optional dependency)
 
