@@ -3,6 +3,7 @@ dataset, job). The help text is HELP below; ``graft --help`` prints it."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -69,6 +70,8 @@ def tidy_help(command: Any) -> Any:
     {ref}) and no type."""
     import typer._click.core as click_core
 
+    if command.help:
+        command.help = unwrap(command.help)
     for param in command.params:
         if isinstance(param, typer.core.TyperArgument):
             param.metavar = name = param.metavar or param.name.upper()
@@ -83,6 +86,13 @@ def tidy_help(command: Any) -> Any:
     for sub in getattr(command, "commands", {}).values():
         tidy_help(sub)
     return command
+
+
+def unwrap(text: str) -> str:
+    """Help text whose paragraphs are each one line, for the terminal to wrap at its own width
+    (a docstring's line breaks would otherwise break lines mid-sentence in narrower ones)."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
 def command() -> Any:

@@ -223,18 +223,28 @@ def job_list(
         [
             j.id,
             f"{j.model} v{j.base_version}" if j.kind != "evaluate" else j.model,
-            j.status,
-            j.progress.stage,
+            state_of(j),
             ", ".join(j.new_labels)
             if j.kind != "evaluate"
             else "evaluates " + ", ".join(f"v{n}" for n in j.config.get("versions", [])),
-            (f"v{j.result.version} {j.result.gate or ''}".strip()) if j.result else "",
-            f"{j.created_at:%Y-%m-%d %H:%M}",
+            f"{j.created_at:%m-%d %H:%M}",
         ]
         for j in jobs
     ]
-    headers = ("id", "model", "status", "stage", "what", "result", "created")
-    print_table(headers, rows, whole=("id",))
+    headers = ("id", "model", "state", "what", "created")
+    print_table(headers, rows, whole=("id", "state", "created"))
+
+
+def state_of(job: Any) -> str:
+    """One word or two for where a job stands: its stage while it runs, and once it
+    succeeded the version it made and what the gate decided (promoted, unverified, ...)."""
+    if job.status == "running":
+        return job.progress.stage
+    if job.status == "succeeded" and job.result:
+        return f"v{job.result.version} {job.result.gate or ''}".strip()
+    if job.status == "succeeded" and job.kind == "evaluate":
+        return "evaluated"
+    return job.status
 
 
 @job_app.command("show")
@@ -295,10 +305,11 @@ def evaluate(
     ] = False,
     output: ShowOutput = Output.table,
 ) -> None:
-    """Score versions of a model on a labelled dataset and compare them image by image:
-    accuracy and per-label figures with their intervals, and for each pair the images that
-    changed and a paired significance test. Prints the evaluation's id (--watch follows it;
-    graft job show ID shows it later)."""
+    """Score versions of a model on a labelled dataset, image by image.
+
+    Accuracy and per-label figures with their intervals, and for each pair of versions the
+    images that changed and a paired significance test. Prints the evaluation's id (--watch
+    follows it; graft job show ID shows it later)."""
     try:
         numbers = [int(part) for part in versions.split(",") if part.strip()]
     except ValueError:

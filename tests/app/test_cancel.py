@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
+from app.schemas import JobRead
+from graft.cli_jobs import state_of
 from tests.conftest import digits_archive, register_digits
 from worker import pipeline
 
@@ -59,4 +61,7 @@ def test_a_cancel_after_the_version_is_recorded_is_409_naming_it(
     assert answer.headers["content-type"] == "application/problem+json"
     assert "too late" in answer.json()["detail"]
     assert "recorded version 2 of digits" in answer.json()["detail"]
-    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded"
+    # `graft job list` shows what the job made of it, not only "succeeded"
+    assert state_of(JobRead.model_validate(job)) == f"v2 {job['result']['gate']}"

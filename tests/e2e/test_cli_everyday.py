@@ -5,6 +5,7 @@ a way out, and deleting models."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import safetensors.torch
 
 from tests.conftest import OLD, register_digits
 from tests.support import digits as D
-from tests.support.cli import run_graft
+from tests.support.cli import run_graft, run_graft_in_terminal
 from worker.engine.architectures import build_model
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,16 @@ def test_tables_never_cut_an_id_and_every_list_and_show_prints_the_api_json(serv
     assert digits["new"] in listed.stdout and digits["old"] in listed.stdout
     wrong = graft(client, "job", "list", "--output", "yaml")
     assert wrong.returncode == 2
+
+
+def test_job_list_in_an_80_column_terminal_keeps_words_and_dates_whole(server, digits):
+    client, _, _ = server
+    shown = run_graft_in_terminal(str(client.base_url), "job", "list", columns=80)
+    lines = shown.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, shown
+    row = next(line for line in lines if digits["job"] in line)
+    assert "cancelled" in row.split(), shown  # the state, whole, on the job's line
+    assert re.search(r"\b\d\d-\d\d \d\d:\d\d\b", row), shown
 
 
 def test_a_download_never_replaces_a_file_unless_asked(server, digits, tmp_path):

@@ -58,3 +58,32 @@ def test_graft_version_prints_the_version():
         [sys.executable, "-m", "graft.cli", "--version"], capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout == f"graft {__version__}\n"
+
+
+@pytest.mark.parametrize("words", [(), ("eval",), ("job", "submit")])
+def test_help_reads_right_in_an_80_column_terminal(words):
+    """Paragraphs wrap at the terminal's width, not at the docstring's line breaks."""
+    from tests.support.cli import run_graft_in_terminal
+
+    shown = run_graft_in_terminal("http://127.0.0.1:9", *words, "--help", columns=80)
+    lines = shown.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, shown
+    text = command()
+    for word in words:
+        text = text.commands[word]
+    for paragraph in text.help.split("\n\n"):
+        first = paragraph.split(". ")[0]  # a sentence the terminal wraps, as one line of help
+        rendered = " ".join(shown.split())
+        assert " ".join(first.split()) in rendered, (first, shown)
+    # no line of the description stops short while its paragraph goes on
+    description = [line.strip() for line in lines if line.startswith(" ") and "│" not in line]
+    for line, after in zip(description, description[1:], strict=False):
+        assert not (line and after and len(line) < 40 and not line.endswith((".", ":"))), shown
+
+
+def test_the_command_list_gives_each_command_one_summary_line():
+    from tests.support.cli import run_graft_in_terminal
+
+    shown = run_graft_in_terminal("http://127.0.0.1:9", "--help", columns=80)
+    row = next(line for line in shown.splitlines() if line.startswith("│ eval "))
+    assert row.strip("│ ").endswith("image by image."), shown
