@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import KEY_PREFIX, authenticate
 from app.db import POOL_SIZE, session_scope
+from app.errors import Unauthorized
 from app.inputs import INT4_MAX
 from app.pollcache import PollCache
 from app.settings import Settings
@@ -105,6 +106,11 @@ async def get_db(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Db:
+    if credentials is None and request.headers.get("authorization"):
+        raise Unauthorized(
+            "the Authorization header must read `Bearer <key>`: the key was sent without "
+            "`Bearer ` before it"
+        )
     return Db(
         request.app.state.database,
         request.app.state.settings.host,

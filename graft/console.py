@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Collection, Sequence
 from enum import StrEnum
 from typing import Annotated, Any
@@ -46,19 +47,41 @@ def client() -> Client:
     return Client()
 
 
+# The API's words for what the CLI spells otherwise (its flags, its settings).
+CLI_WORDS = {
+    "new_labels": "--new-label",
+    "base_version": "--base-version",
+    "dataset_id": "--dataset",
+    "notify_url": "--notify-url",
+    "Authorization: Bearer <key>": "GRAFT_API_KEY",
+}
+
+
+def in_cli_words(text: str) -> str:
+    """``text`` with the API's field and header names as the CLI's flags and settings."""
+    for api, cli in CLI_WORDS.items():
+        text = re.sub(rf"(?<![\w-]){re.escape(api)}(?![\w-])", cli, text)
+    return text
+
+
 def fail(exc: GraftError, hint: str = "") -> None:
     """Print the API's problem (its detail, then each field error the detail does not already
     say, once) and exit 3, or 4 when the API could not be reached."""
-    detail = exc.detail or exc.problem.get("title") or f"HTTP {exc.status}"
-    err.print(f"[red]error:[/red] {escape(str(detail))}")
-    said = {str(detail)}
+    detail = in_cli_words(str(exc.detail or exc.problem.get("title") or f"HTTP {exc.status}"))
+    err.print(f"[red]error:[/red] {escape(detail)}")
+    said = {detail}
     for problem in exc.problem.get("errors", [])[:10]:
-        message = str(problem.get("message", ""))
-        if message in said or message in str(detail):
+        message = in_cli_words(str(problem.get("message", "")))
+        if message in said or message in detail:
             continue
         said.add(message)
-        field = problem.get("field")
+        field = CLI_WORDS.get(str(problem.get("field")), problem.get("field"))
         err.print(escape(f"  {field}: {message}" if field else f"  {message}"))
+    if exc.status == 401:
+        hint = hint or (
+            "the CLI sends the key in GRAFT_API_KEY: set it to a key that "
+            "`graft keys create --owner NAME` printed"
+        )
     if hint:
         err.print(escape(hint))
     raise typer.Exit(EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED)

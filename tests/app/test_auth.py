@@ -35,6 +35,9 @@ def test_once_a_key_exists_requests_without_one_are_401(client, settings):
     assert client.get("/v1/models", headers=bearer(key + "x")).status_code == 401
     assert client.get("/v1/models", headers=bearer("nonsense")).status_code == 401
     assert client.get("/v1/models", headers=bearer(key)).status_code == 200
+    bare = client.get("/v1/models", headers={"Authorization": key})  # no "Bearer "
+    assert bare.status_code == 401 and "`Bearer <key>`" in bare.json()["detail"]
+    assert "required" not in bare.json()["detail"]  # a key was sent: it is not missing
     assert client.get("/healthz").status_code == 200  # operations stay open
     with session_scope(settings.resolved_database_url) as session:
         stored = session.scalars(select(ApiKey)).one()

@@ -151,6 +151,9 @@ def test_a_dataset_of_known_labels_names_the_version_compared_and_the_way_out(se
     submitted = graft(client, "job", "submit", "--model", "digits", "--dataset", digits["old"])
     assert submitted.returncode == 3
     assert submitted.stderr.count("digits version 1") == 1, submitted.stderr
+    # in the CLI's words: its flags, not the API's fields
+    assert "--base-version" in submitted.stderr and "--new-label" in submitted.stderr
+    assert "base_version" not in submitted.stderr and "new_labels" not in submitted.stderr
 
 
 def test_model_delete_says_what_it_deleted_and_needs_force_for_a_model_in_use(server, digits):
