@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -286,11 +287,21 @@ def model_pull(
     )
 
 
+def _confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal (not in a script, nor with --yes); exit 1 unless the answer is yes."""
+    if yes or not sys.stdin.isatty():
+        return
+    if not typer.confirm(question, default=False, err=True):
+        err.print("nothing deleted")
+        raise typer.Exit(1)
+
+
 @model_app.command(
     "delete",
     help="Delete a model with all its versions, or one version (--version, or NAME@VERSION). "
-    "The API refuses a model a job is using, or a model's last promoted version, unless "
-    "--force. Nothing is asked: what is deleted is printed.",
+    "The API refuses a model with a job queued or running, and the last promoted version of a "
+    "model that has other versions, unless --force. On a terminal it asks first (--yes does "
+    "not); what is deleted is printed.",
 )
 def model_delete(
     ref: Annotated[str, typer.Argument(help="NAME, or NAME@VERSION for one version")],
@@ -302,8 +313,12 @@ def model_delete(
         typer.Option(
             "--force",
             metavar="",
-            help="delete even a model in use, or the model's last promoted version",
+            help="delete even a model with a job queued or running, or the last promoted "
+            "version of a model with other versions",
         ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", metavar="", help="do not ask first on a terminal")
     ] = False,
 ) -> None:
     name, _, number = ref.partition("@")
@@ -316,10 +331,15 @@ def model_delete(
     try:
         if version is None:
             model = graft.get_model(name)
+            live = sum(1 for v in model.versions if getattr(v, "deleted_at", None) is None)
+            what = f"model {name} and its {live} version{'s' * (live != 1)}"
+            _confirm(f"delete {what}?", yes)
             graft.delete_model(name, force=force)
-            count = sum(1 for v in model.versions if getattr(v, "deleted_at", None) is None)
-            out.print(f"deleted model {name} and its {count} version{'s' * (count != 1)}")
+            gone = len(model.versions) - live
+            before = f" (and the records of {gone} deleted before)" if gone else ""
+            out.print(f"deleted {what}{before}")
         else:
+            _confirm(f"delete {name} v{version} and its files?", yes)
             graft.delete_version(name, version, force=force)
             out.print(f"deleted {name} v{version}")
     except GraftError as exc:

@@ -183,5 +183,12 @@ def test_model_delete_says_what_it_deleted_and_needs_force_for_a_model_in_use(se
     assert client.get("/v1/models/scratch/versions/1").json()["deleted_at"]
     gone = graft(client, "model", "delete", "scratch@1")
     assert gone.returncode == 3
-    assert graft(client, "model", "delete", "scratch").returncode == 0
+    url = str(client.base_url)
+    asked = run_graft_in_terminal(url, "model", "delete", "scratch", answer="n\n")
+    assert "delete model scratch and its 0 versions?" in asked and "nothing deleted" in asked
+    assert client.get("/v1/models/scratch").status_code == 200
+    last = run_graft_in_terminal(url, "model", "delete", "scratch", answer="y\n")
+    assert "deleted model scratch and its 0 versions (and the records of 1 deleted before)" in (
+        " ".join(last.split())
+    ), last
     assert client.get("/v1/models/scratch").status_code == 404

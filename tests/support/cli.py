@@ -27,9 +27,12 @@ def run_graft(
     )
 
 
-def run_graft_in_terminal(url: str, *args: str, columns: int = 80, rows: int = 40) -> str:
+def run_graft_in_terminal(
+    url: str, *args: str, columns: int = 80, rows: int = 40, answer: str = ""
+) -> str:
     """What `graft ARGS` shows in a real terminal (a pseudo-terminal of ``columns`` x
-    ``rows``), with colour codes and carriage returns removed."""
+    ``rows``) where the user types ``answer``, with colour codes and carriage returns
+    removed."""
     import fcntl
     import pty
     import re
@@ -50,6 +53,8 @@ def run_graft_in_terminal(url: str, *args: str, columns: int = 80, rows: int = 4
         close_fds=True,
     )
     os.close(follower)
+    if answer:
+        os.write(leader, answer.encode())
     chunks = []
     while True:
         try:
