@@ -30,10 +30,14 @@ format: $(STAMP)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "Setting up $(VENV) (once): torch, torchvision, timm, onnxruntime, Keras, transformers."
+	@echo "About 6.5 GB, most of it torch's CUDA libraries, unused without a GPU; 5 to 10 minutes"
+	@echo "the first time. pip's own progress follows."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	@touch $(STAMP)
+	@echo "$(VENV) is ready."
 
 bench: $(STAMP)
 	$(BIN)/python bench/quality.py

@@ -37,6 +37,14 @@ def _serving(what: str, settings: Any) -> None:
     from app import __version__
     from app.logs import describe
 
+    if taken := port_taken(settings.host, settings.port):
+        err.print(
+            f"[red]error:[/red] {settings.host}:{settings.port} is taken ({taken}), by another "
+            "graft serve perhaps. Serve on another port with GRAFT_PORT=8001, and give a "
+            "second server its own data with GRAFT_DATA_DIR=./var2"
+        )
+        raise typer.Exit(2)
+
     log.info(
         "Graft %s: starting %s on http://%s:%s; %s",
         __version__,
@@ -45,6 +53,20 @@ def _serving(what: str, settings: Any) -> None:
         settings.port,
         describe(settings),
     )
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (checked before anything starts), or None."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def worker() -> None:

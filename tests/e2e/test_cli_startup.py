@@ -81,3 +81,24 @@ def _ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_graft_serve_on_a_taken_port_says_how_to_pick_another_and_starts_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "GRAFT_DATA_DIR": str(tmp_path / "var"), "GRAFT_PORT": str(port)}
+        done = subprocess.run(
+            [sys.executable, "-m", "graft.cli", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"127.0.0.1:{port} is taken" in done.stderr and "GRAFT_PORT" in done.stderr
+    assert "GRAFT_DATA_DIR" in done.stderr
+    assert not (tmp_path / "var").exists()  # no worker, no database: nothing started
