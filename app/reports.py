@@ -310,7 +310,14 @@ def _label_issues_html(issues: dict[str, Any]) -> str:
 
 
 def render_png(job: JobRead) -> bytes:
-    """The report's charts as one PNG (matplotlib, no display needed).
+    """The report's charts as one PNG (matplotlib, no display needed)."""
+    buffer = io.BytesIO()
+    report_figure(job).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def report_figure(job: JobRead) -> Any:
+    """The report's charts, as a matplotlib Figure.
 
     Drawn on a figure of its own with the object-oriented API, never pyplot: renders run at
     the same time in the API's thread pool, and pyplot's current figure and backend are one
@@ -370,12 +377,16 @@ def render_png(job: JobRead) -> bytes:
         ax_curve.set_xlabel("epoch")
         ax_curve.legend(loc="upper left")
         twin.legend(loc="lower left")
-    ax_curve.set_title("Training")
+        ax_curve.set_title("Training")
+    else:  # a head fitted in closed form: there is no curve to draw
+        ax_curve.axis("off")
+        ax_curve.text(
+            0.5, 0.5, "No epochs to draw:\nthe classifier was fitted without them",
+            ha="center", va="center", fontsize=11,
+        )  # fmt: skip
     fig.suptitle(f"{job.model} v{job.base_version} + {', '.join(job.new_labels)}")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return fig
 
 
 def _paired_bars(
@@ -388,6 +399,9 @@ def _paired_bars(
     for offset, (name, values) in ((-0.2, left), (0.2, right)):
         axis.bar(xs + offset, [v or 0 for v in values], 0.4, label=name)
     axis.set_xticks(xs, labels, rotation=45, ha="right")
-    axis.set_ylim(0, 1.05)
-    axis.set_title(title)
+    # the axis starts a little below the lowest bar, so that a drop of a few points shows
+    shown = [v for v in (*left[1], *right[1]) if v is not None]
+    bottom = max(0.0, np.floor((min(shown, default=0.0) - 0.05) * 10) / 10)
+    axis.set_ylim(bottom, 1.02)
+    axis.set_title(title + (f" (axis from {bottom:.0%})" if bottom > 0 else ""))
     axis.legend(loc="lower right")

@@ -93,3 +93,17 @@ assert matplotlib.get_backend() == "svg", f"the backend became {matplotlib.get_b
 assert "matplotlib.pyplot" not in sys.modules, "rendering imported pyplot"
 """
     )
+
+
+def test_the_charts_show_small_drops_and_say_when_there_are_no_epochs():
+    from app.reports import report_figure
+
+    job = report(0)
+    job.metrics["history"] = []  # a head fitted in closed form
+    job.metrics["old_classes"]["recall_before"] = {k: 0.97 for k in OLD}
+    job.metrics["per_class"] |= {k: {"recall": 0.93, "precision": 0.9} for k in OLD}
+    old, _, _, curve = report_figure(job).axes
+    bottom, top = old.get_ylim()
+    assert 0.8 <= bottom < 0.93 and top > 0.97  # a 4-point drop is a visible step
+    assert "axis from" in old.get_title()
+    assert not curve.axison and "No epochs" in " ".join(t.get_text() for t in curve.texts)
