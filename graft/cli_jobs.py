@@ -69,7 +69,12 @@ def job_submit(
         typer.Option(metavar="N", help="the version to grow; default: the latest promoted version"),
     ] = None,
     config: Annotated[
-        str | None, typer.Option(metavar="JSON", help="training settings, e.g. '{\"epochs\": 50}'")
+        str | None,
+        typer.Option(
+            metavar="JSON",
+            help="the job's settings (POST /v1/jobs config), e.g. "
+            '\'{"freeze": "last_block", "epochs": 20}\' to fine-tune the last block too',
+        ),
     ] = None,
     notify_url: Annotated[
         str | None, typer.Option(metavar="URL", help="POSTed the job when it ends")
