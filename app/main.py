@@ -36,6 +36,7 @@ from app.routes import (
     ops,
     problem_media_types,
 )
+from app.schemas import NAME_PATTERN, NAME_RULE
 from app.settings import Settings, get_settings
 from app.sweeper import Sweeper
 from app.uploads import BodySizeLimit
@@ -73,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        errors = [{"field": _field(e["loc"]), "message": _message(e)} for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
         return problem(
             422,
@@ -162,6 +163,14 @@ def install_docs(app: FastAPI) -> None:
             swagger_css_url=f"{root}/static/swagger-ui/swagger-ui.css",
             swagger_favicon_url=f"{root}/static/swagger-ui/favicon-32x32.png",
         )
+
+
+def _message(error: dict) -> str:
+    """A validation error's message, in words where pydantic would show a regex."""
+    pattern = (error.get("ctx") or {}).get("pattern")
+    if error.get("type") == "string_pattern_mismatch" and pattern == NAME_PATTERN:
+        return NAME_RULE
+    return str(error["msg"])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

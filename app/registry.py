@@ -24,6 +24,7 @@ from app.inputs import control_character_at
 from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
     NAME_PATTERN,
+    NAME_RULE,
     ModelRead,
     ModelVersionRead,
     PreprocessingSpec,
@@ -160,7 +161,7 @@ def check_registration(
 ) -> Registration:
     """Everything about a registration that needs no file: 409/422 before a byte is stored."""
     if not re.fullmatch(NAME_PATTERN, name):
-        raise Invalid(f"name must match {NAME_PATTERN}", "name")
+        raise Invalid(f"{name!r} cannot be a model's name: {NAME_RULE}", "name")
     if find_model(session, owner, name) is not None:
         raise Conflict(f"a model named {name!r} already exists")
     labels = parse_labels(labels_json)

@@ -12,6 +12,10 @@ from app.inputs import Input, VersionNumber
 from worker.engine.formats import SUFFIXES
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_RULE = (
+    "a name is 1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter or "
+    "a digit (digits-v2, say)"
+)
 T = TypeVar("T")
 
 # A version's files: safetensors always; the others exported from it where its architecture

@@ -52,8 +52,14 @@ class TestModels:
     def test_name_taken_is_409(self, model, client, base_weights):
         assert_problem(register_digits(client, base_weights), 409, says="already exists")
 
-    def test_bad_name_is_422(self, client, base_weights):
-        assert_problem(register_digits(client, base_weights, name="Bad Name"), 422, field="name")
+    def test_bad_name_is_422_in_words_not_a_regex(self, client, base_weights):
+        body = assert_problem(
+            register_digits(client, base_weights, name="Digits"), 422, field="name"
+        )
+        assert "lower-case letters" in body["detail"] and "^[" not in body["detail"]
+        job = client.post("/v1/jobs", json={"model": "Digits", "dataset_id": "x"})
+        body = assert_problem(job, 422, field="model")
+        assert "lower-case letters" in body["detail"] and "^[" not in body["detail"]
 
     def test_unknown_architecture_names_close_matches(self, client, base_weights):
         response = client.post(
