@@ -358,12 +358,22 @@ class DatasetImport(Input):
 class AugmentationConfig(Input):
     model_config = ConfigDict(extra="forbid")
 
-    views: int = Field(1, ge=1, le=64)
-    hflip: bool = False
-    rotation_degrees: float = Field(0.0, ge=0, le=180)
-    scale: tuple[float, float] = (1.0, 1.0)
-    noise_std: float = Field(0.0, ge=0, le=1)
-    color_jitter: float = Field(0.0, ge=0, le=1)
+    views: int = Field(
+        1, ge=1, le=64, description="randomly augmented copies of each training image (1: none)"
+    )
+    hflip: bool = Field(False, description="flip views left-right at random")
+    rotation_degrees: float = Field(
+        0.0, ge=0, le=180, description="rotate views by up to this many degrees either way"
+    )
+    scale: tuple[float, float] = Field(
+        (1.0, 1.0), description="[min, max] zoom of views; [1, 1]: none", examples=[[0.9, 1.1]]
+    )
+    noise_std: float = Field(
+        0.0, ge=0, le=1, description="Gaussian noise added to views, in normalised units"
+    )
+    color_jitter: float = Field(
+        0.0, ge=0, le=1, description="the most brightness, contrast and saturation may change"
+    )
 
     @field_validator("scale")
     @classmethod
@@ -378,14 +388,39 @@ class JobConfig(Input):
 
     model_config = ConfigDict(extra="forbid")
 
-    freeze: Literal["head", "last_block", "none"] = "head"
-    old_rows: Literal["frozen", "trainable"] | None = None
-    init: Literal["imprint", "random"] = "imprint"
-    epochs: int = Field(30, ge=0, le=1000)
-    learning_rate: float = Field(1e-2, gt=0, le=10)
-    batch_size: int = Field(64, ge=1, le=4096)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    freeze: Literal["head", "last_block", "none"] = Field(
+        "head",
+        description="what stays as it was: head, every layer but the classifier (fitted in "
+        "closed form, measured by cross-fitting); last_block, all but the last block and the "
+        "classifier; none, nothing (both fine-tune by epochs, timm and torchvision models only)",
+    )
+    old_rows: Literal["frozen", "trainable"] | None = Field(
+        None,
+        description="frozen: the old labels' rows of the classifier stay bit for bit (old "
+        "logits unchanged); trainable: they are refitted, anchored to the original. Default: "
+        "trainable when there are old-label images (the dataset's or a reference set), else "
+        "frozen",
+    )
+    init: Literal["imprint", "random"] = Field(
+        "imprint",
+        description="how new rows start: imprint, from the mean features of their images; "
+        "random, small random weights",
+    )
+    epochs: int = Field(
+        30, ge=0, le=1000, description="passes over the images, for solver sgd and fine-tuning"
+    )
+    learning_rate: float = Field(
+        1e-2,
+        gt=0,
+        le=10,
+        description="the classifier layer's step size (sgd, fine-tuning); an unfrozen backbone "
+        "learns at a hundredth of it",
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="images per gradient step")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="L2 penalty of gradient steps")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="fixes splits, folds and augmentation: reruns agree"
+    )
     validation_split: float = Field(
         0.2,
         ge=0,
@@ -400,15 +435,35 @@ class JobConfig(Input):
         "original, when there are old-label images; sgd: the new rows (and slowly the old) by "
         "epochs of gradient steps",
     )
-    augmentation: AugmentationConfig = AugmentationConfig()
-    calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = "auto"
-    max_old_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    augmentation: AugmentationConfig = Field(
+        AugmentationConfig(),
+        description="random views of the training images: each trains as `views` augmented copies",
+        examples=[{"views": 4, "hflip": True, "rotation_degrees": 8}],
+    )
+    calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = Field(
+        "auto",
+        description="auto: lower a new label's logits only when held-out images show it takes "
+        "too many old ones; bias_correction: alpha*z+beta chosen on held-out images; "
+        "weight_aligning: new rows rescaled to the old rows' norm; none: as fitted",
+    )
+    max_old_accuracy_drop: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="the most held-out old-class accuracy calibration may trade for the new "
+        "labels (0.01: one point)",
+    )
     gate: GateConfig = Field(
         GateConfig(),
         description="the gate's settings for this job, over the model's (PUT "
         "/v1/models/{name}/gate) and the defaults; the resolved ones are echoed back",
     )
-    min_images_per_label: int = Field(1, ge=1)
+    min_images_per_label: int = Field(
+        1,
+        ge=1,
+        description="a job whose new label has fewer images than this in the dataset (after "
+        "deduplication) is refused",
+    )
     export: list[ExportFormat] = Field(
         ["onnx", "torchscript"],
         description="formats to write besides safetensors; one the architecture cannot be "

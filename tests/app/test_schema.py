@@ -54,3 +54,15 @@ def test_the_fuzzer_got_past_authentication():
     """Runs after the cases above: they must have reached the routes, not just the key check."""
     assert len(SEEN) > 100
     assert {200, 404, 422} <= set(SEEN), sorted(set(SEEN))
+
+
+def test_every_job_option_is_explained_in_the_api_reference(client):
+    """Swagger (/docs) shows each job setting with what it does."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("JobConfig", "AugmentationConfig", "GateConfig"):
+        unexplained = [
+            field
+            for field, spec in schemas[name]["properties"].items()
+            if not spec.get("description")
+        ]
+        assert unexplained == [], (name, unexplained)
