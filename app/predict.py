@@ -16,10 +16,10 @@ from app.errors import Conflict, Invalid, ServiceError
 from app.models import ModelVersion
 from app.schemas import Prediction
 from app.storage import Storage
-from worker.engine.architectures import Preprocessing
 from worker.engine.data import eval_transform
 from worker.engine.errors import named, resource_error
 from worker.engine.formats import SAFETENSORS
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.weights import load_classifier
 
 

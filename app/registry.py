@@ -35,11 +35,12 @@ from app.scratch import scratch
 from app.settings import Settings
 from app.storage import Storage, StoredObject
 from worker.engine import intake, sandbox
-from worker.engine.architectures import Preprocessing, default_preprocessing, parse_architecture
+from worker.engine.architectures import default_preprocessing, parse_architecture
 from worker.engine.artifacts import write_artifacts
 from worker.engine.errors import EngineError
 from worker.engine.export import PORTABLE
 from worker.engine.formats import SAFETENSORS, SUFFIXES
+from worker.engine.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support import digits as D  # noqa: E402
-from worker.engine.architectures import Preprocessing, build_model  # noqa: E402
+from worker.engine.architectures import build_model  # noqa: E402
 from worker.engine.data import (  # noqa: E402
     Augmentation,
     ImageDataset,
@@ -51,6 +51,7 @@ from worker.engine.device import PRECISIONS, compute_dtype, precision_name  # no
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
 from worker.engine.features import autocast_for, extract_features, pick_device  # noqa: E402
 from worker.engine.heads import expand_head, find_head  # noqa: E402
+from worker.engine.preprocessing import Preprocessing
 
 PREP = Preprocessing(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
 OLD = [str(d) for d in range(9)]

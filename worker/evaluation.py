@@ -16,12 +16,12 @@ from app.references import read_manifest
 from app.registry import SAFETENSORS
 from app.settings import Settings
 from app.storage import Storage
-from worker.engine.architectures import Preprocessing
 from worker.engine.compare import CompareConfig, Stage, VersionFile, compare_versions
 from worker.engine.data import Sample, scan_image_folder
 from worker.engine.errors import EngineError
 from worker.engine.expand import Progress
 from worker.engine.lineage import Lineage
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.reference import conflicting, file_digest
 from worker.lifecycle import Heartbeat, fenced_finish, job_folder, not_recorded, with_retries
 from worker.spec import extract_images

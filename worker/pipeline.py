@@ -27,7 +27,6 @@ from app.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStat
 from app.registry import add_version, artifact_metadata, store_model_files
 from app.settings import Settings
 from app.storage import Storage, StoredObject, open_storage
-from worker.engine.architectures import Preprocessing
 from worker.engine.artifacts import PROBE_IMAGES
 from worker.engine.data import sample_images
 from worker.engine.errors import DiskFull, EngineError, JobCancelled, resource_error
@@ -37,6 +36,7 @@ from worker.engine.expand import (
     expand_classifier,
 )
 from worker.engine.gate import decide
+from worker.engine.preprocessing import Preprocessing
 from worker.evaluation import run_evaluation
 from worker.lifecycle import (
     Heartbeat,

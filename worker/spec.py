@@ -16,13 +16,13 @@ from app.models import Job, ModelVersion
 from app.registry import SAFETENSORS
 from app.settings import Settings
 from app.storage import Storage
-from worker.engine.architectures import Preprocessing
 from worker.engine.calibrate import Calibration
 from worker.engine.data import Augmentation, scan_image_folder
 from worker.engine.errors import EngineError
 from worker.engine.expand import ExpansionConfig, ExpansionRequest
 from worker.engine.gate import GateSettings
 from worker.engine.lineage import Lineage
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.train import HeadTraining
 from worker.references import base_reference
 

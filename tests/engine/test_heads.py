@@ -12,10 +12,11 @@ import torch
 import torchvision.models
 from torch import nn
 
-from worker.engine.architectures import Preprocessing, build_model
+from worker.engine.architectures import build_model
 from worker.engine.errors import UnsupportedHead
 from worker.engine.export import export_onnx
 from worker.engine.heads import expand_head, find_head
+from worker.engine.preprocessing import Preprocessing
 
 # (family, name, builder kwargs, input size); small inputs keep each case well under a second.
 ARCHITECTURES = [

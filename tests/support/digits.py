@@ -19,8 +19,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from worker.engine.architectures import Preprocessing, build_model
+from worker.engine.architectures import build_model
 from worker.engine.data import eval_transform
+from worker.engine.preprocessing import Preprocessing
 
 SIZE = 32
 PREP = Preprocessing(input_size=(3, SIZE, SIZE), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

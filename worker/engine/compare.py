@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.data import ImageDataset, Sample, eval_transform
 from worker.engine.device import compute_dtype, pick_device, precision_name, release_memory
 from worker.engine.errors import JobCancelled
 from worker.engine.evaluate import classification_metrics
 from worker.engine.evidence import Paired, f1_interval, holm, mcnemar_exact, paired, wilson
 from worker.engine.features import FeatureCache, extract_features
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.reference import backbone_fingerprint
 from worker.engine.weights import load_classifier
 

@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.errors import DataError
+from worker.engine.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.calibrate import Calibration
 from worker.engine.crossfit import cross_fit
 from worker.engine.data import Augmentation, Sample, eval_transform, stratified_split
@@ -51,6 +50,7 @@ from worker.engine.gather import (
 )
 from worker.engine.heads import Head, expand_head
 from worker.engine.lineage import NEVER, Lineage, near_duplicate_groups
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.recipe import LayerRecipe, Rows
 from worker.engine.reference import (
     Kept,

@@ -25,10 +25,10 @@ import onnx
 import torch
 from torch import nn
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.errors import ExportFailed
 from worker.engine.families import family_of
 from worker.engine.metadata import string_metadata
+from worker.engine.preprocessing import Preprocessing
 
 OPSET = 18
 TORCHSCRIPT_DESCRIPTION = "graft.json"  # the extra file of a TorchScript archive

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.data import ImageDataset, Sample
 from worker.engine.device import autocast_for, compute_dtype, float32_head, grad_scaler
 from worker.engine.errors import JobCancelled, UnsupportedHead
 from worker.engine.heads import Head, find_head
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.train import balanced_class_weights
 
 

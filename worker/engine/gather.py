@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.data import (
     Augmentation,
     ImageDataset,
@@ -26,6 +25,7 @@ from worker.engine.data import (
 from worker.engine.errors import DataError
 from worker.engine.features import FeatureCache, extract_features
 from worker.engine.heads import Head
+from worker.engine.preprocessing import Preprocessing
 from worker.engine.recipe import Rows
 from worker.engine.reference import Kept, ReferenceImage, conflicting, file_digest
 

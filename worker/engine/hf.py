@@ -37,6 +37,7 @@ from worker.engine.errors import (
     WeightsError,
     named,
 )
+from worker.engine.metadata import string_metadata
 from worker.engine.preprocessing import Preprocessing
 
 FAMILY = "hf"
@@ -277,7 +278,7 @@ def save(path: Path, model: HFClassifier, metadata: Mapping[str, object]) -> Non
         with safetensors.safe_open(str(written), framework="pt") as f:
             own = dict(f.metadata() or {})
         tensors = safetensors.torch.load_file(str(written))
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = string_metadata(metadata)
     meta[CONFIG_KEY] = json.dumps(model.config.to_dict())
     safetensors.torch.save_file(tensors, str(path), metadata={**own, **meta})
 

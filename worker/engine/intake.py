@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from worker.engine import sandbox
-from worker.engine.architectures import Preprocessing, default_preprocessing
+from worker.engine.architectures import default_preprocessing
 from worker.engine.errors import EngineError, Mismatch, WeightsError, named, resource_error
 from worker.engine.families import module_for
+from worker.engine.preprocessing import Preprocessing
 
 REQUEST = "request.json"
 WHAT = "checking the model"

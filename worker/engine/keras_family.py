@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from worker.engine.errors import EngineError, WeightsError
+from worker.engine.metadata import string_metadata
 from worker.engine.preprocessing import Preprocessing
 
 TITLE = "Keras"  # in messages
@@ -241,7 +242,7 @@ def save(path: Path, model: KerasClassifier, metadata: Mapping[str, object]) -> 
     tensors = {v.path: torch.as_tensor(v.numpy()).contiguous() for v in rebuilt.weights}
     if len(tensors) != len(rebuilt.weights):
         raise WeightsError("the Keras model has variables with the same path")
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = string_metadata(metadata)
     meta[CONFIG_KEY] = rebuilt.to_json()
     meta[HEAD_KEY] = model.head_name
     safetensors.torch.save_file(tensors, str(path), metadata=meta)

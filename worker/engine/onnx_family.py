@@ -391,7 +391,7 @@ def preprocessing_of(model: OnnxClassifier) -> Preprocessing:
 
 def save(path: Path, model: OnnxClassifier, metadata: Mapping[str, object]) -> None:
     data = np.frombuffer(model.to_onnx().SerializeToString(), dtype=np.uint8)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = string_metadata(metadata)
     meta[HEAD_KEY] = json.dumps(asdict(model.head))
     safetensors.torch.save_file(
         {MODEL_TENSOR: torch.from_numpy(data.copy())}, str(path), metadata=meta

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.architectures import Preprocessing
 from worker.engine.data import Sample, scan_image_folder
 from worker.engine.heads import Head
+from worker.engine.preprocessing import Preprocessing
 
 SELECTIONS = ("random", "herding")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from worker.engine.architectures import build_model
 from worker.engine.errors import WeightsError, first_line, resource_error
 from worker.engine.families import family_of, module_for
 from worker.engine.heads import Head, find_head
+from worker.engine.metadata import string_metadata
 
 _SHOW = 5  # how many offending keys an error message lists
 
@@ -148,12 +148,6 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
     return model.eval(), find_head(model)
 
 
-def file_metadata(path: Path) -> dict[str, str]:
-    """The string metadata of a safetensors file (empty without any)."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object]) -> None:
     """Write the model's state dict with string metadata; non-strings are stored as JSON.
     A Hugging Face model is written as its own checkpoint, a Keras model as its variables,
@@ -163,5 +157,5 @@ def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object
         family.save(path, model, metadata)
         return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = string_metadata(metadata)
     safetensors.torch.save_file(tensors, str(path), metadata=meta)
