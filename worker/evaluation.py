@@ -24,7 +24,7 @@ from worker.engine.lineage import Lineage
 from worker.engine.preprocessing import Preprocessing
 from worker.engine.reference import conflicting, file_digest
 from worker.lifecycle import Heartbeat, fenced_finish, job_folder, not_recorded, with_retries
-from worker.spec import extract_images
+from worker.spec import unpack_dataset_tar
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _score(
             raise EngineError(f"version {v.version} of {spec.model_name} has been deleted")
     heartbeat.report(Progress("loading", 0.0, message="unpacking the dataset"))
     with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
-        extract_images(tar, tmp / "images")
+        unpack_dataset_tar(tar, tmp / "images")
     samples, hygiene, digests = distinct_samples(scan_image_folder(tmp / "images"))
     files = [
         VersionFile(

@@ -112,7 +112,7 @@ def expansion_request(
         raise EngineError("the job's dataset has been deleted")
     images = tmp / "images"
     with tarfile.open(storage.local_path(spec.dataset_key)) as tar:
-        extract_images(tar, images)
+        unpack_dataset_tar(tar, images)
     keep = set(spec.labels) | set(spec.new_labels)
     samples = [s for s in scan_image_folder(images) if s.label in keep]
     return ExpansionRequest(
@@ -145,7 +145,7 @@ def gate_settings(config: dict[str, Any], settings: Settings) -> GateSettings:
     return GateSettings(**({"min_images": settings.min_retention_images} | given))
 
 
-def extract_images(tar: tarfile.TarFile, target: Path, filters: bool | None = None) -> None:
+def unpack_dataset_tar(tar: tarfile.TarFile, target: Path, filters: bool | None = None) -> None:
     """Unpack a stored dataset: regular files only, every one inside ``target``. Python's
     extraction filters do that where they exist (3.11.4 on); before them (Debian bookworm's
     3.11.2, say) the members are checked and copied here. ``filters``: which way (default: the

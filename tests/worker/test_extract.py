@@ -13,7 +13,7 @@ import pytest
 
 from tests.support import digits as D
 from worker.engine.errors import EngineError
-from worker.spec import extract_images
+from worker.spec import unpack_dataset_tar
 
 
 def packed(entries: dict[str, bytes]) -> io.BytesIO:
@@ -34,7 +34,7 @@ def test_a_stored_dataset_unpacks_the_same_with_or_without_filters(tmp_path, dig
         f"{d}/{i}.png": D.png_bytes(im) for d in (3, 9) for i, im in enumerate(held.of(d)[:4])
     }
     with tarfile.open(fileobj=packed(entries)) as tar:
-        extract_images(tar, tmp_path / "images", filters=filters)
+        unpack_dataset_tar(tar, tmp_path / "images", filters=filters)
     found = {
         str(p.relative_to(tmp_path / "images")): p.read_bytes()
         for p in (tmp_path / "images").rglob("*.png")
@@ -48,7 +48,7 @@ def test_an_entry_that_climbs_out_of_the_folder_is_refused(tmp_path, filters):
         tarfile.open(fileobj=packed({"../escaped.png": b"x"})) as tar,
         pytest.raises((EngineError, tarfile.FilterError)),
     ):
-        extract_images(tar, tmp_path / "images", filters=filters)
+        unpack_dataset_tar(tar, tmp_path / "images", filters=filters)
     assert not (tmp_path / "escaped.png").exists()
 
 
@@ -58,7 +58,7 @@ def test_an_absolute_entry_never_lands_outside_the_folder(tmp_path, filters):
     name = str(tmp_path / "escaped.png")
     # refused without filters; the filters strip the leading "/" instead
     with tarfile.open(fileobj=packed({name: b"x"})) as tar, contextlib.suppress(EngineError):
-        extract_images(tar, target, filters=filters)
+        unpack_dataset_tar(tar, target, filters=filters)
     assert not Path(name).exists()
 
 
@@ -70,5 +70,5 @@ def test_a_link_is_refused_without_filters(tmp_path):
         tar.addfile(link)
     buffer.seek(0)
     with tarfile.open(fileobj=buffer) as tar, pytest.raises(EngineError, match="unsafe"):
-        extract_images(tar, tmp_path / "images", filters=False)
+        unpack_dataset_tar(tar, tmp_path / "images", filters=False)
     assert not (tmp_path / "images" / "3" / "link.png").exists()
