@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from app.settings import SERVE_PARENT, Settings
+from worker.engine.sandbox import hide_environment
 
 log = logging.getLogger("graft")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -32,6 +33,7 @@ def db_upgrade(settings: Settings, revision: str = "head") -> None:
 def run_api(settings: Settings) -> None:
     import uvicorn
 
+    hide_environment()  # a model's code in a sandboxed child cannot read its credentials
     from app.main import create_app
 
     uvicorn.run(
@@ -68,6 +70,7 @@ def worker_argv(settings: Settings) -> list[str]:
 def run_worker(settings: Settings) -> None:
     from worker.celery_app import celery_for
 
+    hide_environment()
     parent = os.environ.get(SERVE_PARENT)
     if parent:
         _exit_when_orphaned(int(parent))
@@ -96,6 +99,7 @@ def _exit_on(*signals: signal.Signals) -> None:
 
 def serve(settings: Settings) -> None:
     """Migrate, start a worker process, and serve the API; stopping one stops both."""
+    hide_environment()
     db_upgrade(settings)
     # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; turning them into
     # SystemExit lets the `finally` below stop the worker.

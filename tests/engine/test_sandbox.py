@@ -51,6 +51,12 @@ def test_a_step_past_its_wall_clock_is_killed_with_what_it_started(tmp_path):
     assert not alive(grandchild)
 
 
+def test_a_step_past_its_file_size_limit_is_stopped_and_says_so(tmp_path):
+    with pytest.raises(sandbox.OverLimit, match="a file larger than"):
+        run(tmp_path / "big", "big", file_bytes=1 << 20)
+    assert run(tmp_path / "quiet", "quiet")["echo"] == "quiet"  # main() returning None: done
+
+
 def test_a_crash_and_a_refusal_are_answered_as_such(tmp_path):
     with pytest.raises(sandbox.OverLimit, match="crashed .SIGABRT: the step gives up"):
         run(tmp_path / "crash", "crash")
@@ -70,6 +76,7 @@ def test_steps_run_side_by_side_and_a_killed_zygote_comes_back(tmp_path):
         t.start()
     for t in threads:
         t.join(60)
+        assert not t.is_alive()
     assert {i: a["echo"] for i, a in answers.items()} == {i: f"step {i}" for i in range(6)}
     assert len({a["pid"] for a in answers.values()}) == 6  # a child each
 
@@ -78,3 +85,43 @@ def test_steps_run_side_by_side_and_a_killed_zygote_comes_back(tmp_path):
     os.kill(zygote.pid, signal.SIGKILL)
     zygote.wait()
     assert run(tmp_path / "again", "again")["echo"] == "again"
+    folder = sandbox._ZYGOTE._folder
+    (folder / "socket").unlink()  # a cleaner of /tmp took its socket: a new zygote
+    assert run(tmp_path / "anew", "anew")["echo"] == "anew"
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # one that another user may run (the venv's may be private)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="needs root (to run both sides as another user) and a system Python",
+)
+@pytest.mark.parametrize("hidden", [False, True])
+def test_a_process_of_the_same_user_cannot_read_a_hidden_servers_environment(hidden):
+    """What a model's code in a child would try: read the server's credentials in /proc."""
+    import subprocess
+    from pathlib import Path
+
+    nobody = 65534
+    root = str(Path(sandbox.__file__).resolve().parents[2])
+    server = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c",
+         "import sys, time\n"
+         "from worker.engine.sandbox import hide_environment\n"
+         "if sys.argv[1] == 'hide': hide_environment()\n"
+         "print('ready', flush=True); time.sleep(60)\n",
+         "hide" if hidden else "show"],
+        env={"PYTHONPATH": root, "GRAFT_S3_SECRET_ACCESS_KEY": "hunter2"},
+        user=nobody, stdout=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        reader = subprocess.run(
+            [SYSTEM_PYTHON, "-c", f"print(open('/proc/{server.pid}/environ', 'rb').read())"],
+            user=nobody, capture_output=True, text=True, timeout=60, cwd="/",
+        )  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+    assert ("hunter2" in reader.stdout) is not hidden, reader.stdout + reader.stderr

@@ -24,8 +24,14 @@ def main(argv: list[str]) -> int:
         os.abort()
     elif what == "refuse":
         answer = {"error": "not this one", "field": "labels"}
+    elif what == "big":  # a file past the step's limit
+        with open("big.bin", "wb") as f:
+            f.write(b"\0" * (4 << 20))
+        answer = {"wrote": True}
     else:
         answer = {"echo": what, "pid": os.getpid()}
     with open(ANSWER, "w") as f:
         json.dump(answer, f)
-    return 2 if "error" in answer else 0
+    if "error" in answer:
+        return 2
+    return None if what == "quiet" else 0  # None: as a main() that returns nothing

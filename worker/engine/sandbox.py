@@ -35,7 +35,7 @@ from worker.engine.zygote import STDERR
 GiB = 1024**3
 ANSWER = "answer.json"  # what the child writes in its folder
 START_S = 300.0  # how long a first step may wait for the zygote's imports
-_ENV_KEPT = ("PATH", "PYTHONPATH", "HOME", "LANG", "TMPDIR")
+_ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TMPDIR")
 _ENV_SET = {
     "KERAS_BACKEND": "torch",
     "HF_HUB_OFFLINE": "1",
@@ -43,6 +43,10 @@ _ENV_SET = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "PYTHONDONTWRITEBYTECODE": "1",
+    # read by the libraries when the zygote imports them (a child only lowers torch's)
+    "OMP_NUM_THREADS": "4",
+    "OPENBLAS_NUM_THREADS": "4",
+    "MKL_NUM_THREADS": "4",
 }
 
 
@@ -108,7 +112,7 @@ class _Zygote:
     it died), stopped when the server exits."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._process: subprocess.Popen | None = None
         self._folder: Path | None = None
         atexit.register(self.stop)
@@ -118,39 +122,51 @@ class _Zygote:
         with self._connect() as conn:
             lines = _Lines(conn)
             conn.sendall(json.dumps(request).encode() + b"\n")
-            first = lines.next(START_S)  # the zygote may still be importing
+            try:
+                first = lines.next(START_S)  # the zygote may still be importing
+            except TimeoutError:
+                first = None
             if first is None:
-                raise OverLimit(f"{what} could not start: the sandbox stopped")
+                raise OverLimit(f"{what} could not start: the sandbox did not answer")
             pid = int(first["pid"])
             try:
                 last = lines.next(wall_s)
             except TimeoutError:
-                _kill_group(pid)
+                _kill_group(pid)  # the child and anything it started; the zygote reaps it
                 raise OverLimit(
                     f"{what} took longer than {wall_s:.0f} s (GRAFT_MODEL_CHECK_TIMEOUT_S)"
                 ) from None
-            finally:
-                _kill_group(pid)  # what it started and left behind
             if last is None:
                 raise OverLimit(f"{what} stopped unexpectedly: the sandbox stopped")
             return int(last["code"])
 
     def _connect(self) -> socket.socket:
         with self._lock:
-            if self._process is None or self._process.poll() is not None:
-                self._start()
-            assert self._folder is not None
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(str(self._folder / "socket"))
-            return conn
+            for attempt in (1, 2):
+                if self._process is None or self._process.poll() is not None:
+                    self._start()
+                assert self._folder is not None
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    conn.connect(str(self._folder / "socket"))
+                    return conn
+                except (FileNotFoundError, ConnectionRefusedError):
+                    conn.close()  # its socket was removed, or it is going: a new one
+                    if attempt == 2:
+                        raise
+                    self.stop()
+            raise AssertionError("unreachable")
 
     def _start(self) -> None:
         self.stop()
+        hide_environment()
         self._folder = Path(tempfile.mkdtemp(prefix="graft-zygote-"))  # 0700: ours only
+        (self._folder / "home").mkdir()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(str(self._folder / "socket"))
             listener.listen(64)
             env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT} | _ENV_SET
+            env["HOME"] = str(self._folder / "home")  # no cache of the server's to share
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_root(), env.get("PYTHONPATH")]))
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "worker.engine.zygote", str(listener.fileno())],
@@ -163,6 +179,10 @@ class _Zygote:
 
     def stop(self) -> None:
         """Stop the zygote (and the children it still runs) and remove its folder."""
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
             with contextlib.suppress(OSError):
@@ -205,6 +225,18 @@ _ZYGOTE = _Zygote()
 def stop() -> None:
     """Stop the zygote; the next step starts another (with the environment of that moment)."""
     _ZYGOTE.stop()
+
+
+def hide_environment() -> None:
+    """Make this process's memory and environment (its credentials) unreadable to other
+    processes of the same user, such as a model's code in a sandboxed child: Linux's
+    ``PR_SET_DUMPABLE`` off (no core dumps; only root may attach a debugger)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
 def _failure(code: int, stderr: str, limits: Limits, what: str) -> OverLimit:

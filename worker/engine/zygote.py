@@ -49,8 +49,11 @@ MAX_REQUEST = 1 << 20
 def main(argv: list[str]) -> int:
     listener = socket.socket(fileno=int(argv[0]))
     for name in PRELOAD:
-        with contextlib.suppress(ImportError):
+        try:
             importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 (a step imports it again, and says why)
+            if not isinstance(exc, ImportError):
+                traceback.print_exc()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -88,7 +91,11 @@ def _fork(conn: socket.socket, closing: list[Any]) -> int | None:
     except (OSError, ValueError):
         conn.close()
         return None
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no memory or processes left for one more: this request fails alone
+        conn.close()
+        return None
     if pid == 0:
         _child(request, conn, closing)  # never returns
     with contextlib.suppress(OSError):
@@ -117,7 +124,8 @@ def _child(request: dict[str, Any], conn: socket.socket, closing: list[Any]) -> 
     try:
         os.setsid()  # its own process group: a timeout kills what it started too
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+        # Python ignores SIGPIPE and SIGXFSZ: a child past its file-size limit must die of it
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         for item in closing:
             with contextlib.suppress(OSError):
@@ -140,16 +148,23 @@ def _child(request: dict[str, Any], conn: socket.socket, closing: list[Any]) -> 
             sys.modules["torch"].set_num_threads(limits["threads"])
         argv = list(request["argv"])
         sys.argv = [request["module"], *argv]
-        code = importlib.import_module(request["module"]).main(argv)
+        code = _exit_code(importlib.import_module(request["module"]).main(argv))
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = _exit_code(exc.code)
     except BaseException:  # noqa: BLE001 (the parent reads why from stderr.txt)
         traceback.print_exc()
         code = 1
     finally:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
-        os._exit(code)
+        os._exit(code & 0xFF)
+
+
+def _exit_code(value: object) -> int:
+    """What ``sys.exit(value)`` exits with: None is success, an int itself, else failure."""
+    if value is None:
+        return 0
+    return value if isinstance(value, int) else 1
 
 
 def _constrain(limits: dict[str, Any]) -> None:
