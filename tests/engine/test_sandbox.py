@@ -26,8 +26,11 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"  # a zombie is dead
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie is dead
+    except FileNotFoundError:  # reaped meanwhile
+        return False
 
 
 def test_a_step_sees_none_of_the_servers_environment(tmp_path, monkeypatch):
