@@ -265,13 +265,16 @@ def model_pull(
                 "-o FILE saves it elsewhere"
             )
             raise typer.Exit(EXIT_USAGE)
-        with Progress(
+        # a bar on a terminal; piped, nothing (not even the blank line a bar leaves)
+        bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
             console=err,
             transient=True,
-        ) as bar:
+            disable=not err.is_terminal,
+        )
+        with bar:
             task = bar.add_task(f"{name} v{number}", total=None)
             graft.download(
                 name,

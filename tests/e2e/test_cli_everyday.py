@@ -123,6 +123,8 @@ def test_a_download_never_replaces_a_file_unless_asked(server, digits, tmp_path)
     named.write_bytes(b"replace me")
     chosen = graft(client, "model", "pull", "digits@1", "-o", str(named))
     assert chosen.returncode == 0 and safetensors.torch.load_file(named)
+    missing = graft(client, "model", "pull", "digits@7", "-o", str(tmp_path / "none"))
+    assert missing.returncode == 3 and missing.stderr.startswith("error:"), repr(missing.stderr)
 
 
 def test_a_misspelt_model_is_said_once_with_the_close_match(server, digits):
