@@ -28,6 +28,18 @@ from graft.console import (
 dataset_app = typer.Typer(help="Labelled image folders.", no_args_is_help=True)
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def default_name(source: Path) -> str:
+    """A pushed dataset's name when none is given: its folder's or its archive's name."""
+    name = source.resolve().name
+    for suffix in ARCHIVE_SUFFIXES:
+        if source.is_file() and name.lower().endswith(suffix):
+            return name[: -len(suffix)][:200] or name[:200]
+    return name[:200]
+
+
 @dataset_app.command("push")
 def dataset_push(
     source: Annotated[
@@ -39,7 +51,10 @@ def dataset_push(
         ),
     ],
     name: Annotated[
-        str | None, typer.Option(metavar="NAME", help="a name to know it by (optional)")
+        str | None,
+        typer.Option(
+            metavar="NAME", help="a name to know it by; default: the folder's or archive's name"
+        ),
     ] = None,
     manifest: Annotated[
         bool,
@@ -63,7 +78,7 @@ def dataset_push(
         if by_reference:
             dataset = _imported(client().import_dataset(source, manifest=manifest, name=name))
         else:
-            dataset = client().push_dataset(Path(source), name)
+            dataset = client().push_dataset(Path(source), name or default_name(Path(source)))
     except GraftError as exc:
         fail(exc)
     if dataset.status == "failed":

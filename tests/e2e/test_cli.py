@@ -59,6 +59,7 @@ def test_from_a_folder_of_images_to_a_pulled_model_with_the_cli_alone(
     assert dataset.returncode == 0, dataset.stderr
     dataset_id = dataset.stdout.strip().splitlines()[-1]
     assert "skipped 9/notes.txt" in dataset.stderr
+    assert client.get(f"/v1/datasets/{dataset_id}").json()["name"] == "images"  # its folder's
 
     watched = graft(
         client,
