@@ -103,19 +103,21 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # one that another user may run (the venv's 
 @pytest.mark.parametrize("hidden", [False, True])
 def test_a_process_of_the_same_user_cannot_read_a_hidden_servers_environment(hidden):
     """What a model's code in a child would try: read the server's credentials in /proc."""
+    import inspect
     import subprocess
-    from pathlib import Path
 
     nobody = 65534
-    root = str(Path(sandbox.__file__).resolve().parents[2])
+    # the function's own source, run by a Python the other user may start (the repository
+    # may sit in a folder only root can read)
+    script = (
+        "import contextlib, sys, time\n"
+        + inspect.getsource(sandbox.hide_environment)
+        + "if sys.argv[1] == 'hide': hide_environment()\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
     server = subprocess.Popen(
-        [SYSTEM_PYTHON, "-c",
-         "import sys, time\n"
-         "from worker.engine.sandbox import hide_environment\n"
-         "if sys.argv[1] == 'hide': hide_environment()\n"
-         "print('ready', flush=True); time.sleep(60)\n",
-         "hide" if hidden else "show"],
-        env={"PYTHONPATH": root, "GRAFT_S3_SECRET_ACCESS_KEY": "hunter2"},
+        [SYSTEM_PYTHON, "-c", script, "hide" if hidden else "show"],
+        env={"GRAFT_S3_SECRET_ACCESS_KEY": "hunter2"},
         user=nobody, stdout=subprocess.PIPE, text=True, cwd="/",
     )  # fmt: skip
     try:
