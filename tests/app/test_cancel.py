@@ -31,7 +31,9 @@ def test_a_cancel_during_the_export_wins_and_nothing_of_the_job_is_kept(
 ):
     job_id = submit(client, base_weights, digit_splits)
     before = stored_files(settings)
-    worker = threading.Thread(target=pipeline.run_job, args=(job_id, settings))
+    # progress is saved at every heartbeat: often, so that the export stage is seen in time
+    quick = settings.model_copy(update={"heartbeat_s": 0.05})
+    worker = threading.Thread(target=pipeline.run_job, args=(job_id, quick))
     worker.start()
     deadline = time.monotonic() + 300
     while client.get(f"/v1/jobs/{job_id}").json()["progress"]["stage"] != "exporting":
