@@ -24,6 +24,7 @@ from app.deps import Database
 from app.errors import InsufficientStorage, ServiceError, Unavailable
 from app.importer import Importer
 from app.inputs import ControlCharacters
+from app.loopwatch import LoopWatch
 from app.observability import Metrics, MetricsMiddleware
 from app.pollcache import PollCache
 from app.predict import PredictorCache
@@ -189,7 +190,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the collector from walking it again, which paused the API for ~250 ms at a time.
         gc.collect()
         gc.freeze()
+        app.state.loop_watch = LoopWatch(app.state.metrics.loop_lag)
+        app.state.loop_watch.start()
         yield
+        app.state.loop_watch.stop()
         await app.state.job_watch.close()
         if settings.sweep_interval_s > 0:
             sweeper.stop()

@@ -19,6 +19,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import session_scope
+from app.loopwatch import LAG_BUCKETS
 from app.models import Job, JobStatus
 
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, float("inf"))
@@ -137,6 +138,13 @@ class Metrics:
             "graft_http_request_duration_seconds",
             "HTTP request latency",
             ["method", "route"],
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "graft_event_loop_lag_seconds",
+            "How late the API's event loop answered a ping sent every 0.1 s (a stall over 0.5 s "
+            "is logged with where the loop was)",
+            buckets=LAG_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(JobsCollector(database_url))

@@ -23,6 +23,14 @@ starts no worker: the jobs stay queued and the machine is quiet).
           stream, streams that got an event, the API's threads before and during, PostgreSQL
           connections during, and a plain GET of the job issued while they are open.
 
+  server  the API's own latency for the route (p99 and max from its /metrics histogram) and its
+          event loop's lag (`graft_event_loop_lag_seconds`) over each run, next to the
+          client's: a client p99 far above the server's, with no loop lag, is time spent
+          waiting for a CPU, not in the API (`--pin` puts the API on a core of its own).
+  events  8 pollers on GET /v1/jobs?limit=20 while a job writes its version (busy machine) and
+          while the model, with every version the worker made, is deleted with force: the
+          longest wait a poller saw, next to the server's time and the loop's lag.
+
 Prints a markdown report with the goals: no stalls and no 5xx, at least half the bare app's
 requests/s, p99 at most 50 ms on a quiet machine. Takes about 3.5 minutes at the defaults on a
 2-core machine (about 3 with `--seconds 8`; the base model is trained once, for one epoch).
@@ -51,10 +59,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serverside import Spread, count_5xx, loop_lag, scrape, server_latency
+from stalls import Event, under_polling
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,6 +74,7 @@ BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 STALL_S = 2.0
+PINS: dict[str, str] = {}  # role ("api", "load") -> CPUs for taskset, with --pin
 GOALS = "no stalls and no 5xx; at least 0.5x the bare app's requests/s; p99 <= 50 ms quiet"
 
 
@@ -73,6 +85,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pinned(role: str) -> list[str]:
+    """``taskset -c CPUS`` for the role's processes under --pin: the API (and the bare app)
+    on one core, the worker and wrk on the others."""
+    return ["taskset", "-c", PINS[role]] if role in PINS else []
 
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -228,7 +246,7 @@ class Graft:
         if upgrade.returncode:
             raise RuntimeError(f"graft db upgrade failed\n{upgrade.stdout}{upgrade.stderr}")
         self.api_log = folder / "api.log"
-        self.api = start([str(BIN / "graft"), "api"], self.env, self.api_log)
+        self.api = start([*pinned("api"), str(BIN / "graft"), "api"], self.env, self.api_log)
         stack.callback(stop, self.api)
         wait_http(f"{self.url}/healthz", self.api, self.api_log)
         self.worker: subprocess.Popen | None = None
@@ -238,7 +256,8 @@ class Graft:
         self.jobs: list[str] = []
 
     def start_worker(self, stack: contextlib.ExitStack) -> None:
-        self.worker = start([str(BIN / "graft"), "worker"], self.env, self.folder / "worker.log")
+        argv = [*pinned("load"), str(BIN / "graft"), "worker"]
+        self.worker = start(argv, self.env, self.folder / "worker.log")
         stack.callback(stop, self.worker, 30.0)
 
     def upload(self, weights: Path, held: Any, images_per_label: int) -> None:
@@ -284,14 +303,22 @@ class Graft:
             time.sleep(0.5)
         return None
 
-    def responses_5xx(self) -> int | None:
-        """5xx answers so far, by Graft's own request counter (None if it cannot be read)."""
-        try:
-            text = self.http.get("/metrics", timeout=30).text
-        except Exception:
-            return None
-        pattern = re.compile(r'^graft_http_requests_total\{.*status="5\d\d".*\}\s+(\S+)$')
-        return int(sum(float(m.group(1)) for m in map(pattern.match, text.splitlines()) if m))
+    def next_success(self, timeout_s: float = 300) -> str:
+        """Wait for the next job to succeed (its export and version write)."""
+        done = self.count("succeeded")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.count("succeeded") > done:
+                return f"job {done + 1} succeeded"
+            time.sleep(0.2)
+        return f"no job succeeded within {timeout_s:.0f} s"
+
+    def delete_model(self) -> str:
+        """DELETE the model with force: every version's files, its jobs (a running one too)."""
+        versions = len(self.http.get("/v1/models/digits").json()["versions"])
+        files = sum(1 for p in (self.folder / "var" / "artifacts").rglob("*") if p.is_file())
+        answer = self.http.delete("/v1/models/digits", params={"force": "true"})
+        return f"{versions} versions, {files} stored files: HTTP {answer.status_code}"
 
 
 class Feeder(threading.Thread):
@@ -368,6 +395,8 @@ class Run:
     cpu_percent: float | None = None
     pg_max: int | None = None
     ratio: float | None = None
+    server: Spread | None = None  # the API's own latency for the route (its /metrics)
+    lag: Spread | None = None  # how late the API's event loop answered its pings
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -448,14 +477,24 @@ def wrk(
     health_url: str,
     pid: int,
     pg: Postgres | None,
-    count_5xx: Callable[[], int | None] | None,
+    route: str | None,
     script: Path | None = None,
 ) -> Run:
-    before = count_5xx() if count_5xx else None
+    metrics_url = health_url.replace("/healthz", "/metrics")
+    before = scrape(metrics_url) if route else None
     monitor = Monitor(health_url, pid, pg)
     monitor.start()
     threads = f"-t{min(2, run.connections)}"  # wrk wants a connection per thread at least
-    argv = ["wrk", threads, f"-c{run.connections}", f"-d{seconds}s", "--timeout", "2s", "--latency"]
+    argv = [
+        *pinned("load"),
+        "wrk",
+        threads,
+        f"-c{run.connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "2s",
+        "--latency",
+    ]
     if script is not None:
         argv += ["-s", str(script)]
     try:
@@ -465,9 +504,11 @@ def wrk(
     if done.returncode:
         raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
     parse_wrk(done.stdout, run)
-    after = count_5xx() if count_5xx else None
-    if before is not None and after is not None:
-        run.errors_5xx = after - before
+    after = scrape(metrics_url) if route else None
+    if route and before is not None and after is not None:
+        run.errors_5xx = count_5xx(before, after)
+        run.server = server_latency(before, after, route)
+        run.lag = loop_lag(before, after)
     time.sleep(1.0)  # let the server close the connections before the next run
     return run
 
@@ -570,6 +611,7 @@ class Mode:
     name: str
     runs: list[Run] = field(default_factory=list)
     streams: Streams | None = None
+    events: list[Event] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -611,7 +653,9 @@ def measure_mode(
             bare_log = folder / "bare.log"
             script = str(Path(__file__).resolve())
             bare = start(
-                [sys.executable, script, "--serve-bare", str(bare_port), str(body)], {}, bare_log
+                [*pinned("api"), sys.executable, script, "--serve-bare", str(bare_port), str(body)],
+                {},
+                bare_log,
             )
             stack.callback(stop, bare)
             bare_url = f"http://127.0.0.1:{bare_port}"
@@ -625,7 +669,7 @@ def measure_mode(
                     f"{graft.url}/healthz",
                     graft.api.pid,
                     pg,
-                    graft.responses_5xx,
+                    "/v1/jobs/{job_id}",
                 ),
                 (
                     "GET /v1/jobs?limit=20",
@@ -633,7 +677,7 @@ def measure_mode(
                     f"{graft.url}/healthz",
                     graft.api.pid,
                     pg,
-                    graft.responses_5xx,
+                    "/v1/jobs",
                 ),
             ]
             # every job of the first page in turn: polls of different jobs, fewer shared answers
@@ -652,12 +696,12 @@ def measure_mode(
                     f"{graft.url}/healthz",
                     graft.api.pid,
                     pg,
-                    graft.responses_5xx,
+                    "/v1/jobs/{job_id}",
                 ),
             )
             for connections in args.connections:
                 bare_rps = None
-                for target, url, health, pid, db, count_5xx in targets:
+                for target, url, health, pid, db, route in targets:
                     print(f"  {name}: {target}, {connections} connections", flush=True)
                     script = rotate if "in turn" in target else None
                     run = wrk(
@@ -667,7 +711,7 @@ def measure_mode(
                         health,
                         pid,
                         db,
-                        count_5xx,
+                        route,
                         script,
                     )
                     if target == "bare":
@@ -692,13 +736,25 @@ def measure_mode(
                     mode.notes.append(f"job feeder, last error: {feeder.error}")
                 if graft.worker.poll() is not None:
                     mode.notes.append(f"the worker exited ({graft.worker.returncode})")
+            if feeder is not None:
+                print(f"  {name}: a job writes its version, under polling", flush=True)
+                mode.events.append(
+                    under_polling(graft.url, "a job writes its version", graft.next_success)
+                )
+                feeder.halt.set()
+            print(f"  {name}: the model deleted with force, under polling", flush=True)
+            mode.events.append(
+                under_polling(graft.url, "the model deleted with force", graft.delete_model)
+            )
             if graft.api.poll() is not None:
                 mode.notes.append(f"the API exited ({graft.api.returncode})")
-            problems = [
-                line
-                for line in graft.api_log.read_text(errors="replace").splitlines()
-                if " ERROR " in line or "Traceback" in line
-            ]
+            logged = graft.api_log.read_text(errors="replace").splitlines()
+            problems = [line for line in logged if " ERROR " in line or "Traceback" in line]
+            held = [line.split(" ", 4)[-1] for line in logged if "event loop answered" in line]
+            mode.notes.append(
+                f"event-loop stalls over 0.5 s in the API's log: {len(held)}"
+                + (f"; e.g. {'; '.join(held[:3])}" if held else "")
+            )
             if problems:
                 mode.notes.append(f"API log: {len(problems)} ERROR lines; first: {problems[0]}")
         except Exception:
@@ -716,6 +772,10 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def spread_ms(spread: Spread | None) -> str:
+    return "-" if spread is None else f"{spread.ms('p99')} / {spread.ms('max')}"
+
+
 def report(modes: list[Mode], args: argparse.Namespace, load_before: tuple, took: float) -> None:
     load_after = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print()
@@ -727,7 +787,18 @@ def report(modes: list[Mode], args: argparse.Namespace, load_before: tuple, took
     print(
         f"Machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), load average "
         f"before start {loads}, at the end {load_after}; wrk -t2 -d{args.seconds}s --timeout 2s; "
-        f"{'no worker, jobs queued' if args.quiet_machine else 'one worker training throughout'}."
+        f"{'no worker, jobs queued' if args.quiet_machine else 'one worker training throughout'}"
+        + (
+            f"; pinned: the API on CPU {PINS['api']}, the worker and wrk on CPUs {PINS['load']}."
+            if PINS
+            else "; nothing pinned."
+        )
+    )
+    print(
+        "Server p99 / max: the API's own time for the route, from its /metrics histogram "
+        "(bucket upper ends); loop lag: how late its event loop answered a ping sent every "
+        "0.1 s. A client p99 far above the server's, with no loop lag, is time spent waiting "
+        "for a CPU, not in the API."
     )
     print(f"Goals: {GOALS}.")
     for mode in modes:
@@ -735,14 +806,18 @@ def report(modes: list[Mode], args: argparse.Namespace, load_before: tuple, took
         print(f"## {mode.name} ({mode.seconds:.0f} s)")
         print()
         print(
-            "| endpoint | conns | req/s | x bare | p50 ms | p99 ms | bytes | non-2xx | 5xx "
-            "| sock err | stalls | healthz bad (max ms) | server cpu % | threads | pg conns |"
+            "| endpoint | conns | req/s | x bare | p50 ms | p99 ms | server p99 / max ms "
+            "| loop lag max ms | bytes | non-2xx | 5xx | sock err | stalls "
+            "| healthz bad (max ms) | server cpu % | threads | pg conns |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
         for r in mode.runs:
             print(
                 f"| {r.target} | {r.connections} | {r.requests_per_s:.0f} | "
                 f"{fmt(r.ratio, 2)} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} | "
+                f"{spread_ms(r.server)} | {r.lag.ms('max') if r.lag else '-'} | "
                 f"{fmt(r.bytes_per_response, 0)} | {r.non_2xx} | "
                 f"{'-' if r.errors_5xx is None else r.errors_5xx} | {r.socket_errors} | "
                 f"{r.stalls} | {r.health_bad} ({r.health_max_ms:.0f}) | {fmt(r.cpu_percent, 0)} | "
@@ -766,6 +841,21 @@ def report(modes: list[Mode], args: argparse.Namespace, load_before: tuple, took
                 + f"; a plain GET /v1/jobs/{{id}} meanwhile: {s.probe_status} in "
                 f"{fmt(s.probe_ms, 0)} ms."
             )
+        if mode.events:
+            print()
+            print(
+                "| under 8 pollers of GET /v1/jobs?limit=20 | what it did | took s | polls "
+                "| longest gap ms | failed polls | 5xx | server p99 / max ms | loop lag max ms |"
+            )
+            print("|---|---|---:|---:|---:|---|---:|---:|---:|")
+            for e in mode.events:
+                failed = ", ".join(f"{k} x{v}" for k, v in e.errors.items()) or "0"
+                print(
+                    f"| {e.label} | {e.outcome} | {e.action_s:.2f} | {e.answers} | "
+                    f"{e.longest_gap_ms:.0f} | {failed} | "
+                    f"{'-' if e.errors_5xx is None else e.errors_5xx} | {spread_ms(e.server)} | "
+                    f"{e.lag.ms('max') if e.lag else '-'} |"
+                )
         for note in mode.notes:
             print(f"- {note}")
     print()
@@ -807,6 +897,11 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=64, help="augmented views: job length")
     parser.add_argument("--images-per-label", type=int, default=40, help="old-label images")
     parser.add_argument("--base-epochs", type=int, default=1, help="training of the base model")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="taskset: the API (and the bare app) on the first CPU, the worker and wrk on the rest",
+    )
     parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "BODY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
@@ -814,6 +909,11 @@ def main() -> None:
         return
     if shutil.which("wrk") is None:
         parser.error("wrk is needed: apt-get install wrk")
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 or shutil.which("taskset") is None:
+            parser.error("--pin needs taskset and at least 2 CPUs")
+        PINS.update(api=str(cpus[0]), load=",".join(map(str, cpus[1:])))
 
     def terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
