@@ -224,7 +224,8 @@ def model_promote(
 @model_app.command(
     "pull",
     help="Download a version, checking its sha256. It is saved as NAME-vVERSION.EXT in the "
-    "current folder (never over an existing file unless --force), or where -o says.",
+    "current folder or the folder -o names (never over an existing file unless --force), or "
+    "as the file -o names.",
 )
 def model_pull(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION, or NAME for the latest version")],
@@ -241,9 +242,10 @@ def model_pull(
         typer.Option(
             "-o",
             "--output",
-            metavar="FILE",
-            help="where to save it (replaced if it exists); default: NAME-vVERSION.EXT in the "
-            "current folder, e.g. digits-v2.onnx",
+            metavar="FILE|DIR",
+            help="the file to save it as (replaced if it exists), or an existing folder to "
+            "save NAME-vVERSION.EXT in; default: NAME-vVERSION.EXT in the current folder, e.g. "
+            "digits-v2.onnx",
         ),
     ] = None,
     force: Annotated[
@@ -258,8 +260,10 @@ def model_pull(
         if number is None:
             err.print(f"[red]error:[/red] {name} has no promoted version: pull NAME@VERSION")
             raise typer.Exit(EXIT_USAGE)
-        dest = output or Path(f"{name}-v{number}{ARTIFACT_SUFFIXES.get(format, '.' + format)}")
-        if output is None and not force and dest.exists():
+        named = Path(f"{name}-v{number}{ARTIFACT_SUFFIXES.get(format, '.' + format)}")
+        folder = output if output is not None and output.is_dir() else None
+        dest = folder / named if folder else output or named
+        if (output is None or folder) and not force and dest.exists():
             err.print(
                 f"[red]error:[/red] {escape(str(dest))} exists already: --force replaces it, "
                 "-o FILE saves it elsewhere"

@@ -25,6 +25,20 @@ if TYPE_CHECKING:
     from app.settings import Settings
     from tests.support.services import PostgresCluster
 
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that shows a row of the README's failure table says which (bench/faults.py)."""
+    for mark in item.iter_markers("fault"):
+        item.user_properties.append(("fault", mark.args[0]))
+
+
+@pytest.fixture()
+def observed(request: pytest.FixtureRequest):
+    """``observed("started 1.2 s after Redis returned")``: what a fault test saw, for the
+    table bench/faults.py prints."""
+    return lambda text: request.node.user_properties.append(("observed", text))
+
+
 OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
 ARCH = "timm:resnet18"
 

@@ -85,7 +85,7 @@ async def register_model(
 ) -> Response:
     # the upload's copy, a converted copy, the stored files in three formats (local storage)
     # and the one being written
-    ensure_room(settings, 6 * upload_size(weights), "these weights")
+    ensure_room(settings, 6 * upload_size(weights), "this weights file")
     # Checked in one short transaction, the files stored outside any, the rows written in
     # another: a slow upload holds no lock (SQLite has one for all writers).
     checked = await db(

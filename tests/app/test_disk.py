@@ -25,7 +25,10 @@ def crowded(settings):
     return settings.model_copy(update={"min_free_disk_mb": free // MiB + 1})
 
 
-def test_uploads_on_a_crowded_disk_are_507_and_leave_nothing(crowded, base_weights, digit_splits):
+@pytest.mark.fault("the disk fills up")
+def test_uploads_on_a_crowded_disk_are_507_and_leave_nothing(
+    crowded, base_weights, digit_splits, observed
+):
     with TestClient(create_app(crowded)) as client:
         archive = digits_archive(digit_splits[1], old_per_class=2)
         dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)})
@@ -33,20 +36,22 @@ def test_uploads_on_a_crowded_disk_are_507_and_leave_nothing(crowded, base_weigh
         ready = client.get("/readyz")
         assert client.get("/v1/datasets").json()["items"] == []
         assert client.get("/v1/models").json()["items"] == []
-    for response, what in ((dataset, "this archive"), (model, "these weights")):
+    for response, what in ((dataset, "this archive"), (model, "this weights file")):
         assert response.status_code == 507, response.text
         assert response.headers["content-type"] == "application/problem+json"
         detail = response.json()["detail"]
         assert detail.startswith(f"{what} needs about") and "GRAFT_MIN_FREE_DISK_MB" in detail
     assert ready.status_code == 503 and ready.json()["checks"]["disk"] is False
+    observed(f"an archive and a model below the floor: 507 ({detail}); /readyz 503; no row")
     assert list(crowded.tmp_dir.iterdir()) == []
     assert not (crowded.data_dir / "artifacts").exists() or not any(
         p.is_file() for p in (crowded.data_dir / "artifacts").rglob("*")
     )
 
 
+@pytest.mark.fault("the disk fills up")
 def test_a_worker_on_a_crowded_disk_fails_the_job_as_disk_full(
-    settings, crowded, client, base_weights, digit_splits
+    settings, crowded, client, base_weights, digit_splits, observed
 ):
     assert register_digits(client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=2)
@@ -58,6 +63,7 @@ def test_a_worker_on_a_crowded_disk_fails_the_job_as_disk_full(
     assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
     assert "GRAFT_MIN_FREE_DISK_MB" in job["error"]["message"]
     assert [v["version"] for v in client.get("/v1/models/digits").json()["versions"]] == [1]
+    observed("a job started below the floor: failed disk_full at the start, no version")
 
 
 def submit(client, base_weights, digit_splits, config: dict | None = None) -> str:
@@ -68,8 +74,9 @@ def submit(client, base_weights, digit_splits, config: dict | None = None) -> st
     return client.post("/v1/jobs", json=body).json()["id"]
 
 
+@pytest.mark.fault("the disk fills up")
 def test_a_version_whose_files_would_cross_the_floor_is_not_written(
-    settings, client, base_weights, digit_splits
+    settings, client, base_weights, digit_splits, observed
 ):
     job_id = submit(client, base_weights, digit_splits)
     before = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
@@ -82,14 +89,16 @@ def test_a_version_whose_files_would_cross_the_floor_is_not_written(
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
     assert "the version's files need about" in job["error"]["message"], job["error"]
+    observed("a job 250 MB above the floor: failed disk_full before writing its version")
     assert [v["version"] for v in client.get("/v1/models/digits").json()["versions"]] == [1]
     after = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
     assert after == before
     assert list(settings.tmp_dir.glob("job-*")) == []
 
 
+@pytest.mark.fault("the disk fills up")
 def test_a_disk_that_fills_while_a_job_runs_stops_it_as_disk_full(
-    settings, client, base_weights, digit_splits
+    settings, client, base_weights, digit_splits, observed
 ):
     job_id = submit(client, base_weights, digit_splits, SLOW)
     before = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
@@ -105,12 +114,15 @@ def test_a_disk_that_fills_while_a_job_runs_stops_it_as_disk_full(
             time.sleep(0.05)
         with filler.open("wb") as f:  # something else on the machine fills the disk
             os.posix_fallocate(f.fileno(), 0, 300 * MiB)
+        filled = time.monotonic()
         worker.join(300)
+        stopped_s = time.monotonic() - filled
     finally:
         filler.unlink(missing_ok=True)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "disk_full", job
     assert "GRAFT_MIN_FREE_DISK_MB" in job["error"]["message"]
+    observed(f"300 MB written beside a training job: failed disk_full {stopped_s:.1f} s later")
     assert [v["version"] for v in client.get("/v1/models/digits").json()["versions"]] == [1]
     after = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
     assert after == before

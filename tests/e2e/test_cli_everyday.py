@@ -123,6 +123,13 @@ def test_a_download_never_replaces_a_file_unless_asked(server, digits, tmp_path)
     named.write_bytes(b"replace me")
     chosen = graft(client, "model", "pull", "digits@1", "-o", str(named))
     assert chosen.returncode == 0 and safetensors.torch.load_file(named)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    into = graft(client, "model", "pull", "digits@1", "--format", "onnx", "-o", str(folder))
+    assert into.returncode == 0, into.stderr
+    assert (folder / "digits-v1.onnx").read_bytes().startswith(b"\x08")  # named, in the folder
+    kept = graft(client, "model", "pull", "digits@1", "--format", "onnx", "-o", str(folder))
+    assert kept.returncode == 2 and "digits-v1.onnx exists" in kept.stderr
     missing = graft(client, "model", "pull", "digits@7", "-o", str(tmp_path / "none"))
     assert missing.returncode == 3 and missing.stderr.startswith("error:"), repr(missing.stderr)
 

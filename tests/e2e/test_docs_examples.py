@@ -214,11 +214,15 @@ def test_readme_and_api_examples_run_against_a_live_server(server, tmp_path) -> 
     print(f"\nran {len(ran)} examples; skipped {len(skipped)}:")
     for block in skipped:
         print(f"  {block.where}: {block.not_run}")
-    # What the walkthroughs promise is there at the end of them.
+    # What the walkthroughs promise is there at the end of them, under the one folder the
+    # README names, and nothing of theirs lies anywhere else.
     made = ["digits-v2.onnx", "digits-py-v2.onnx", "digits-curl-v2.safetensors"]
     made += ["digits-hf-v2/config.json", "digits-keras-v2.keras", "digits-onnx-v2.onnx"]
     for name in made:
-        assert (cwd / name).stat().st_size > 0, name
+        assert (cwd / "var" / "example" / name).stat().st_size > 0, name
+    reader = {"examples", ".venv", ".curlrc", ".block", ".env-after", "var"}
+    assert {p.name for p in cwd.iterdir()} <= reader, sorted(p.name for p in cwd.iterdir())
+    assert {p.name for p in (cwd / "var").iterdir()} == {"example"}
     models = {m["name"] for m in client.get("/v1/models").json()["items"]}
     assert {"digits", "digits-nines", "digits-py", "digits-curl", "digits-api"} <= models
     assert {"digits-hf", "digits-keras", "digits-onnx"} <= models

@@ -41,7 +41,8 @@ def test_a_wrapped_failure_is_found_through_its_cause():
     assert resource_error(ValueError("bad label")) is None
 
 
-def test_a_thread_that_cannot_start_is_out_of_memory():
+@pytest.mark.fault("a worker cannot start a thread (its address space or process limit)")
+def test_a_thread_that_cannot_start_is_out_of_memory(observed):
     """As when s3transfer's pool starts its threads in a worker whose address space is capped."""
     script = textwrap.dedent(
         """
@@ -65,6 +66,7 @@ def test_a_thread_that_cannot_start_is_out_of_memory():
     code, _, message = done.stdout.partition(" | ")
     assert code == "out_of_memory", done.stdout + done.stderr
     assert "could not start a thread" in message and "ulimit" in message
+    observed(f"threads started under a 64 MiB address-space margin: {code}")
 
 
 def test_weights_that_cannot_be_mapped_for_lack_of_memory_are_not_invalid_weights(tmp_path):

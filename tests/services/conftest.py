@@ -37,7 +37,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture()
-def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits):
+def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits, request):
     env = {
         "GRAFT_DATABASE_URL": postgres_url,
         "GRAFT_BROKER_URL": redis_url,
@@ -59,5 +59,9 @@ def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits):
     assert register_digits(c.client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
     c.dataset_id = c.client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()["id"]
-    yield c
-    c.close()
+    try:
+        yield c
+    finally:
+        request.node.user_properties.append(("observed", c.close()))
+    unexpected = c.pollers.unexpected()
+    assert not unexpected, f"a fault answered pollers with {unexpected}"

@@ -19,13 +19,20 @@ from tests.support.cluster import FINAL, SLOW
 pytestmark = pytest.mark.services
 
 
-def test_a_worker_killed_mid_training_is_replaced_and_the_job_runs_once(cluster):
+@pytest.mark.fault("a worker is killed mid-training")
+def test_a_worker_killed_mid_training_is_replaced_and_the_job_runs_once(cluster, observed):
     first = cluster.worker()
     job_id = cluster.submit(SLOW)
     cluster.wait_running(job_id)
+    stage = cluster.job(job_id)["progress"]["stage"]
     first.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     cluster.worker()
     (job,) = cluster.wait([job_id], FINAL)
+    observed(
+        f"SIGKILL while {stage}; {job['status']} on attempt {job['attempt']} "
+        f"{time.monotonic() - killed:.1f} s later (lease 3 s); versions {cluster.versions()}"
+    )
     assert job["status"] == "succeeded" and job["attempt"] == 2
     assert cluster.versions() == [1, 2]
     assert list(cluster.settings.tmp_dir.iterdir()) == []
@@ -35,7 +42,8 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_job_runs_once(cluster)
     assert cluster.reference_images() == 9 * 10 + 10  # every image v2 learnt from, once
 
 
-def test_a_worker_that_loses_its_lease_cannot_write(cluster):
+@pytest.mark.fault("a worker freezes, then wakes up")
+def test_a_worker_that_loses_its_lease_cannot_write(cluster, observed):
     workers = {w.pid: w for w in (cluster.worker(), cluster.worker())}
     job_id = cluster.submit(SLOW)
     cluster.wait_running(job_id)
@@ -53,19 +61,30 @@ def test_a_worker_that_loses_its_lease_cannot_write(cluster):
     assert len(cluster.stored_files()) == 10  # nothing of the paused attempt's
     assert cluster.reference_images() == 100
     assert paused.poll() is None  # and it lives on to take other jobs
+    observed(
+        f"SIGSTOP while running; the other worker's attempt 2 {job['status']}; woken, the "
+        f"frozen one wrote nothing: versions {cluster.versions()}, "
+        f"{len(cluster.stored_files())} stored files"
+    )
 
 
-def test_jobs_survive_a_broker_that_forgets_everything(cluster, redis_server):
+@pytest.mark.fault("Redis loses its queue")
+def test_jobs_survive_a_broker_that_forgets_everything(cluster, redis_server, observed):
     job_ids = [cluster.submit({"epochs": 3}) for _ in range(3)]
     with redis.Redis.from_url(redis_server.url) as broker:
         broker.flushdb()  # every queued message is gone (this test's own Redis)
     cluster.worker()
     jobs = cluster.wait(job_ids, FINAL)
+    observed(
+        "3 queued jobs, Redis flushed: "
+        + ", ".join(f"{j['status']} (attempt {j['attempt']})" for j in jobs)
+    )
     assert [j["status"] for j in jobs] == ["succeeded"] * 3
     assert cluster.versions() == [1, 2, 3, 4]
 
 
-def test_a_job_committed_but_never_published_is_found_by_the_sweep(cluster):
+@pytest.mark.fault("the API dies between commit and publish")
+def test_a_job_committed_but_never_published_is_found_by_the_sweep(cluster, observed):
     cluster.worker()
     with session_scope(cluster.settings.resolved_database_url) as session:  # the API died here
         job, _ = create_job(
@@ -78,20 +97,28 @@ def test_a_job_committed_but_never_published_is_found_by_the_sweep(cluster):
     time.sleep(3)
     assert cluster.job(job_id)["status"] == "queued"
     (job,) = cluster.wait([job_id], FINAL)
+    observed(f"a row with no message: still queued after 3 s; the sweep sent it; {job['status']}")
     assert job["status"] == "succeeded" and job["attempt"] == 1
 
 
-def test_two_workers_run_ten_jobs_exactly_once_each(cluster):
+@pytest.mark.fault("many workers, duplicate messages")
+def test_two_workers_run_ten_jobs_exactly_once_each(cluster, observed):
     cluster.worker(), cluster.worker()
     job_ids = [cluster.submit({"epochs": 2}) for _ in range(10)]
     jobs = cluster.wait(job_ids, FINAL)  # the sweep re-sends: duplicates abound
+    attempts = sorted(j["attempt"] for j in jobs)
+    observed(
+        f"10 jobs, 2 workers, the sweep re-sending: attempts {attempts}, versions "
+        f"{cluster.versions()[0]}-{cluster.versions()[-1]}"
+    )
     assert {j["status"] for j in jobs} == {"succeeded"}
     assert all(j["attempt"] == 1 for j in jobs)
     assert cluster.versions() == list(range(1, 12))
     assert sorted(j["result"]["version"] for j in jobs) == list(range(2, 12))
 
 
-def test_sigterm_hands_the_running_job_back_without_using_an_attempt(cluster):
+@pytest.mark.fault("a worker gets SIGTERM")
+def test_sigterm_hands_the_running_job_back_without_using_an_attempt(cluster, observed):
     job_id = cluster.submit(SLOW)
     for _ in range(2):  # two deployments in a row
         worker = cluster.worker()
@@ -104,6 +131,10 @@ def test_sigterm_hands_the_running_job_back_without_using_an_attempt(cluster):
         assert handed_back["attempt"] == 0
     cluster.worker()
     (job,) = cluster.wait([job_id], FINAL)
+    observed(
+        f"SIGTERM twice while running: queued at attempt 0 each time; then {job['status']} "
+        f"on attempt {job['attempt']}"
+    )
     assert job["status"] == "succeeded" and job["attempt"] == 1
     assert cluster.versions() == [1, 2]
 
@@ -119,7 +150,8 @@ def test_cancel_stops_a_running_job(cluster):
     assert len(cluster.stored_files()) == 4  # the dataset and v1's three files
 
 
-def test_the_api_rides_out_a_postgresql_restart(cluster, pg_cluster):
+@pytest.mark.fault("PostgreSQL restarts")
+def test_the_api_rides_out_a_postgresql_restart(cluster, pg_cluster, observed):
     statuses: list[tuple[float, int]] = []
     restarted = threading.Event()
     failures: list[BaseException] = []
@@ -144,5 +176,11 @@ def test_the_api_rides_out_a_postgresql_restart(cluster, pg_cluster):
             until = time.monotonic() + 3
         time.sleep(0.05)
     assert not failures, failures
+    refused = [t for t, code in statuses if code != 200]
+    back = refused and min(t for t, code in statuses if t > refused[-1])
+    observed(
+        f"{len(statuses)} reads during the restart: {len(refused)} answered 503 problem+json"
+        + (f", 200 again {back - refused[-1]:.2f} s after the last" if refused else "")
+    )
     after = [code for t, code in statuses if t > until - 2]
     assert after and set(after) == {200}

@@ -17,6 +17,7 @@ from app.main import create_app
 from app.models import Job
 from app.settings import Settings
 from app.sweeper import Sweeper
+from tests.support.faults import Pollers
 
 FINAL = {"succeeded", "failed", "cancelled"}
 SLOW = {"augmentation": {"views": 48, "rotation_degrees": 5}}  # long enough to interrupt
@@ -31,6 +32,7 @@ class Cluster:
         self.client = TestClient(create_app(settings))
         self.client.__enter__()
         self.sweeper = Sweeper(settings)
+        self.pollers = Pollers(self.client.get)  # a user polling through every fault
 
     def worker(self, **env: str) -> subprocess.Popen:
         """A `graft worker` process; ``env``: GRAFT_* settings of its own."""
@@ -100,9 +102,12 @@ class Cluster:
     def reference_images(self) -> int:
         return sum(1 for _ in (self.settings.data_dir / "artifacts").rglob("reference/*"))
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Stop everything; what the pollers were answered meanwhile."""
+        polled = self.pollers.stop()
         for process in self.workers:
             if process.poll() is None:
                 process.kill()
             process.wait()
         self.client.__exit__(None, None, None)
+        return polled

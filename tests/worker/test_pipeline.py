@@ -139,7 +139,10 @@ def test_a_broker_that_cannot_be_read_gets_stale_queued_jobs_again(settings, job
         assert sweep(s, settings, None) == []  # its clock was reset
 
 
-def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, client, job_id):
+@pytest.mark.fault("a job keeps killing its workers")
+def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(
+    settings, client, job_id, observed
+):
     set_job(
         settings,
         job_id,
@@ -151,6 +154,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, clien
         assert sweep(s, settings, None) == []
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    observed(f"lease lost on attempt 3 of 3: {job['status']}, {job['error']['code']}")
     pipeline.run_job(job_id, settings)
     assert versions(settings) == 1
 
@@ -165,14 +169,17 @@ def test_a_job_whose_dataset_vanished_fails_clearly(settings, client, job_id):
     assert versions(settings) == 1
 
 
-def test_a_job_past_its_time_limit_fails_with_code_timeout(settings, client, job_id):
+@pytest.mark.fault("a job runs past `GRAFT_JOB_TIME_LIMIT_S`")
+def test_a_job_past_its_time_limit_fails_with_code_timeout(settings, client, job_id, observed):
     pipeline.run_job(job_id, settings.model_copy(update={"job_time_limit_s": 0}))
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+    observed(f"a limit of 0 s: {job['status']}, {job['error']['code']}, no version")
     assert versions(settings) == 1
 
 
-def test_a_worker_silent_past_the_hard_limit_is_not_retried(settings, client, job_id):
+@pytest.mark.fault("a job runs past `GRAFT_JOB_TIME_LIMIT_S`")
+def test_a_worker_silent_past_the_hard_limit_is_not_retried(settings, client, job_id, observed):
     set_job(
         settings,
         job_id,
@@ -185,3 +192,4 @@ def test_a_worker_silent_past_the_hard_limit_is_not_retried(settings, client, jo
         assert sweep(s, settings, None) == []
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+    observed(f"a worker silent 2 days into its job: the sweep failed it, {job['error']['code']}")
