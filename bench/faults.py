@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.faults import readme_rows  # noqa: E402
+from devkit.faults import readme_rows  # noqa: E402
 
 
 @dataclass

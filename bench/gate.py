@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.features import Memory, World, fit_base, grow, paired_metrics  # noqa: E402
+from devkit.features import Memory, World, fit_base, grow, paired_metrics  # noqa: E402
 from worker.engine.gate import GateSettings, decide  # noqa: E402
 
 SETTINGS = GateSettings()

@@ -28,7 +28,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,14 +38,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from devkit.net import free_port  # noqa: E402
+
 BUCKET = "bench-digits"
 OLD = list(range(9))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -134,7 +130,7 @@ def wait_http(http: Any, path: str, process: subprocess.Popen, log: Path) -> Non
 def register_model(http: Any, folder: Path, arch: str, epochs: int) -> float:
     import safetensors.torch
 
-    from tests.support import digits as D
+    from devkit import digits as D
 
     started = time.perf_counter()
     base, _ = D.load()

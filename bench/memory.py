@@ -90,7 +90,7 @@ def prepare(path: Path) -> None:
     """Real features: digit scans through a resnet18 trained on 0-8, the new label 9 included."""
     import torch
 
-    from tests.support import digits as D
+    from devkit import digits as D
 
     base_digits, held = D.load()
     model = D.train_base(base_digits, list(range(9)))

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import digits as D  # noqa: E402
+from devkit import digits as D  # noqa: E402
 from worker.engine.calibrate import Calibration  # noqa: E402
 from worker.engine.data import scan_image_folder  # noqa: E402
 from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402

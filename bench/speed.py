@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import digits as D  # noqa: E402
+from devkit import digits as D  # noqa: E402
 from worker.engine.architectures import build_model  # noqa: E402
 from worker.engine.data import (  # noqa: E402
     Augmentation,

@@ -8,7 +8,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devkit.net import free_port  # noqa: E402
+from devkit.services import RedisServer  # noqa: E402
+
 BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -28,12 +30,6 @@ PINS: dict[str, str] = {}  # role ("api", "load") -> CPUs for taskset, with --pi
 
 
 # Processes and ports ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pinned(role: str) -> list[str]:
@@ -115,21 +111,10 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def private_redis(stack: contextlib.ExitStack, folder: Path) -> str:
-    port = free_port()
-    log = folder / "redis.log"
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    process = start([*argv, "--appendonly", "no", "--dir", str(folder)], {}, log)
-    stack.callback(stop, process)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
-            s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return f"redis://127.0.0.1:{port}/0"
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise RuntimeError(f"redis-server did not start\n{tail(log)}")
+    """A Redis server of the run's own (devkit's, as the tests use), stopped at the end."""
+    server = RedisServer(folder / "redis").start()
+    stack.callback(server.stop)
+    return server.url
 
 
 class Postgres:
@@ -166,8 +151,8 @@ def train_base(folder: Path, epochs: int) -> tuple[Path, Any]:
     load), as safetensors, and the held-out digits."""
     import safetensors.torch
 
-    from tests.conftest import ARCH, OLD
-    from tests.support import digits as D
+    from devkit import digits as D
+    from devkit.digits import ARCH, OLD
 
     base, held = D.load()
     model = D.train_base(base, OLD, ARCH, epochs=epochs)
@@ -210,7 +195,7 @@ class Graft:
         stack.callback(stop, self.worker, 30.0)
 
     def upload(self, weights: Path, held: Any, images_per_label: int) -> None:
-        from tests.conftest import digits_archive, register_digits
+        from devkit.digits import digits_archive, register_digits
 
         answer = register_digits(self.http, weights)
         if answer.status_code != 201:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import digits as D  # noqa: E402
+from devkit import digits as D  # noqa: E402
 from worker.engine.architectures import build_model  # noqa: E402
 
 BATCH = 64

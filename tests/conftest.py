@@ -6,7 +6,6 @@ bench/gpu.sh)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import TYPE_CHECKING
 import pytest
 import safetensors.torch
 
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import ARCH, OLD
 from worker.engine.data import scan_image_folder
 from worker.engine.expand import ExpansionConfig, ExpansionRequest
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
     from app.settings import Settings
-    from tests.support.services import PostgresCluster
+    from devkit.services import PostgresCluster
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -37,10 +37,6 @@ def observed(request: pytest.FixtureRequest):
     """``observed("started 1.2 s after Redis returned")``: what a fault test saw, for the
     table bench/faults.py prints."""
     return lambda text: request.node.user_properties.append(("observed", text))
-
-
-OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
-ARCH = "timm:resnet18"
 
 
 def digits_request(
@@ -107,42 +103,10 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
-def register_digits(
-    client: TestClient,
-    weights: Path,
-    name: str = "digits",
-    reference: str | None = None,
-    headers: dict[str, str] | None = None,
-    gate: str | None = None,
-):
-    """Register the digits 0-8 model; ``reference``: a dataset id for its reference set;
-    ``gate``: its gate settings (JSON)."""
-    data = {
-        "name": name,
-        "architecture": ARCH,
-        "labels": json.dumps([str(d) for d in OLD]),
-        "preprocessing": json.dumps(D.PREP.to_dict()),
-    }
-    if reference:
-        data["reference_dataset_id"] = reference
-    if gate is not None:
-        data["gate"] = gate
-    with weights.open("rb") as f:
-        return client.post(
-            "/v1/models", data=data, files={"weights": ("digits.safetensors", f)}, headers=headers
-        )
-
-
-def digits_archive(held: D.Digits, old_per_class: int = 20, new_shots: int = 10) -> bytes:
-    folders = {str(d): held.of(d)[:old_per_class] for d in OLD}
-    folders["9"] = held.of(9)[:new_shots]
-    return D.zip_image_folder(folders)
-
-
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresCluster]:
     """A private PostgreSQL cluster for the whole session; tests may stop and restart it."""
-    from tests.support.services import PostgresCluster, ServiceUnavailable, unavailable
+    from devkit.services import PostgresCluster, ServiceUnavailable, unavailable
 
     try:
         cluster = PostgresCluster()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.support.faults import readme_rows
+from devkit.faults import readme_rows
 
 TESTS = Path(__file__).resolve().parent
 

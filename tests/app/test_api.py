@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ARCH, OLD, digits_archive, register_digits
+from devkit.digits import ARCH, OLD, digits_archive, register_digits
 
 PROBLEM = "application/problem+json"
 
@@ -323,7 +323,7 @@ class TestJobs:
     def test_old_rows_are_frozen_when_the_dataset_has_no_old_label(
         self, model, client, digit_splits
     ):
-        from tests.support.digits import zip_image_folder
+        from devkit.digits import zip_image_folder
 
         archive = zip_image_folder({"9": digit_splits[1].of(9)[:3]})
         only_new = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
@@ -369,7 +369,7 @@ class TestJobs:
         assert_problem(self.submit(client, dataset, **body), 422, field=field, says=says)
 
     def test_dataset_with_only_known_labels_is_422(self, model, client, digit_splits):
-        from tests.support.digits import zip_image_folder
+        from devkit.digits import zip_image_folder
 
         archive = zip_image_folder({"3": digit_splits[1].of(3)[:2]})
         ds = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()

@@ -17,9 +17,9 @@ import timm
 import torch
 
 from app import __version__
+from devkit import digits as D
+from devkit.digits import OLD, digits_archive, register_digits
 from tests.app.test_api import assert_problem
-from tests.conftest import OLD, digits_archive, register_digits
-from tests.support import digits as D
 from worker import pipeline
 
 FORMATS = ["safetensors", "onnx", "torchscript"]

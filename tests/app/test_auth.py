@@ -14,7 +14,7 @@ from app.main import create_app
 from app.models import ApiKey
 from app.server import db_upgrade
 from app.settings import Settings
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 
 
 def new_key(settings: Settings, owner: str) -> str:

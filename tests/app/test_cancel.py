@@ -8,8 +8,8 @@ import threading
 import time
 
 from app.schemas import JobRead
+from devkit.digits import digits_archive, register_digits
 from graft.cli_jobs import state_of
-from tests.conftest import digits_archive, register_digits
 from worker import pipeline
 
 

@@ -25,8 +25,8 @@ from app.importer import Importer
 from app.main import create_app
 from app.server import db_upgrade
 from app.settings import Settings
+from devkit.digits import register_digits
 from tests.app.test_storage import moto_server
-from tests.conftest import register_digits
 from tests.support.processes import start_api
 from worker import pipeline
 

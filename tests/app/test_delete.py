@@ -18,11 +18,11 @@ from app.main import create_app
 from app.models import JobStatus, Model, ModelVersion
 from app.server import db_upgrade
 from app.settings import Settings
+from devkit import digits as D
+from devkit.digits import digits_archive, register_digits
 from tests.app.test_api import assert_problem
 from tests.app.test_auth import bearer, new_key
 from tests.app.test_storage import moto_server
-from tests.conftest import digits_archive, register_digits
-from tests.support import digits as D
 from worker import pipeline
 from worker.lifecycle import Heartbeat, StopReason, claim_job, finish, job_error
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import MiB
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 from tests.support.cluster import SLOW
 from worker import pipeline
 

@@ -7,9 +7,9 @@ import io
 import pytest
 from PIL import Image
 
+from devkit import digits as D
+from devkit.digits import OLD, digits_archive, register_digits
 from tests.app.test_api import assert_problem
-from tests.conftest import OLD, digits_archive, register_digits
-from tests.support import digits as D
 from worker import pipeline
 
 

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from tests.conftest import OLD, digits_archive  # noqa: E402
-from tests.support import digits as D  # noqa: E402
+from devkit import digits as D  # noqa: E402
+from devkit.digits import OLD, digits_archive  # noqa: E402
 from worker import pipeline  # noqa: E402
 from worker.engine import hf  # noqa: E402
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from devkit import digits as D
+from devkit.digits import register_digits
 from tests.app.test_api import PROBLEM
-from tests.conftest import register_digits
-from tests.support import digits as D
 
 INT4 = 2**31  # one past the largest a PostgreSQL integer column holds
 HUGE = 2**64

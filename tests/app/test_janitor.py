@@ -19,8 +19,8 @@ from app import janitor
 from app.db import session_scope
 from app.models import Model, new_id
 from app.storage import open_storage
-from tests.conftest import digits_archive, register_digits
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 
 

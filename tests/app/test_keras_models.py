@@ -15,8 +15,8 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 
-from tests.conftest import OLD, digits_archive  # noqa: E402
-from tests.support import digits as D  # noqa: E402
+from devkit import digits as D  # noqa: E402
+from devkit.digits import OLD, digits_archive  # noqa: E402
 from worker import pipeline  # noqa: E402
 
 LABELS = [str(d) for d in OLD]

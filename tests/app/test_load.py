@@ -17,7 +17,7 @@ from sqlalchemy import event, update
 
 from app.db import POOL_SIZE, get_engine, session_scope
 from app.models import Job
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 
 CLIENTS = 256
 

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from tests.support import digits as D
+from devkit import digits as D
 from tests.support.model_files import LABELS, RESNET, external_constant, hf_zip, linear_graph
 
 

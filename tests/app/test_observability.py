@@ -6,7 +6,7 @@ import json
 import logging
 
 from app.logs import configure_logging
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from onnx import helper
 
-from tests.conftest import ARCH, OLD, digits_archive
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import ARCH, OLD, digits_archive
 from worker import pipeline
 from worker.engine.onnx_family import find_head
 from worker.engine.weights import load_classifier

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 
 

@@ -19,8 +19,8 @@ from app.main import create_app
 from app.server import db_upgrade
 from app.settings import Settings
 from app.storage import LocalStorage, S3Storage, open_storage
-from tests.conftest import digits_archive, register_digits
-from tests.support.net import free_port
+from devkit.digits import digits_archive, register_digits
+from devkit.net import free_port
 from worker import pipeline
 
 

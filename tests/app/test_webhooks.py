@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from app.webhooks import deliver_due, webhook_secret
+from devkit.digits import register_digits
 from graft.client import verify_signature
-from tests.conftest import register_digits
 
 
 class Receiver:
@@ -48,7 +48,7 @@ def quick(settings):
 
 
 def finished_job(client, base_weights, digit_splits, notify_url):
-    from tests.conftest import digits_archive
+    from devkit.digits import digits_archive
 
     register_digits(client, base_weights)
     archive = digits_archive(digit_splits[1], old_per_class=2, new_shots=2)

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import safetensors
 
-from tests.conftest import OLD, digits_archive, register_digits
+from devkit.digits import OLD, digits_archive, register_digits
+from devkit.net import free_port
 from tests.support.cluster import SLOW
-from tests.support.net import free_port
 
 pytestmark = [
     pytest.mark.docker,

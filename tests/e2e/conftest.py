@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.net import free_port
+from devkit.net import free_port
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 
 from app import janitor
 from app.settings import Settings
-from tests.support import digits as D
+from devkit import digits as D
 from tests.support.processes import start_api
 
 

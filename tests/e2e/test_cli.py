@@ -12,8 +12,8 @@ import pytest
 import safetensors
 import torch
 
-from tests.conftest import OLD, register_digits
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import OLD, register_digits
 from tests.support.cli import run_graft
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from tests.conftest import OLD, register_digits
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import OLD, register_digits
 from tests.support.cli import run_graft, run_graft_in_terminal
 from worker.engine.architectures import build_model
 

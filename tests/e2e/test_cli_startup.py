@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.net import free_port
+from devkit.net import free_port
 from tests.support.processes import start_api
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import safetensors.torch
 import timm
 import torch
 
-from tests.conftest import OLD, digits_archive, register_digits
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import OLD, digits_archive, register_digits
 
 pytestmark = pytest.mark.slow
 FINAL = {"succeeded", "failed", "cancelled"}

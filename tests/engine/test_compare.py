@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ARCH, OLD, digits_request
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import ARCH, OLD
+from tests.conftest import digits_request
 from worker.engine.compare import CompareConfig, VersionFile, compare_versions, measure
 from worker.engine.data import scan_image_folder
 from worker.engine.evidence import f1_interval, holm

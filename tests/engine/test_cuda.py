@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ARCH, OLD, digits_request
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import ARCH, OLD
+from tests.conftest import digits_request
 from worker.engine.architectures import build_model
 from worker.engine.data import eval_transform, open_image, stratified_split
 from worker.engine.device import autocast_for, compute_dtype, precision_name

@@ -13,8 +13,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import ARCH, OLD, digits_request
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import ARCH, OLD
+from tests.conftest import digits_request
 from worker.engine.data import scan_image_folder, stratified_split
 from worker.engine.errors import JobCancelled, UnsupportedHead, WeightsError
 from worker.engine.expand import ExpansionConfig, expand_classifier

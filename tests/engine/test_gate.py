@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.support.features import paired_metrics
+from devkit.features import paired_metrics
 from worker.engine.gate import GateSettings, binomial_upper_tail, decide
 
 

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
-from tests.conftest import OLD  # noqa: E402
-from tests.support import digits as D  # noqa: E402
+from devkit import digits as D  # noqa: E402
+from devkit.digits import OLD  # noqa: E402
 from worker.engine import hf  # noqa: E402
 from worker.engine.architectures import parse_architecture  # noqa: E402
 from worker.engine.data import scan_image_folder  # noqa: E402

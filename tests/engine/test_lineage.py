@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from tests.support.features import Memory, World, fit_base, grow
+from devkit.features import Memory, World, fit_base, grow
 from worker.engine.lineage import NEVER, Lineage, assign_folds, near_duplicates
 
 

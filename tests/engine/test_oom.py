@@ -13,8 +13,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tests.conftest import OLD, digits_archive, digits_request, register_digits
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import OLD, digits_archive, register_digits
+from tests.conftest import digits_request
 from worker import pipeline
 from worker.engine import expand
 from worker.engine.errors import OutOfMemory, resource_error

@@ -8,8 +8,9 @@ import torch
 
 from app.schemas import JobConfig
 from app.settings import Settings
-from tests.conftest import ARCH, OLD, digits_request
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import ARCH, OLD
+from tests.conftest import digits_request
 from worker.engine.architectures import build_model
 from worker.engine.data import (
     ImageDataset,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from tests.conftest import OLD, digits_request
-from tests.support import digits as D
+from devkit import digits as D
+from devkit.digits import OLD
+from tests.conftest import digits_request
 from worker.engine.data import scan_image_folder
 from worker.engine.expand import expand_classifier
 from worker.engine.reference import Kept, ReferenceSet, herding, select_reference

@@ -11,9 +11,9 @@ import pytest
 
 from app.server import db_upgrade
 from app.settings import Settings
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
+from devkit.services import RedisServer, ServiceUnavailable, unavailable
 from tests.support.cluster import Cluster
-from tests.support.services import RedisServer, ServiceUnavailable, unavailable
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 from tests.support.processes import start_api
 
 pytestmark = pytest.mark.services

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.support.services import PostgresCluster, RedisServer, ServiceUnavailable, unavailable
+from devkit.services import PostgresCluster, RedisServer, ServiceUnavailable, unavailable
 
 pytestmark = pytest.mark.services
 SHARED_REDIS = ("127.0.0.1", 6379)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.server import MIGRATIONS, db_upgrade
 from app.settings import Settings
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 
 pytestmark = pytest.mark.services
 

@@ -17,7 +17,7 @@ from app.main import create_app
 from app.models import Job
 from app.settings import Settings
 from app.sweeper import Sweeper
-from tests.support.faults import Pollers
+from devkit.faults import Pollers
 
 FINAL = {"succeeded", "failed", "cancelled"}
 SLOW = {"augmentation": {"views": 48, "rotation_degrees": 5}}  # long enough to interrupt

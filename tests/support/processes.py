@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.net import free_port
+from devkit.net import free_port
 
 
 def start_api(data_dir: Path, **env: str) -> tuple[subprocess.Popen, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import digits as D
+from devkit import digits as D
 from worker.engine.errors import EngineError
 from worker.spec import unpack_dataset_tar
 

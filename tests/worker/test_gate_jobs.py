@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from devkit.digits import OLD, register_digits
 from tests.app.test_api import assert_problem
-from tests.conftest import OLD, register_digits
 from tests.worker.test_retention import run, upload
 
 

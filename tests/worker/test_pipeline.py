@@ -11,7 +11,7 @@ from app.db import session_scope, utcnow
 from app.models import Job, ModelVersion
 from app.storage import open_storage
 from app.sweeper import sweep
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 from worker.spec import load_spec
 

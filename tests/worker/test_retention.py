@@ -7,9 +7,9 @@ import safetensors.torch
 import timm
 import torch
 
+from devkit import digits as D
+from devkit.digits import OLD, register_digits
 from tests.app.test_api import assert_problem
-from tests.conftest import OLD, register_digits
-from tests.support import digits as D
 from worker import pipeline
 
 

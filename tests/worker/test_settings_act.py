@@ -13,7 +13,7 @@ from app.db import session_scope
 from app.models import Job
 from app.settings import Settings
 from app.sweeper import Sweeper
-from tests.conftest import digits_archive, register_digits
+from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 from worker.lifecycle import Heartbeat
 

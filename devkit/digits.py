@@ -8,9 +8,11 @@ own preprocessing, so what Graft sees is exactly what the model was trained on.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ from worker.engine.architectures import build_model
 from worker.engine.data import eval_transform
 from worker.engine.preprocessing import Preprocessing
 
+OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
+ARCH = "timm:resnet18"
 SIZE = 32
 PREP = Preprocessing(input_size=(3, SIZE, SIZE), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -110,3 +114,35 @@ def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def register_digits(
+    client: Any,
+    weights: Path,
+    name: str = "digits",
+    reference: str | None = None,
+    headers: dict[str, str] | None = None,
+    gate: str | None = None,
+) -> Any:
+    """Register the digits 0-8 model through ``client`` (a TestClient or an httpx.Client);
+    ``reference``: a dataset id for its reference set; ``gate``: its gate settings (JSON)."""
+    data = {
+        "name": name,
+        "architecture": ARCH,
+        "labels": json.dumps([str(d) for d in OLD]),
+        "preprocessing": json.dumps(PREP.to_dict()),
+    }
+    if reference:
+        data["reference_dataset_id"] = reference
+    if gate is not None:
+        data["gate"] = gate
+    with weights.open("rb") as f:
+        return client.post(
+            "/v1/models", data=data, files={"weights": ("digits.safetensors", f)}, headers=headers
+        )
+
+
+def digits_archive(held: Digits, old_per_class: int = 20, new_shots: int = 10) -> bytes:
+    folders = {str(d): held.of(d)[:old_per_class] for d in OLD}
+    folders["9"] = held.of(9)[:new_shots]
+    return zip_image_folder(folders)

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "How jobs survive failures"
 
 

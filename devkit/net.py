@@ -1,4 +1,4 @@
-"""Loopback helpers for tests that start servers."""
+"""Loopback helpers for what starts servers (tests, benchmarks)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
-from tests.support.net import free_port
+from devkit.net import free_port
 
 
 class ServiceUnavailable(RuntimeError):
