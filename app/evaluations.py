@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from app.datasets import get_dataset
 from app.errors import Invalid, NotFound
-from app.jobs import add_job, earlier_job, progress_record
+from app.job_state import progress_record
+from app.jobs import add_job, earlier_job
 from app.models import Job, JobKind, JobStatus, ModelVersion
 from app.outbound import refused_destination
 from app.registry import find_model, no_model

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import job_state
 from app.datasets import get_dataset
-from app.db import paginate, utcnow
+from app.db import paginate
 from app.errors import Conflict, InProgress, Invalid, NotFound
 from app.gate import resolve
+from app.job_state import progress_record
 from app.models import Job, JobStatus, Model, ModelVersion
 from app.outbound import refused_destination
 from app.registry import find_model, no_model
 from app.schemas import JobCreate, JobRead
 from app.settings import Settings
-
-
-def progress_record(stage: str, fraction: float, message: str = "") -> dict:
-    """The ``progress`` column outside training (epochs are filled in while training)."""
-    return {"stage": stage, "fraction": fraction, "epoch": None, "epochs": None, "message": message}
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -265,25 +262,9 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop (its worker checks
     between steps and within seconds)."""
     job = get_job(session, owner, job_id)
-    now = utcnow()
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(
-            status=JobStatus.CANCELLED,
-            finished_at=now,
-            progress=progress_record("done", 1.0, "cancelled"),
-        )
-    ).rowcount
-    if not cancelled:
-        asked = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True)
-        ).rowcount
-        if not asked:
-            session.refresh(job)
-            raise Conflict(too_late(job))
+    if not job_state.cancel(session, job.id):
+        session.refresh(job)
+        raise Conflict(too_late(job))
     session.refresh(job)
     return job
 

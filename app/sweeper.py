@@ -13,12 +13,11 @@ import threading
 import time
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from app import janitor
+from app import janitor, job_state
 from app.db import session_scope, utcnow
-from app.jobs import progress_record
 from app.models import Job, JobStatus
 from app.queue import publish_failed, publish_jobs, waiting_in_broker
 from app.settings import Settings
@@ -59,36 +58,11 @@ def sweep(
         )
     ).all()
     for job_id, attempt, max_attempts, cancel_requested, started_at in expired:
-        fence = (Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
-        if cancel_requested:
-            values = {"status": JobStatus.CANCELLED, "finished_at": now}
-        elif started_at is not None and now - started_at > hard_limit:
-            values = {
-                "status": JobStatus.FAILED,
-                "finished_at": now,
-                "error": {
-                    "code": "timeout",
-                    "message": "the job's worker went silent after its time limit",
-                },
-            }
-        elif attempt >= max_attempts:
-            values = {
-                "status": JobStatus.FAILED,
-                "finished_at": now,
-                "error": {
-                    "code": "worker_lost",
-                    "message": f"the worker stopped responding on all {attempt} attempts",
-                },
-            }
-        else:
-            values = {
-                "status": JobStatus.QUEUED,
-                "queued_at": now,
-                "progress": progress_record("queued", 0.0, "re-queued: worker lost"),
-            }
-        if session.execute(update(Job).where(*fence).values(**values)).rowcount and (
-            values["status"] == JobStatus.QUEUED
-        ):
+        past_limit = started_at is not None and now - started_at > hard_limit
+        outcome = job_state.recover(
+            session, job_id, attempt, now, cancel_requested, past_limit, max_attempts
+        )
+        if outcome == JobStatus.QUEUED:
             republish.append(job_id)
     return republish if broker_up else []
 
@@ -104,7 +78,7 @@ def _lost(
             )
         )
         if ids:
-            session.execute(update(Job).where(Job.id.in_(ids)).values(queued_at=now))
+            job_state.ring_again(session, ids, now)
         return ids
     settled = now - timedelta(seconds=PUBLISH_GRACE_S)
     queued = session.scalars(

@@ -21,8 +21,9 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 
+from app import job_state
 from app.db import session_scope, utcnow
 from app.jobs import job_read
 from app.models import Job, JobStatus
@@ -67,10 +68,7 @@ def deliver_due(settings: Settings, limit: int = 20) -> int:
 
 def _deliver(settings: Settings, job_id: str, due: tuple) -> bool:
     with session_scope(settings.resolved_database_url) as session:
-        claimed = session.execute(
-            update(Job).where(Job.id == job_id, *due).values(notify_next_at=utcnow() + CLAIM)
-        ).rowcount
-        if not claimed:
+        if not job_state.claim_delivery(session, job_id, due, utcnow() + CLAIM):
             return False
         job = session.get(Job, job_id)
         body = job_read(job).model_dump_json().encode()
@@ -87,7 +85,7 @@ def _deliver(settings: Settings, job_id: str, due: tuple) -> bool:
                 "notify_attempts": attempt,
                 "notify_next_at": utcnow() + timedelta(seconds=backoff),
             }
-        session.execute(update(Job).where(Job.id == job_id).values(**values))
+        job_state.record_delivery(session, job_id, **values)
     return delivered
 
 

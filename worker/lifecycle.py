@@ -6,7 +6,8 @@ write on the attempt number, and retry those writes while the database is away.
 - ``fenced_finish`` / ``finish``: the final status, only while this attempt owns the job.
 - ``release``: back to the queue without using up an attempt (shutdown, database gone).
 
-The API side (re-queueing jobs whose lease ran out) is ``app.sweeper.sweep``.
+Every write to the job's row goes through ``app.job_state``, the job state machine; the API
+side (re-queueing jobs whose lease ran out) is ``app.sweeper.sweep``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import session_scope, utcnow
+from app import job_state
+from app.db import session_scope
 from app.disk import below_floor
-from app.jobs import progress_record
 from app.logs import current_job
 from app.models import Job, JobStatus
 from app.queue import publish_jobs
@@ -50,23 +50,9 @@ class LeaseLost(Exception):
 
 def claim_job(settings: Settings, job_id: str) -> int | None:
     """Take the job if it is queued; return our attempt number, or None."""
-    now = utcnow()
+    worker = f"{socket.gethostname()}/{os.getpid()}"
     with session_scope(settings.resolved_database_url) as session:
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempt < Job.max_attempts)
-            .values(
-                status=JobStatus.RUNNING,
-                attempt=Job.attempt + 1,
-                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
-                started_at=now,
-                worker=f"{socket.gethostname()}/{os.getpid()}",
-                progress=progress_record("loading", 0.0, "claimed"),
-            )
-        ).rowcount
-        if not claimed:
-            return None
-        return session.scalar(select(Job.attempt).where(Job.id == job_id))
+        return job_state.claim(session, job_id, settings.job_lease_s, worker)
 
 
 # Set when the worker process is asked to stop (SIGTERM): the running job is handed back.
@@ -137,25 +123,11 @@ class Heartbeat:
         self.disk_full = self.disk_full or below_floor(self.settings)
         with self._lock:
             pending, self._pending = self._pending, None
-        values: dict[str, Any] = {
-            "lease_expires_at": utcnow() + timedelta(seconds=self.settings.job_lease_s)
-        }
-        if pending is not None:
-            values["progress"] = pending
         with session_scope(self.settings.resolved_database_url) as session:
-            kept = session.execute(
-                update(Job)
-                .where(
-                    Job.id == self.job_id,
-                    Job.attempt == self.attempt,
-                    Job.status == JobStatus.RUNNING,
-                )
-                .values(**values)
-            ).rowcount
-            self.lost = self.lost or not kept
-            self.cancel_requested = bool(
-                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+            kept, self.cancel_requested = job_state.beat(
+                session, self.job_id, self.attempt, self.settings.job_lease_s, pending
             )
+        self.lost = self.lost or not kept
 
 
 def job_error(code: str, message: object) -> dict[str, str]:
@@ -202,22 +174,7 @@ def fenced_finish(
     """Set the final status if this attempt still owns the job; False if it does not. A
     success is not written over a cancel request: cancelling wins until this write (see
     :func:`not_recorded`)."""
-    owned = [Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING]
-    if status == JobStatus.SUCCEEDED:
-        owned.append(Job.cancel_requested.is_(False))
-    return bool(
-        session.execute(
-            update(Job)
-            .where(*owned)
-            .values(
-                status=status,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                progress=progress_record("done", 1.0, str(status)),
-                **values,
-            )
-        ).rowcount
-    )
+    return job_state.finish(session, job_id, attempt, status, **values)
 
 
 def not_recorded(session: Session, job_id: str, attempt: int) -> Exception:
@@ -276,19 +233,9 @@ def release(settings: Settings, job_id: str, attempt: int, why: str) -> None:
     job's attempts. The attempt number is handed back too, which is safe because this attempt
     writes nothing after this."""
 
-    def write() -> int:
+    def write() -> bool:
         with session_scope(settings.resolved_database_url) as session:
-            return session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
-                .values(
-                    status=JobStatus.QUEUED,
-                    attempt=attempt - 1,
-                    queued_at=utcnow(),
-                    lease_expires_at=None,
-                    progress=progress_record("queued", 0.0, f"re-queued: {why}"),
-                )
-            ).rowcount
+            return job_state.hand_back(session, job_id, attempt, why)
 
     try:
         released = with_retries(settings, f"job {job_id}: handing it back", write)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app import job_state
 from app.db import session_scope
 from app.disk import below_floor
 from app.janitor import clean_tmp
@@ -301,7 +302,7 @@ def _write_success(
             reference=reference,
             lineage=lineage,
         )
-        session.execute(update(Job).where(Job.id == job_id).values(result_version=version.version))
+        job_state.note_version(session, job_id, version.version)
 
 
 def outcome_warnings(
