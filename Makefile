@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-docker lint format install bench bench-gpu clean
+.PHONY: run test test-fast test-docker lint format install bench bench-gpu clean
 
 run: $(STAMP)
 	$(BIN)/graft serve
@@ -13,6 +13,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The inner loop: everything but the tests that start real servers and processes
+# (tests/e2e, tests/services); `make test` (and CI) runs everything.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/e2e --ignore=tests/services
 
 # The production images and compose stack, for real (needs root: installs and starts Docker if
 # absent). Builds both images, then runs tests/docker against `docker-compose up`.

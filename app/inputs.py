@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
-from starlette.types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:  # the schemas (and so the Python client) need no web framework
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 INT4_MAX = 2**31 - 1  # the largest value of a PostgreSQL integer column
 ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
