@@ -1,21 +1,27 @@
 """Settings that the README documents act as it says: the heartbeat's interval, its bound by
-the lease, and how often the janitor runs."""
+the lease, how often the janitor runs, how many attempts a job gets, how long a final write is
+retried, and how many old-label images retention needs."""
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from app.db import session_scope
+from app.db import session_scope, utcnow
+from app.main import create_app
 from app.models import Job
 from app.settings import Settings
-from app.sweeper import Sweeper
+from app.sweeper import Sweeper, sweep
 from devkit.digits import digits_archive, register_digits
+from devkit.net import free_port
 from worker import pipeline
-from worker.lifecycle import Heartbeat
+from worker.lifecycle import Heartbeat, with_retries
 
 
 @pytest.fixture()
@@ -58,3 +64,65 @@ def test_the_janitor_runs_every_graft_janitor_interval_s(settings):
             time.sleep(0.1)
     finally:
         sweeper.stop()
+
+
+def test_graft_max_attempts_is_how_often_a_job_whose_worker_dies_is_tried(
+    settings, base_weights, digit_splits
+):
+    once = settings.model_copy(update={"max_attempts": 1})
+    with TestClient(create_app(once)) as client:
+        assert register_digits(client, base_weights).status_code == 201
+        archive = digits_archive(digit_splits[1], old_per_class=2, new_shots=2)
+        dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+        body = {"model": "digits", "dataset_id": dataset["id"]}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        assert pipeline.claim_job(once, job_id) == 1
+        with session_scope(once.resolved_database_url) as s:  # its worker died: no more beats
+            s.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+        with session_scope(once.resolved_database_url) as s:
+            assert sweep(s, once, None) == []  # not re-queued: its one attempt is used
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert "all 1 attempts" in job["error"]["message"]
+
+
+def test_graft_db_retry_s_is_how_long_a_final_write_waits_for_the_database(caplog):
+    away = f"postgresql+psycopg://graft@127.0.0.1:{free_port()}/graft"  # nothing listens
+
+    def write() -> None:
+        with session_scope(away) as s:
+            s.scalar(select(Job.id).limit(1))
+
+    caplog.set_level(logging.WARNING, logger="worker.lifecycle")
+    for retry_s in (0.0, 2.0):
+        caplog.clear()
+        with pytest.raises(Exception, match="Connection refused|connection failed"):
+            with_retries(Settings(db_retry_s=retry_s), "recording the job", write)
+        retries = [r for r in caplog.records if "the database is unreachable" in r.message]
+        if retry_s == 0:
+            assert retries == []  # gave up at once
+        else:
+            assert len(retries) >= 2, [r.message for r in caplog.records]
+
+
+def test_graft_min_retention_images_is_what_retention_needs_to_be_measured(
+    settings, client, base_weights, digit_splits
+):
+    """18 images of the old labels, 9 of them measured: too few at the default (20), enough
+    at 5. The API's
+    setting counts, when the job is submitted: the job keeps the gate it was given."""
+    assert register_digits(client, base_weights).status_code == 201
+    archive = digits_archive(digit_splits[1], old_per_class=2, new_shots=4)
+    dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+    body = {"model": "digits", "base_version": 1, "dataset_id": dataset["id"]}
+    decisions = {}
+    for needed in (20, 5):
+        api = settings.model_copy(update={"min_retention_images": needed})
+        with TestClient(create_app(api)) as submitting:
+            job_id = submitting.post("/v1/jobs", json=body).json()["id"]
+        pipeline.run_job(job_id, settings)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded", job
+        decisions[needed] = job["metrics"]["gate"]["decision"]
+    assert decisions[20] == "unverified"
+    assert decisions[5] != "unverified", (decisions, job["metrics"]["gate"]["reason"])
