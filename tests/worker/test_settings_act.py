@@ -1,6 +1,6 @@
 """Settings that the README documents act as it says: the heartbeat's interval, its bound by
 the lease, how often the janitor runs, how many attempts a job gets, how long a final write is
-retried, and how many old-label images retention needs."""
+retried, how many old-label images retention needs, and how a job picks its reference set."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from sqlalchemy import select
 
 from app.db import session_scope, utcnow
 from app.main import create_app
-from app.models import Job
+from app.models import Job, ModelVersion
+from app.references import read_manifest
 from app.settings import Settings
+from app.storage import open_storage
 from app.sweeper import Sweeper, sweep
 from devkit.digits import digits_archive, register_digits
 from devkit.net import free_port
@@ -126,3 +128,29 @@ def test_graft_min_retention_images_is_what_retention_needs_to_be_measured(
         decisions[needed] = job["metrics"]["gate"]["decision"]
     assert decisions[20] == "unverified"
     assert decisions[5] != "unverified", (decisions, job["metrics"]["gate"]["reason"])
+
+
+def test_graft_reference_selection_is_how_a_job_picks_the_images_it_keeps(
+    settings, client, base_weights, digit_splits
+):
+    assert register_digits(client, base_weights).status_code == 201
+    archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
+    dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
+    body = {"model": "digits", "base_version": 1, "dataset_id": dataset["id"]}
+    kept = {}
+    for method in ("random", "herding"):
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        worker = {"reference_per_label": 3, "reference_selection": method}
+        pipeline.run_job(job_id, settings.model_copy(update=worker))
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded", job
+        with session_scope(settings.resolved_database_url) as s:
+            version = s.scalar(
+                select(ModelVersion).where(ModelVersion.version == job["result"]["version"])
+            )
+            kept[method] = set(read_manifest(open_storage(settings), version.reference))
+    for chosen in kept.values():  # 3 of each label's 10, either way
+        labels = [label for _, label in chosen]
+        assert sorted(set(labels)) == [str(d) for d in range(10)]
+        assert all(labels.count(label) == 3 for label in set(labels))
+    assert kept["random"] != kept["herding"]
