@@ -5,6 +5,8 @@ retried, how many old-label images retention needs, and how a job picks its refe
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import threading
 import time
 from datetime import timedelta
 
@@ -154,3 +156,21 @@ def test_graft_reference_selection_is_how_a_job_picks_the_images_it_keeps(
         assert sorted(set(labels)) == [str(d) for d in range(10)]
         assert all(labels.count(label) == 3 for label in set(labels))
     assert kept["random"] != kept["herding"]
+
+
+def test_graft_extract_workers_decode_the_images_in_processes_of_their_own(settings, job_id):
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:  # the job's loader processes are this process's children
+        while not done.wait(0.01):
+            seen.append(len(multiprocessing.active_children()))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        pipeline.run_job(job_id, settings.model_copy(update={"extract_workers": 2}))
+    finally:
+        done.set()
+        watcher.join()
+    assert max(seen) == 2, sorted(set(seen))
