@@ -25,13 +25,13 @@ from sqlalchemy import or_, select
 
 from app import job_state
 from app.db import session_scope, utcnow
+from app.job_state import FINAL
 from app.jobs import job_read
-from app.models import Job, JobStatus
+from app.models import Job
 from app.outbound import destination
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-FINAL = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]
 CLAIM = timedelta(seconds=60)
 
 
