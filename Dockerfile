@@ -20,6 +20,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 RUN python3 -m venv /opt/graft \
  && /opt/graft/bin/pip install $PIP_ARGS --index-url "$TORCH_INDEX_URL" torch torchvision
 COPY pyproject.toml README.md alembic.ini /src/
+COPY engine /src/engine
+COPY core /src/core
 COPY app /src/app
 COPY worker /src/worker
 COPY migrations /src/migrations

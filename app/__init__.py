@@ -1,3 +1,5 @@
-"""Graft: teach a trained image classifier new labels, and prove it kept the old ones."""
+"""Graft's HTTP service: routes, request schemas and the services behind them."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

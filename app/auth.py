@@ -16,9 +16,9 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
-from app.errors import NotFound, Unauthorized
-from app.models import ApiKey
+from core.db import utcnow
+from core.errors import NotFound, Unauthorized
+from core.models import ApiKey
 
 KEY_PREFIX = "graft_"
 LOCAL_OWNER = "local"  # the single user of a loopback server with no keys

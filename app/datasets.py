@@ -28,14 +28,14 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import paginate, utcnow
-from app.errors import Conflict, Invalid, NotFound
-from app.models import Dataset, Job, JobStatus, new_id
 from app.schemas import DatasetRead, RejectedFile
-from app.scratch import scratch
-from app.settings import Settings
-from app.storage import Storage
-from worker.engine.reference import conflicting
+from core.db import paginate, utcnow
+from core.errors import Conflict, Invalid, NotFound
+from core.models import Dataset, Job, JobStatus, new_id
+from core.scratch import scratch
+from core.settings import Settings
+from core.storage import Storage
+from engine.reference import conflicting
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
 # Only these decoders ever see uploaded bytes; PIL's other plugins are never tried.
@@ -438,7 +438,7 @@ def delete_dataset(session: Session, owner: str, dataset_id: str) -> str:
 
 def remove_images(storage: Storage, key: str) -> None:
     """Delete the images of a dataset whose deletion is committed. If the store refuses now,
-    they stay until the sweep (``app.janitor``) removes them: no row owns them any more."""
+    they stay until the sweep (``core.janitor``) removes them: no row owns them any more."""
     try:
         storage.delete(key)
     except Exception:  # noqa: BLE001 (the deletion stands; the sweep finishes it)

@@ -2,7 +2,7 @@
 
 The rows change first, in one transaction; the stored files go once it is committed (never
 before: a deletion the database refuses leaves everything whole). Files the store cannot
-delete then are owned by no row any more, and the sweep (``app.janitor``) removes them.
+delete then are owned by no row any more, and the sweep (``core.janitor``) removes them.
 
 A deleted version keeps its row as a tombstone (``deleted_at`` set, no files, no reference
 set) so that the lineage of versions made from it stays readable, and its number is never
@@ -20,10 +20,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app import registry
-from app.db import utcnow
-from app.errors import Conflict, ServiceError
-from app.models import Job, JobStatus, Model, ModelVersion, Promotion, VersionStatus
-from app.storage import Storage
+from core.db import utcnow
+from core.errors import Conflict, ServiceError
+from core.models import Job, JobStatus, Model, ModelVersion, Promotion, VersionStatus
+from core.storage import Storage
 
 log = logging.getLogger(__name__)
 DELETED = "deleted"  # the status a deleted version shows

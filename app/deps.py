@@ -19,12 +19,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth import KEY_PREFIX, authenticate
-from app.db import POOL_SIZE, session_scope
-from app.errors import Unauthorized
 from app.inputs import INT4_MAX
 from app.pollcache import PollCache
-from app.settings import Settings
-from app.storage import Storage, open_storage
+from core.db import POOL_SIZE, session_scope
+from core.errors import Unauthorized
+from core.settings import Settings
+from core.storage import Storage, open_storage
 
 T = TypeVar("T")
 

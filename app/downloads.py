@@ -13,8 +13,8 @@ from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 
-from app.errors import RangeNotSatisfiable
-from app.storage import Storage, iter_chunks
+from core.errors import RangeNotSatisfiable
+from core.storage import Storage, iter_chunks
 
 OCTET_STREAM = "application/octet-stream"
 _SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")

@@ -14,14 +14,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.datasets import get_dataset
-from app.errors import Invalid, NotFound
-from app.job_state import progress_record
 from app.jobs import add_job, earlier_job
-from app.models import Job, JobKind, JobStatus, ModelVersion
 from app.outbound import refused_destination
 from app.registry import find_model, no_model
 from app.schemas import EvaluationCreate, EvaluationRead
-from app.settings import Settings
+from core.errors import Invalid, NotFound
+from core.job_state import progress_record
+from core.models import Job, JobKind, JobStatus, ModelVersion
+from core.settings import Settings
 
 FEW_IMAGES = 30  # a version scored on fewer images than this gets a warning
 

@@ -1,7 +1,7 @@
 """The gate's settings: the engine's defaults, a model's own (``PUT /v1/models/{name}/gate``)
 and a job's overrides, resolved once into the job's config.
 
-The rule itself is ``worker.engine.gate``; this module only says which numbers it runs with.
+The rule itself is ``engine.gate``; this module only says which numbers it runs with.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from app.errors import Invalid
 from app.inputs import Input
-from app.settings import Settings
-from worker.engine.gate import GateSettings
+from core.errors import Invalid
+from core.settings import Settings
+from engine.gate import GateSettings
 
 DEFAULTS = GateSettings()
 

@@ -26,8 +26,8 @@ from app.datasets import (
     safe_parts,
     verify_image,
 )
-from app.errors import Invalid
-from app.storage import file_sha256
+from core.errors import Invalid
+from core.storage import file_sha256
 
 CHUNK = 256 * 1024
 MAX_MANIFEST_LINE = 2048  # bytes a manifest may spend per line, on average

@@ -10,9 +10,8 @@ import secrets
 import shutil
 import threading
 
-from app import s3uri, scratch
+from app import s3uri
 from app.datasets import DatasetStatus, archive_limits, pack_images
-from app.db import utcnow
 from app.import_sources import (
     Copied,
     Copier,
@@ -24,8 +23,10 @@ from app.import_sources import (
     parse_manifest,
 )
 from app.imports import MAX_RUNNING, POLL_S, Lease, claim, client_of, progress
-from app.settings import Settings
-from app.storage import open_storage
+from core import scratch
+from core.db import utcnow
+from core.settings import Settings
+from core.storage import open_storage
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,17 @@ from sqlalchemy import or_, select, update
 
 from app import s3uri
 from app.datasets import DatasetStatus, archive_limits
-from app.db import session_scope, utcnow
-from app.errors import Invalid, ServiceError, TooLarge, Unavailable
 from app.import_sources import (
     MISSING,
     error_code,
     max_manifest_bytes,
     s3_client,
 )
-from app.models import Dataset, new_id
 from app.schemas import DatasetImport
-from app.settings import Settings
+from core.db import session_scope, utcnow
+from core.errors import Invalid, ServiceError, TooLarge, Unavailable
+from core.models import Dataset, new_id
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the importer looks for imports to take over, and renews its leases

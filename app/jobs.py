@@ -13,17 +13,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import job_state
 from app.datasets import get_dataset
-from app.db import paginate
-from app.errors import Conflict, InProgress, Invalid, NotFound
 from app.gate import resolve
-from app.job_state import progress_record
-from app.models import Job, JobStatus, Model, ModelVersion
 from app.outbound import refused_destination
 from app.registry import find_model, no_model
 from app.schemas import JobCreate, JobRead
-from app.settings import Settings
+from core import job_state
+from core.db import paginate
+from core.errors import Conflict, InProgress, Invalid, NotFound
+from core.job_state import progress_record
+from core.models import Job, JobStatus, Model, ModelVersion
+from core.settings import Settings
 
 
 def _request_hash(body: JobCreate) -> str:

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.deps import Database
-from app.errors import InsufficientStorage, ServiceError, Unavailable
 from app.importer import Importer
 from app.inputs import ControlCharacters
 from app.loopwatch import LoopWatch
@@ -38,11 +37,12 @@ from app.routes import (
     problem_media_types,
 )
 from app.schemas import NAME_PATTERN, NAME_RULE
-from app.settings import Settings, get_settings
 from app.sweeper import Sweeper
 from app.uploads import BodySizeLimit
 from app.watch import JobWatch
-from worker.engine.errors import DiskFull, OutOfMemory, resource_error
+from core.errors import InsufficientStorage, ServiceError, Unavailable
+from core.settings import Settings, get_settings
+from engine.errors import DiskFull, OutOfMemory, resource_error
 
 log = logging.getLogger(__name__)
 PROBLEM = PROBLEM_MEDIA_TYPE

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.datasets import ArchiveLimits, check_expansion, checked_members
-from app.errors import Invalid
-from worker.engine.errors import resource_error
+from core.errors import Invalid
+from engine.errors import resource_error
 
 CHUNK = 1024 * 1024
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a config.json is kilobytes; this is generous

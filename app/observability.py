@@ -18,9 +18,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db import session_scope
 from app.loopwatch import LAG_BUCKETS
-from app.models import Job, JobStatus
+from core.db import session_scope
+from core.models import Job, JobStatus
 
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, float("inf"))
 RECENT_JOBS = 20  # graft_images_per_second is the mean of this many last succeeded jobs

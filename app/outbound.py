@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from app.auth import is_loopback
-from app.settings import Settings
+from core.settings import Settings
 
 
 def private_targets_allowed(settings: Settings) -> bool:

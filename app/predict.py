@@ -12,15 +12,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.datasets import ALLOWED_DECODERS
-from app.errors import Conflict, Invalid, ServiceError
-from app.models import ModelVersion
 from app.schemas import Prediction
-from app.storage import Storage
-from worker.engine.data import eval_transform
-from worker.engine.errors import named, resource_error
-from worker.engine.formats import SAFETENSORS
-from worker.engine.preprocessing import Preprocessing
-from worker.engine.weights import load_classifier
+from core.errors import Conflict, Invalid, ServiceError
+from core.models import ModelVersion
+from core.storage import Storage
+from engine.data import eval_transform
+from engine.errors import named, resource_error
+from engine.formats import SAFETENSORS
+from engine.preprocessing import Preprocessing
+from engine.weights import load_classifier
 
 
 @contextmanager

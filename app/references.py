@@ -1,20 +1,12 @@
 """Reference sets: the images of its labels that a model version keeps, so that later jobs can
 learn from and measure old labels even when the user uploads only new-label images.
 
-Where things live in the artifact store:
-
-* ``models/<model>/reference/<digest>``: every image once per model, named by its sha256; the
-  service's own copy, so deleting a dataset never breaks a version;
-* ``models/<model>/<version>/reference-<id>.json``: a version's set, ``{"images": [{digest,
-  label}, ...]}``; its counts per label are on the version row;
-* ``models/<model>/features/<fingerprint>.safetensors``: features of reference images computed
-  by one backbone (worker side, see ``worker.engine.reference``).
+Where they are stored: ``core.reference_store``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import tarfile
 from collections import Counter, defaultdict
@@ -25,51 +17,17 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.datasets import get_dataset
-from app.errors import Conflict, Invalid, NotFound
-from app.models import Dataset, ModelVersion, new_id
-from app.scratch import scratch
-from app.storage import Storage
-
-Entry = tuple[str, str]  # (digest, label)
-
-
-def image_key(model_id: str, digest: str) -> str:
-    return f"models/{model_id}/reference/{digest}"
-
-
-def features_key(model_id: str, fingerprint: str) -> str:
-    return f"models/{model_id}/features/{fingerprint}.safetensors"
-
-
-def read_manifest(storage: Storage, reference: dict[str, Any] | None) -> list[Entry]:
-    """The (digest, label) pairs of a version's reference set; empty if it has none."""
-    if not reference or not reference.get("manifest"):
-        return []
-    with storage.open(reference["manifest"]["key"]) as f:
-        images = json.load(f)["images"]
-    return [(item["digest"], item["label"]) for item in images]
-
-
-def write_manifest(
-    storage: Storage, model_id: str, version_id: str, entries: list[Entry], tmp_root: Path
-) -> dict[str, Any]:
-    """Store a reference set's manifest; the value of ``ModelVersion.reference``."""
-    body = {"images": [{"digest": d, "label": label} for d, label in entries]}
-    with scratch(tmp_root, prefix="reference-") as tmp:
-        path = tmp / "reference.json"
-        path.write_text(json.dumps(body, separators=(",", ":")))
-        stored = storage.put_file(f"models/{model_id}/{version_id}/reference-{new_id()}.json", path)
-    counts = Counter(label for _, label in entries)
-    return {"labels": dict(sorted(counts.items())), "manifest": stored.__dict__}
-
-
-def store_image(storage: Storage, model_id: str, digest: str, path: Path) -> bool:
-    """Keep an image under its digest; True if it was not stored yet."""
-    key = image_key(model_id, digest)
-    if storage.exists(key):
-        return False
-    storage.put_file(key, path)
-    return True
+from core.errors import Conflict, Invalid, NotFound
+from core.models import Dataset, ModelVersion
+from core.reference_store import (
+    Entry,
+    image_key,
+    read_manifest,
+    store_image,
+    write_manifest,
+)
+from core.scratch import scratch
+from core.storage import Storage
 
 
 def cap_per_label(entries: list[Entry], per_label: int, seed: str) -> list[Entry]:

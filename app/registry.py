@@ -6,22 +6,18 @@ import difflib
 import json
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import __version__, datasets, model_uploads, references
-from app.db import paginate
-from app.errors import Conflict, Invalid, NotFound
+from app import datasets, model_uploads, references
 from app.gate import parse_gate
 from app.inputs import control_character_at
-from app.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from app.schemas import (
     NAME_PATTERN,
     NAME_RULE,
@@ -31,70 +27,25 @@ from app.schemas import (
     PromotionRead,
     VersionSummary,
 )
-from app.scratch import scratch
-from app.settings import Settings
-from app.storage import Storage, StoredObject
-from worker.engine import intake, sandbox
-from worker.engine.architectures import default_preprocessing, parse_architecture
-from worker.engine.artifacts import write_artifacts
-from worker.engine.errors import EngineError
-from worker.engine.export import PORTABLE
-from worker.engine.formats import SAFETENSORS, SUFFIXES
-from worker.engine.preprocessing import Preprocessing
+from core.db import paginate
+from core.errors import Conflict, Invalid, NotFound
+from core.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
+from core.scratch import scratch
+from core.settings import Settings
+from core.storage import Storage, StoredObject
+from core.versions import add_version, artifact_metadata
+from engine import intake, sandbox
+from engine.architectures import default_preprocessing, parse_architecture
+from engine.errors import EngineError
+from engine.export import PORTABLE
+from engine.formats import SAFETENSORS, SUFFIXES
+from engine.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
+    pass
 
 log = logging.getLogger(__name__)
 EXPORTS = PORTABLE  # what version 1 gets besides safetensors (and its family's own format)
-
-
-def artifact_metadata(
-    name: str, architecture: str, labels: list[str], preprocessing: dict, parent: int | None
-) -> dict[str, Any]:
-    """What makes a stored file self-describing, whatever its format: enough to rebuild the
-    model (architecture, labels, preprocessing) and to know where it came from."""
-    return {
-        "architecture": architecture,
-        "labels": labels,
-        "preprocessing": preprocessing,
-        "model": name,
-        "parent": "" if parent is None else str(parent),
-        "graft_version": __version__,
-    }
-
-
-def store_model_files(
-    storage: Storage,
-    prefix: str,
-    model: nn.Module,
-    metadata: dict[str, Any],
-    preprocessing: Preprocessing,
-    exports: Sequence[str],
-    tmp: Path,
-    stored: list[StoredObject],
-    images: torch.Tensor,
-) -> tuple[dict[str, StoredObject], dict[str, str]]:
-    """Store a version's files under ``prefix``, each carrying ``metadata`` and each run in
-    its own runtime on ``images`` against the model before it is stored
-    (:func:`worker.engine.artifacts.write_artifacts`): the safetensors file, then each format
-    of ``exports``. A format that cannot be written or does not reproduce the model is left
-    out (the version has the others); running out of memory or disk is raised. Each object
-    is added to ``stored`` as soon as it exists, for the caller to delete should the version
-    not be recorded. Returns the stored files by format, and why each format that was asked
-    for is not offered."""
-    files: dict[str, StoredObject] = {}
-
-    def keep(fmt: str, path: Path) -> None:
-        files[fmt] = storage.put_file(f"{prefix}/model{SUFFIXES[fmt]}", path)
-        stored.append(files[fmt])
-        path.unlink()  # a big model's copies need not all wait on the disk
-
-    failed = write_artifacts(model, preprocessing, metadata, exports, tmp, images, keep)
-    for fmt, why in failed.items():
-        log.warning("%s: no %s file: %s", prefix, fmt, why)
-    return files, failed
 
 
 def parse_labels(raw: str) -> list[str]:
@@ -204,7 +155,7 @@ def store_registration(
     tmp_root: Path,
 ) -> Registration:
     """Check the model and store version 1's files (outside any transaction). The upload is
-    opened, run and written out only in a bounded process (:mod:`worker.engine.intake`):
+    opened, run and written out only in a bounded process (:mod:`engine.intake`):
     version 1 gets its safetensors file, ONNX and TorchScript where they reproduce the model
     (and its family's own format), each run in its own runtime first; then the reference
     dataset's images. A model refused there is a 422 naming the field at fault."""
@@ -322,25 +273,6 @@ def record_registration(session: Session, registration: Registration) -> ModelVe
         artifacts={fmt: asdict(obj) for fmt, obj in r.files.items()},
         reference=r.reference,
     )
-
-
-def add_version(session: Session, model: Model, **fields: Any) -> ModelVersion:
-    """Append the next version of ``model``; promoted versions become ``latest_version``.
-
-    The model row is locked (on databases that can) so concurrent jobs number their versions
-    one after another; the unique (model, version) constraint backs this up everywhere.
-    """
-    session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
-    current = session.scalar(
-        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id)
-    )
-    version_id = fields.pop("version_id", None) or new_id()
-    version = ModelVersion(id=version_id, model_id=model.id, version=(current or 0) + 1, **fields)
-    session.add(version)
-    if version.status == VersionStatus.PROMOTED:
-        model.latest_version = version.version
-    session.flush()
-    return version
 
 
 def find_model(session: Session, owner: str, name: str) -> Model | None:

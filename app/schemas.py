@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 from app.gate import GateConfig
 from app.inputs import Input, VersionNumber
-from worker.engine.formats import SUFFIXES
+from engine.formats import SUFFIXES
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 NAME_RULE = (

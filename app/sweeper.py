@@ -1,5 +1,5 @@
 """The API's background thread: re-rings the broker for jobs it lacks, re-queues jobs of dead
-workers, delivers due webhooks, and removes what nothing owns (app.janitor).
+workers, delivers due webhooks, and removes what nothing owns (core.janitor).
 
 While the broker is down (a message could not be sent, or the last sweep could not reach it)
 the sweep runs every second, so jobs submitted meanwhile are sent within about a second of
@@ -16,12 +16,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from app import janitor, job_state
-from app.db import session_scope, utcnow
-from app.models import Job, JobStatus
-from app.queue import publish_failed, publish_jobs, waiting_in_broker
-from app.settings import Settings
 from app.webhooks import deliver_due
+from core import janitor, job_state
+from core.db import session_scope, utcnow
+from core.models import Job, JobStatus
+from core.queue import publish_failed, publish_jobs, waiting_in_broker
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import HTTPException, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import TooLarge
+from core.errors import TooLarge
 
 CHUNK = 1024 * 1024
 

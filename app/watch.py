@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from app.deps import Database
 from app.jobs import job_read
-from app.models import Job, JobStatus
 from app.schemas import JobRead
+from core.models import Job, JobStatus
 
 log = logging.getLogger(__name__)
 

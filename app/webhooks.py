@@ -23,13 +23,13 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import or_, select
 
-from app import job_state
-from app.db import session_scope, utcnow
-from app.job_state import FINAL
 from app.jobs import job_read
-from app.models import Job
 from app.outbound import destination
-from app.settings import Settings
+from core import job_state
+from core.db import session_scope, utcnow
+from core.job_state import FINAL
+from core.models import Job
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 CLAIM = timedelta(seconds=60)

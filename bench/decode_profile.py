@@ -7,7 +7,7 @@ the first --png-images of the same pixels as PNG files. Then, per format:
 
   CPU stages    one process, one thread (as a loader worker runs), ms per image over --sample
                 images: file read; PIL decode at full size; PIL decode with `draft` (libjpeg
-                DCT scaling, as worker/engine/data.py's `open_image` asks for); torchvision's
+                DCT scaling, as engine/data.py's `open_image` asks for); torchvision's
                 CPU decoder; the engine's `open_image`; then its `eval_transform` step by step
                 (to uint8 tensor, antialiased resize to 224, to float + normalise); and one
                 whole loader item (`ImageDataset.__getitem__`)
@@ -68,18 +68,18 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.engine.architectures import build_model  # noqa: E402
-from worker.engine.data import ImageDataset, Sample, eval_transform, open_image  # noqa: E402
-from worker.engine.device import (  # noqa: E402
+from engine.architectures import build_model  # noqa: E402
+from engine.data import ImageDataset, Sample, eval_transform, open_image  # noqa: E402
+from engine.device import (  # noqa: E402
     PRECISIONS,
     compute_dtype,
     one_thread,
     precision_name,
 )
-from worker.engine.errors import JobCancelled  # noqa: E402
-from worker.engine.features import autocast_for, extract_features, pick_device  # noqa: E402
-from worker.engine.heads import find_head  # noqa: E402
-from worker.engine.preprocessing import Preprocessing  # noqa: E402
+from engine.errors import JobCancelled  # noqa: E402
+from engine.features import autocast_for, extract_features, pick_device  # noqa: E402
+from engine.heads import find_head  # noqa: E402
+from engine.preprocessing import Preprocessing  # noqa: E402
 
 PREP = Preprocessing(input_size=(3, 224, 224))  # ImageNet mean and std, bilinear
 SUFFIX = {"jpeg": ".jpg", "png": ".png"}
@@ -345,7 +345,7 @@ class Bench:
         return [samples[(start + i) % len(samples)] for i in range(n)]
 
     def loader(self, samples: Sequence[Sample]) -> DataLoader:
-        return DataLoader(  # as worker/engine/gather.py builds it
+        return DataLoader(  # as engine/gather.py builds it
             ImageDataset(samples, self.prep, eval_transform(self.prep)),
             batch_size=self.batch_size,
             num_workers=self.workers,

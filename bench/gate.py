@@ -1,4 +1,4 @@
-"""The gate's operating characteristics, counted in one run (``worker.engine.gate``).
+"""The gate's operating characteristics, counted in one run (``engine.gate``).
 
 ``rule``        versions that truly keep 90-100 % of a base's old-class accuracy (bases at 85,
                 95 and 99 %), measured on n = 20 to 540 images: how often the default rule
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devkit.features import Memory, World, fit_base, grow, paired_metrics  # noqa: E402
-from worker.engine.gate import GateSettings, decide  # noqa: E402
+from engine.gate import GateSettings, decide  # noqa: E402
 
 SETTINGS = GateSettings()
 SEPARATIONS = {0.85: 0.475, 0.90: 0.53, 0.95: 0.59, 0.99: 0.75}  # base accuracy -> World

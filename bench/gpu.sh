@@ -61,7 +61,7 @@ timeout 30 nvidia-smi || echo "nvidia-smi: not available"
 run "torch info" 45 "$PY" - <<'EOF'
 import torch
 
-from worker.engine.device import compute_dtype, precision_name
+from engine.device import compute_dtype, precision_name
 
 print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
 print(f"cuda available: {torch.cuda.is_available()}, devices: {torch.cuda.device_count()}")

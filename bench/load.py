@@ -90,13 +90,13 @@ GOALS = "no stalls and no 5xx; at least 0.5x the bare app's requests/s; p99 <= 5
 
 def serve_bare(port: int, body_path: Path) -> None:
     """The baseline: one `async def` route returning a constant job JSON, served by uvicorn
-    with the settings of `graft api` (app.server.run_api) and its logging (graft.cli)."""
+    with the settings of `graft api` (graft.server.run_api) and its logging (graft.cli)."""
     import logging
 
     import uvicorn
     from fastapi import FastAPI
 
-    from app.settings import Settings
+    from core.settings import Settings
 
     settings = Settings()
     logging.basicConfig(

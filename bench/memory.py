@@ -39,10 +39,10 @@ def run(rows: int, epochs: int, spill: bool, features_path: str) -> dict:
     """One training stage in this process; returns seconds and peak RssAnon."""
     import torch
 
-    from worker.engine.calibrate import Calibration
-    from worker.engine.features import FeatureCache
-    from worker.engine.recipe import LayerRecipe, Rows
-    from worker.engine.train import HeadTraining
+    from engine.calibrate import Calibration
+    from engine.features import FeatureCache
+    from engine.recipe import LayerRecipe, Rows
+    from engine.train import HeadTraining
 
     saved = torch.load(features_path)
     real, targets, weight, bias = saved["x"], saved["y"], saved["w"], saved["b"]

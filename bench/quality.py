@@ -34,7 +34,7 @@ when it keeps a reference set).
 
 ``sequential``: a base trained on 0-7 with a reference set of 20 per digit; v2 learns "8"
 from 10 images only, v3 learns "9" from 10 images only, each inheriting its parent's reference
-set (capped at 20 per label) and its lineage (its fold layers: see ``worker.engine.lineage``).
+set (capped at 20 per label) and its lineage (its fold layers: see ``engine.lineage``).
 Each step's measured retention and 95 % interval against the truth on the held-out images (the
 new version against its parent, on the same images), and the gate's decision.
 
@@ -66,15 +66,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devkit import digits as D  # noqa: E402
-from worker.engine.calibrate import Calibration  # noqa: E402
-from worker.engine.data import scan_image_folder  # noqa: E402
-from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
-from worker.engine.features import extract_features  # noqa: E402
-from worker.engine.gate import decide  # noqa: E402
-from worker.engine.heads import expand_head, find_head  # noqa: E402
-from worker.engine.reference import ReferenceSet, file_digest, select_reference  # noqa: E402
-from worker.engine.refit import Refit  # noqa: E402
-from worker.engine.train import HeadTraining  # noqa: E402
+from engine.calibrate import Calibration  # noqa: E402
+from engine.data import scan_image_folder  # noqa: E402
+from engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
+from engine.features import extract_features  # noqa: E402
+from engine.gate import decide  # noqa: E402
+from engine.heads import expand_head, find_head  # noqa: E402
+from engine.reference import ReferenceSet, file_digest, select_reference  # noqa: E402
+from engine.refit import Refit  # noqa: E402
+from engine.train import HeadTraining  # noqa: E402
 
 ARCH = "timm:resnet18"
 OLD = list(range(9))
@@ -177,7 +177,7 @@ def _fit(model, parameters, folders, lr: float, epochs: int = 10):
 
 
 def _copy(base, classes: int = len(OLD)):
-    from worker.engine.architectures import build_model
+    from engine.architectures import build_model
 
     model = build_model(ARCH, classes)
     model.load_state_dict(base.state_dict())
@@ -353,7 +353,7 @@ def _reference_folder(
 ) -> Path:
     """``per_label`` of the 60 uploadable images of every old digit, picked as a job keeps
     its reference set: herding on the base model's features, or at random."""
-    from worker.engine.reference import Kept
+    from engine.reference import Kept
 
     pool = D.write_image_folder(
         root / "pool", {str(d): bench.held.of(d)[:HOLDOUT_FROM] for d in OLD}

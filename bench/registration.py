@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.engine import sandbox, zygote  # noqa: E402
+from engine import sandbox, zygote  # noqa: E402
 
 LABELS = [str(d) for d in range(9)]
 
@@ -59,9 +59,9 @@ def main() -> None:
 
     from app import registry
     from app.main import create_app
-    from app.server import db_upgrade
-    from app.settings import Settings
-    from worker.engine.architectures import build_model
+    from core.migrate import db_upgrade
+    from core.settings import Settings
+    from engine.architectures import build_model
 
     exports = registry.EXPORTS
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 import json
 
-from worker.engine.sandbox import ANSWER
+from engine.sandbox import ANSWER
 
 
 def main(argv: list[str]) -> int:

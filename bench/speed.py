@@ -40,18 +40,18 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devkit import digits as D  # noqa: E402
-from worker.engine.architectures import build_model  # noqa: E402
-from worker.engine.data import (  # noqa: E402
+from engine.architectures import build_model  # noqa: E402
+from engine.data import (  # noqa: E402
     Augmentation,
     ImageDataset,
     eval_transform,
     scan_image_folder,
 )
-from worker.engine.device import PRECISIONS, compute_dtype, precision_name  # noqa: E402
-from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
-from worker.engine.features import autocast_for, extract_features, pick_device  # noqa: E402
-from worker.engine.heads import expand_head, find_head  # noqa: E402
-from worker.engine.preprocessing import Preprocessing
+from engine.device import PRECISIONS, compute_dtype, precision_name  # noqa: E402
+from engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
+from engine.features import autocast_for, extract_features, pick_device  # noqa: E402
+from engine.heads import expand_head, find_head  # noqa: E402
+from engine.preprocessing import Preprocessing
 
 PREP = Preprocessing(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
 OLD = [str(d) for d in range(9)]

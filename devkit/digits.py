@@ -21,9 +21,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from worker.engine.architectures import build_model
-from worker.engine.data import eval_transform
-from worker.engine.preprocessing import Preprocessing
+from engine.architectures import build_model
+from engine.data import eval_transform
+from engine.preprocessing import Preprocessing
 
 OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
 ARCH = "timm:resnet18"

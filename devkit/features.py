@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from worker.engine.calibrate import Calibration
-from worker.engine.crossfit import Measured, cross_fit
-from worker.engine.evaluate import expansion_metrics
-from worker.engine.lineage import Lineage
-from worker.engine.recipe import LayerRecipe, Rows
-from worker.engine.train import HeadTraining
+from engine.calibrate import Calibration
+from engine.crossfit import Measured, cross_fit
+from engine.evaluate import expansion_metrics
+from engine.lineage import Lineage
+from engine.recipe import LayerRecipe, Rows
+from engine.train import HeadTraining
 
 Layer = tuple[torch.Tensor, torch.Tensor]
 

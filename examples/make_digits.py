@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devkit import digits as D  # noqa: E402
-from worker.engine.architectures import build_model  # noqa: E402
+from engine.architectures import build_model  # noqa: E402
 
 BATCH = 64
 

@@ -17,7 +17,7 @@ log = logging.getLogger("graft")
 
 def serve() -> None:
     """Migrate, then run the API and a worker together (the embedded default)."""
-    from app.server import serve as run
+    from graft.server import serve as run
 
     settings = _settings()
     _serving("the API and a worker", settings)
@@ -26,7 +26,7 @@ def serve() -> None:
 
 def api() -> None:
     """Run the HTTP API only."""
-    from app.server import run_api
+    from graft.server import run_api
 
     settings = _settings()
     _serving("the API", settings)
@@ -35,7 +35,7 @@ def api() -> None:
 
 def _serving(what: str, settings: Any) -> None:
     from app import __version__
-    from app.logs import describe
+    from core.logs import describe
 
     if taken := port_taken(settings.host, settings.port):
         err.print(
@@ -71,7 +71,7 @@ def port_taken(host: str, port: int) -> str | None:
 
 def worker() -> None:
     """Run one worker (one job at a time; one per GPU)."""
-    from app.server import run_worker
+    from graft.server import run_worker
 
     run_worker(_settings())
 
@@ -83,7 +83,7 @@ def db_upgrade(
     ] = "head",
 ) -> None:
     """Apply database migrations (safe to repeat)."""
-    from app.server import db_upgrade as upgrade
+    from core.migrate import db_upgrade as upgrade
 
     upgrade(_settings(), revision)
 
@@ -151,8 +151,8 @@ def keys_revoke(
 
 
 def _settings() -> Any:
-    from app.logs import configure_logging
-    from app.settings import get_settings
+    from core.logs import configure_logging
+    from core.settings import get_settings
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -160,8 +160,8 @@ def _settings() -> Any:
 
 
 def _session() -> Any:
-    from app.db import session_scope
-    from app.server import db_upgrade as upgrade
+    from core.db import session_scope
+    from core.migrate import db_upgrade as upgrade
 
     settings = _settings()
     upgrade(settings)

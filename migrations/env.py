@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-import app.models  # noqa: F401  (registers every table on Base.metadata)
-from app.db import Base
-from app.settings import get_settings
+import core.models  # noqa: F401  (registers every table on Base.metadata)
+from core.db import Base
+from core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -16,13 +16,13 @@ import safetensors.torch
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
-from worker.engine.data import scan_image_folder
-from worker.engine.expand import ExpansionConfig, ExpansionRequest
+from engine.data import scan_image_folder
+from engine.expand import ExpansionConfig, ExpansionRequest
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
-    from app.settings import Settings
+    from core.settings import Settings
     from devkit.services import PostgresCluster
 
 
@@ -73,8 +73,8 @@ def base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path
 @pytest.fixture(scope="session")
 def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SQLite database at the head migration, made once; each test gets a copy."""
-    from app.server import db_upgrade
-    from app.settings import Settings
+    from core.migrate import db_upgrade
+    from core.settings import Settings
 
     s = Settings(data_dir=tmp_path_factory.mktemp("template"))
     db_upgrade(s)
@@ -85,7 +85,7 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
     # poll_cache_s=0: tests read right after writing behind the API's back (tests/app/test_load.py
     # covers the cache itself)
-    from app.settings import Settings
+    from core.settings import Settings
 
     s = Settings(data_dir=tmp_path / "var", sweep_interval_s=0, job_lease_s=30, poll_cache_s=0)
     s.ensure_dirs()
@@ -125,7 +125,7 @@ def postgres_url(pg_cluster: PostgresCluster) -> Iterator[str]:
     pg_cluster.start()  # in case a test before this one left it stopped
     url = pg_cluster.create_database()
     yield url
-    from app.db import get_engine
+    from core.db import get_engine
 
     get_engine(url).dispose()
     pg_cluster.start()

@@ -1,6 +1,7 @@
-"""Architecture rules, as import contracts (``[tool.importlinter]`` in pyproject.toml): the
-engine is plain PyTorch; the API queues jobs and never runs them; the client and the CLI's
-output need no server code; what ships imports neither the tests nor ``devkit``."""
+"""Architecture rules, as import contracts (``[tool.importlinter]`` in pyproject.toml): four
+layers importing only downward (the CLI; the API and the worker, neither importing the other;
+the shared core; the engine); the engine is plain PyTorch; the client and the CLI's output
+need no server code; what ships imports neither the tests nor ``devkit``."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_every_graft_command_in_docker_files_is_a_real_cli_command():
 
 
 def test_compose_configures_only_settings_that_exist():
-    from app.settings import Settings
+    from core.settings import Settings
 
     known = {f"GRAFT_{name.upper()}" for name in Settings.model_fields}
     for name, service in compose()["services"].items():

@@ -10,19 +10,19 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.db import session_scope
-from app.models import Job, JobStatus, ModelVersion
-from app.references import read_manifest
-from app.registry import SAFETENSORS
-from app.settings import Settings
-from app.storage import Storage
-from worker.engine.compare import CompareConfig, Stage, VersionFile, compare_versions
-from worker.engine.data import Sample, scan_image_folder
-from worker.engine.errors import EngineError
-from worker.engine.expand import Progress
-from worker.engine.lineage import Lineage
-from worker.engine.preprocessing import Preprocessing
-from worker.engine.reference import conflicting, file_digest
+from core.db import session_scope
+from core.models import Job, JobStatus, ModelVersion
+from core.reference_store import read_manifest
+from core.settings import Settings
+from core.storage import Storage
+from engine.compare import CompareConfig, Stage, VersionFile, compare_versions
+from engine.data import Sample, scan_image_folder
+from engine.errors import EngineError
+from engine.expand import Progress
+from engine.formats import SAFETENSORS
+from engine.lineage import Lineage
+from engine.preprocessing import Preprocessing
+from engine.reference import conflicting, file_digest
 from worker.lifecycle import Heartbeat, fenced_finish, job_folder, not_recorded, with_retries
 from worker.spec import unpack_dataset_tar
 

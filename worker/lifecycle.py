@@ -6,7 +6,7 @@ write on the attempt number, and retry those writes while the database is away.
 - ``fenced_finish`` / ``finish``: the final status, only while this attempt owns the job.
 - ``release``: back to the queue without using up an attempt (shutdown, database gone).
 
-Every write to the job's row goes through ``app.job_state``, the job state machine; the API
+Every write to the job's row goes through ``core.job_state``, the job state machine; the API
 side (re-queueing jobs whose lease ran out) is ``app.sweeper.sweep``.
 """
 
@@ -29,16 +29,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import job_state
-from app.db import session_scope
-from app.disk import below_floor
-from app.logs import current_job
-from app.models import Job, JobStatus
-from app.queue import publish_jobs
-from app.scratch import scratch
-from app.settings import Settings
-from worker.engine.errors import JobCancelled, resource_error
-from worker.engine.expand import Progress
+from core import job_state
+from core.db import session_scope
+from core.disk import below_floor
+from core.logs import current_job
+from core.models import Job, JobStatus
+from core.queue import publish_jobs
+from core.scratch import scratch
+from core.settings import Settings
+from engine.errors import JobCancelled, resource_error
+from engine.expand import Progress
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

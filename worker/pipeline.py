@@ -19,25 +19,25 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import job_state
-from app.db import session_scope
-from app.disk import below_floor
-from app.janitor import clean_tmp
-from app.logs import current_job
-from app.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStatus, new_id
-from app.registry import add_version, artifact_metadata, store_model_files
-from app.settings import Settings
-from app.storage import Storage, StoredObject, open_storage
-from worker.engine.artifacts import PROBE_IMAGES
-from worker.engine.data import sample_images
-from worker.engine.errors import DiskFull, EngineError, JobCancelled, resource_error
-from worker.engine.expand import (
+from core import job_state
+from core.db import session_scope
+from core.disk import below_floor
+from core.janitor import clean_tmp
+from core.logs import current_job
+from core.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStatus, new_id
+from core.settings import Settings
+from core.storage import Storage, StoredObject, open_storage
+from core.versions import add_version, artifact_metadata, store_model_files
+from engine.artifacts import PROBE_IMAGES
+from engine.data import sample_images
+from engine.errors import DiskFull, EngineError, JobCancelled, resource_error
+from engine.expand import (
     ExpansionResult,
     Progress,
     expand_classifier,
 )
-from worker.engine.gate import decide
-from worker.engine.preprocessing import Preprocessing
+from engine.gate import decide
+from engine.preprocessing import Preprocessing
 from worker.evaluation import run_evaluation
 from worker.lifecycle import (
     Heartbeat,
@@ -180,7 +180,7 @@ def _store_lineage(
     tmp: Path,
     stored: list[StoredObject],
 ) -> dict[str, Any]:
-    """Keep what the new version's layer was fitted on (see ``worker.engine.lineage``); the
+    """Keep what the new version's layer was fitted on (see ``engine.lineage``); the
     value of the version's ``lineage``."""
     path = tmp / "lineage.safetensors"
     result.lineage.save(path)

@@ -12,11 +12,17 @@ import safetensors
 import safetensors.torch
 import torch
 
-from app.references import features_key, image_key, read_manifest, store_image, write_manifest
-from app.storage import Storage
-from worker.engine.data import Sample
-from worker.engine.expand import ExpansionResult
-from worker.engine.reference import ReferenceImage, ReferenceSet
+from core.reference_store import (
+    features_key,
+    image_key,
+    read_manifest,
+    store_image,
+    write_manifest,
+)
+from core.storage import Storage
+from engine.data import Sample
+from engine.expand import ExpansionResult
+from engine.reference import ReferenceImage, ReferenceSet
 
 log = logging.getLogger(__name__)
 

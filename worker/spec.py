@@ -11,19 +11,19 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.db import session_scope
-from app.models import Job, ModelVersion
-from app.registry import SAFETENSORS
-from app.settings import Settings
-from app.storage import Storage
-from worker.engine.calibrate import Calibration
-from worker.engine.data import Augmentation, scan_image_folder
-from worker.engine.errors import EngineError
-from worker.engine.expand import ExpansionConfig, ExpansionRequest
-from worker.engine.gate import GateSettings
-from worker.engine.lineage import Lineage
-from worker.engine.preprocessing import Preprocessing
-from worker.engine.train import HeadTraining
+from core.db import session_scope
+from core.models import Job, ModelVersion
+from core.settings import Settings
+from core.storage import Storage
+from engine.calibrate import Calibration
+from engine.data import Augmentation, scan_image_folder
+from engine.errors import EngineError
+from engine.expand import ExpansionConfig, ExpansionRequest
+from engine.formats import SAFETENSORS
+from engine.gate import GateSettings
+from engine.lineage import Lineage
+from engine.preprocessing import Preprocessing
+from engine.train import HeadTraining
 from worker.references import base_reference
 
 

@@ -6,8 +6,8 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
-from app.settings import get_settings
-from worker.celery_app import RUN_JOB_TASK
+from core.queue import RUN_JOB_TASK
+from core.settings import get_settings
 from worker.lifecycle import shutdown_requested
 from worker.pipeline import run_job
 

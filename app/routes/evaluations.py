@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from app import evaluation_report, evaluations, jobs
 from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep
-from app.errors import Conflict
-from app.queue import publish_jobs
 from app.routes import json_response, problems
 from app.schemas import EvaluationCreate, EvaluationRead, Page
+from core.errors import Conflict
+from core.queue import publish_jobs
 
 router = APIRouter(
     prefix="/v1/evaluations",

@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session
 
 from app import jobs, reports
 from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep
-from app.errors import Conflict
 from app.pollcache import Window
-from app.queue import publish_jobs
 from app.routes import json_response, problems
 from app.schemas import JobCreate, JobRead, Page
-from app.settings import Settings
+from core.errors import Conflict
+from core.queue import publish_jobs
+from core.settings import Settings
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], responses=problems(400, 401, 404, 409, 413, 422, 503)

@@ -12,8 +12,6 @@ from sqlalchemy.orm import Session
 
 from app import deletion, downloads, references, registry
 from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep, VersionPath
-from app.disk import ensure_room
-from app.errors import Invalid, NotFound, TooLarge
 from app.gate import GateConfig, defaults
 from app.inputs import Text
 from app.routes import json_response, problems
@@ -29,8 +27,10 @@ from app.schemas import (
     ReferenceAdd,
     ReferenceRead,
 )
-from app.scratch import scratch
 from app.uploads import save_upload, upload_size
+from core.disk import ensure_room
+from core.errors import Invalid, NotFound, TooLarge
+from core.scratch import scratch
 
 MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024
 router = APIRouter(

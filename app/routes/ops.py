@@ -9,10 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app import __version__
-from app.db import get_engine
 from app.deps import SettingsDep
-from app.disk import has_room
-from app.queue import broker_reachable
+from core.db import get_engine
+from core.disk import has_room
+from core.queue import broker_reachable
 
 router = APIRouter(tags=["operations"])
 

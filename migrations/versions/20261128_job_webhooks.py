@@ -10,7 +10,7 @@ from typing import Sequence, Union
 from alembic import op
 import sqlalchemy as sa
 
-import app.db  # noqa: F401  (custom column types)
+import core.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -27,7 +27,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('notify_url', sa.String(length=2000), nullable=True))
         batch_op.add_column(sa.Column('notify_state', sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column('notify_attempts', sa.Integer(), server_default='0', nullable=False))
-        batch_op.add_column(sa.Column('notify_next_at', app.db.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('notify_next_at', core.db.UTCDateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f('ix_jobs_notify_state'), ['notify_state'], unique=False)
 
     # ### end Alembic commands ###

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 from alembic import op
 import sqlalchemy as sa
 
-import app.db  # noqa: F401  (custom column types)
+import core.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -31,7 +31,7 @@ def upgrade() -> None:
     sa.Column('previous_status', sa.String(length=16), nullable=False),
     sa.Column('actor', sa.String(length=200), nullable=False),
     sa.Column('reason', sa.String(length=2000), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_promotions_model_id_models'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_promotions'))
     )

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 from alembic import op
 import sqlalchemy as sa
 
-import app.db  # noqa: F401  (custom column types)
+import core.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -26,14 +26,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('kind', sa.String(length=16), server_default='expand', nullable=False))
 
     with op.batch_alter_table('model_versions', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('deleted_at', app.db.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('deleted_at', core.db.UTCDateTime(timezone=True), nullable=True))
 
     with op.batch_alter_table('datasets', schema=None) as batch_op:
         batch_op.add_column(sa.Column('status', sa.String(length=16), server_default='ready', nullable=False))
         batch_op.add_column(sa.Column('source', sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column('progress', sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column('error', sa.JSON(), nullable=True))
-        batch_op.add_column(sa.Column('lease_expires_at', app.db.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('lease_expires_at', core.db.UTCDateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:

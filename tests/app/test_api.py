@@ -276,8 +276,8 @@ class TestDatasets:
         from fastapi.testclient import TestClient
 
         from app.main import create_app
-        from app.server import db_upgrade
-        from app.settings import Settings
+        from core.migrate import db_upgrade
+        from core.settings import Settings
 
         small = Settings(data_dir=tmp_path / "small", sweep_interval_s=0, max_upload_bytes=1000)
         db_upgrade(small)
@@ -412,7 +412,7 @@ class TestOperations:
         from fastapi.testclient import TestClient
 
         from app.main import create_app
-        from app.settings import Settings
+        from core.settings import Settings
 
         broken = Settings(
             data_dir=tmp_path,

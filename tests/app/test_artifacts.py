@@ -205,7 +205,7 @@ def test_a_job_on_it_succeeds_and_warns_which_format_is_missing(
 
 
 class TestDownloads:
-    """HEAD, byte ranges and resuming, on the local store (tests/app/test_storage.py: S3)."""
+    """HEAD, byte ranges and resuming, on the local store (tests/core/test_storage.py: S3)."""
 
     URL = "/v1/models/digits/versions/1/artifact"
 

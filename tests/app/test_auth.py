@@ -9,11 +9,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.auth import create_key, revoke_key
-from app.db import session_scope
 from app.main import create_app
-from app.models import ApiKey
-from app.server import db_upgrade
-from app.settings import Settings
+from core.db import session_scope
+from core.migrate import db_upgrade
+from core.models import ApiKey
+from core.settings import Settings
 from devkit.digits import digits_archive, register_digits
 
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from app.db import get_engine, session_scope, utcnow
-from app.janitor import clean
 from app.main import create_app
-from app.models import Dataset
-from app.server import db_upgrade
-from app.settings import Settings
-from app.storage import open_storage
+from core.db import get_engine, session_scope, utcnow
+from core.janitor import clean
+from core.migrate import db_upgrade
+from core.models import Dataset
+from core.settings import Settings
+from core.storage import open_storage
 from tests.app.test_datasets import make_zip, png
-from tests.app.test_storage import moto_server
+from tests.core.test_storage import moto_server
 
 # A commit that fails at COMMIT itself: an update of ``deleted_at`` records a row that breaks a
 # deferred foreign key, which SQLite checks only when the transaction commits.

@@ -23,10 +23,10 @@ from sklearn.datasets import load_digits
 
 from app.importer import Importer
 from app.main import create_app
-from app.server import db_upgrade
-from app.settings import Settings
+from core.migrate import db_upgrade
+from core.settings import Settings
 from devkit.digits import register_digits
-from tests.app.test_storage import moto_server
+from tests.core.test_storage import moto_server
 from tests.support.processes import start_api
 from worker import pipeline
 

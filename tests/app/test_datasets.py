@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from app.datasets import ArchiveLimits, extract_images
-from app.errors import Invalid
+from core.errors import Invalid
 
 
 def png(size: tuple[int, int] = (8, 8), color: int = 128) -> bytes:

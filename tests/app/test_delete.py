@@ -11,18 +11,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
 from app.auth import LOCAL_OWNER
-from app.db import get_engine, session_scope
 from app.deletion import delete_version
-from app.janitor import clean
 from app.main import create_app
-from app.models import JobStatus, Model, ModelVersion
-from app.server import db_upgrade
-from app.settings import Settings
+from core.db import get_engine, session_scope
+from core.janitor import clean
+from core.migrate import db_upgrade
+from core.models import JobStatus, Model, ModelVersion
+from core.settings import Settings
 from devkit import digits as D
 from devkit.digits import digits_archive, register_digits
 from tests.app.test_api import assert_problem
 from tests.app.test_auth import bearer, new_key
-from tests.app.test_storage import moto_server
+from tests.core.test_storage import moto_server
 from worker import pipeline
 from worker.lifecycle import Heartbeat, StopReason, claim_job, finish, job_error
 

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.settings import MiB
+from core.settings import MiB
 from devkit.digits import digits_archive, register_digits
 from tests.support.cluster import SLOW
 from worker import pipeline

@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 from devkit import digits as D  # noqa: E402
 from devkit.digits import OLD, digits_archive  # noqa: E402
+from engine import hf  # noqa: E402
 from worker import pipeline  # noqa: E402
-from worker.engine import hf  # noqa: E402
 
 ARCH = "hf:ResNetForImageClassification"
 LABELS = [str(d) for d in OLD]

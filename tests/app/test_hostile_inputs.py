@@ -20,8 +20,8 @@ def hostile(request, tmp_path, base_weights):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.server import db_upgrade
-    from app.settings import Settings
+    from core.migrate import db_upgrade
+    from core.settings import Settings
 
     if request.param == "postgres":
         url = request.getfixturevalue("postgres_url")
@@ -100,7 +100,7 @@ def test_control_characters_and_huge_numbers_in_bodies_are_refused(hostile):
 
 def test_a_dataset_named_with_a_nul_is_refused_before_anything_is_stored(hostile):
     client, settings = hostile
-    from app.storage import open_storage
+    from core.storage import open_storage
 
     before = {key for key, _ in open_storage(settings).list_objects("")}
     archive = D.zip_image_folder({"9": D.load()[1].of(9)[:3]})

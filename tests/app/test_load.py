@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import event, update
 
-from app.db import POOL_SIZE, get_engine, session_scope
-from app.models import Job
+from core.db import POOL_SIZE, get_engine, session_scope
+from core.models import Job
 from devkit.digits import digits_archive, register_digits
 
 CLIENTS = 256

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import event
 
-from app.db import get_engine, session_scope, utcnow
-from app.models import Dataset, Job, JobStatus, Model
 from app.observability import Metrics
+from core.db import get_engine, session_scope, utcnow
+from core.models import Dataset, Job, JobStatus, Model
 
 
 class _RowsRead:

@@ -1,6 +1,6 @@
 """Models from other exporters and hostile model files, registered through the real app.
 
-Each upload is opened, run and written out in a bounded process (worker.engine.intake): what
+Each upload is opened, run and written out in a bounded process (engine.intake): what
 Graft can grow registers and runs; what it cannot is a 422 naming the cause, before anything
 is stored; nothing here is ever a 5xx, and nothing is left in the data folder after a refusal.
 """

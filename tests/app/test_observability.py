@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from app.logs import configure_logging
+from core.logs import configure_logging
 from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 
@@ -44,7 +44,7 @@ def test_transformers_chatter_stays_out_of_the_log_unless_at_debug():
 
     script = (
         "import sys\n"
-        "from app.logs import configure_logging\n"
+        "from core.logs import configure_logging\n"
         "configure_logging(sys.argv[1], 'text')\n"
         "import transformers\n"
         "log = transformers.logging.get_logger('transformers.modeling_utils')\n"

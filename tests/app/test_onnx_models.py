@@ -18,9 +18,9 @@ from onnx import helper
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD, digits_archive
+from engine.onnx_family import find_head
+from engine.weights import load_classifier
 from worker import pipeline
-from worker.engine.onnx_family import find_head
-from worker.engine.weights import load_classifier
 
 LABELS = [str(d) for d in OLD]
 

@@ -11,8 +11,8 @@ import time
 
 import httpx
 
-from app import janitor
-from app.settings import Settings
+from core import janitor
+from core.settings import Settings
 from devkit import digits as D
 from tests.support.processes import start_api
 

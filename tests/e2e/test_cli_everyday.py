@@ -15,8 +15,8 @@ import safetensors.torch
 
 from devkit import digits as D
 from devkit.digits import OLD, register_digits
+from engine.architectures import build_model
 from tests.support.cli import run_graft, run_graft_in_terminal
-from worker.engine.architectures import build_model
 
 pytestmark = pytest.mark.slow
 FINAL = {"succeeded", "failed", "cancelled"}

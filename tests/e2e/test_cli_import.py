@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from devkit import digits as D
-from tests.app.test_storage import moto_server
+from tests.core.test_storage import moto_server
 from tests.support.cli import run_graft
 from tests.support.processes import start_api
 

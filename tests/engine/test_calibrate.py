@@ -7,17 +7,17 @@ import torch
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
-from tests.conftest import digits_request
-from worker.engine.calibrate import (
+from engine.calibrate import (
     Calibration,
     Pool,
     calibrate,
     fold_into_layer,
     weight_aligning_scale,
 )
-from worker.engine.data import Augmentation
-from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
-from worker.engine.weights import load_classifier
+from engine.data import Augmentation
+from engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier
+from engine.weights import load_classifier
+from tests.conftest import digits_request
 
 
 def _request(tmp_path, held: D.Digits, base_weights, shots: int, **config) -> ExpansionRequest:
@@ -124,7 +124,7 @@ def test_a_two_image_label_keeps_its_imprint_while_a_label_with_many_is_trained(
 ):
     from PIL import ImageOps
 
-    from worker.engine.train import HeadTraining
+    from engine.train import HeadTraining
 
     _, held = digit_splits
     mirrored = [ImageOps.mirror(im) for im in held.of(3)[:2]]  # "ε": a second new label
@@ -217,7 +217,7 @@ def test_a_layer_without_bias_is_corrected_by_scale_alone():
 def test_trainable_old_rows_adapt_slowly_and_distillation_holds_them(
     tmp_path, digit_splits, base_weights
 ):
-    from worker.engine.train import HeadTraining
+    from engine.train import HeadTraining
 
     _, held = digit_splits
     base, _ = load_classifier(ARCH, 9, base_weights)

@@ -8,13 +8,13 @@ import torch
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
+from engine.compare import CompareConfig, VersionFile, compare_versions, measure
+from engine.data import scan_image_folder
+from engine.evidence import f1_interval, holm
+from engine.expand import ExpansionConfig, expand_classifier
+from engine.train import HeadTraining
+from engine.weights import save_safetensors
 from tests.conftest import digits_request
-from worker.engine.compare import CompareConfig, VersionFile, compare_versions, measure
-from worker.engine.data import scan_image_folder
-from worker.engine.evidence import f1_interval, holm
-from worker.engine.expand import ExpansionConfig, expand_classifier
-from worker.engine.train import HeadTraining
-from worker.engine.weights import save_safetensors
 
 LABELS = [str(d) for d in OLD]
 

@@ -7,16 +7,16 @@ import torch
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
+from engine.architectures import build_model
+from engine.data import eval_transform, open_image, stratified_split
+from engine.device import autocast_for, compute_dtype, precision_name
+from engine.errors import JobCancelled
+from engine.evaluate import confusion_matrix
+from engine.expand import ExpansionConfig, Progress, expand_classifier
+from engine.gather import gather_images
+from engine.train import HeadTraining
+from engine.weights import read_state_dict
 from tests.conftest import digits_request
-from worker.engine.architectures import build_model
-from worker.engine.data import eval_transform, open_image, stratified_split
-from worker.engine.device import autocast_for, compute_dtype, precision_name
-from worker.engine.errors import JobCancelled
-from worker.engine.evaluate import confusion_matrix
-from worker.engine.expand import ExpansionConfig, Progress, expand_classifier
-from worker.engine.gather import gather_images
-from worker.engine.train import HeadTraining
-from worker.engine.weights import read_state_dict
 
 pytestmark = [
     pytest.mark.cuda,
@@ -141,7 +141,7 @@ def _digit_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     """Digit scans as 64-d features; an old layer fitted on 0-8, a zero row for 9."""
     from sklearn.datasets import load_digits
 
-    from worker.engine.refit import Refit, refit_layer
+    from engine.refit import Refit, refit_layer
 
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
@@ -153,7 +153,7 @@ def _digit_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 
 @pytest.mark.parametrize("resident", [True, False])
 def test_the_refit_on_the_gpu_agrees_with_the_cpu(monkeypatch, resident):
-    from worker.engine.refit import Refit, refit_layer
+    from engine.refit import Refit, refit_layer
 
     x, y, weight, bias = _digit_features()
     cpu_w, cpu_b = refit_layer(x, y, weight, bias, 9, Refit())
@@ -174,9 +174,9 @@ def test_the_refit_on_the_gpu_agrees_with_the_cpu(monkeypatch, resident):
 def test_an_evaluation_on_the_gpu_scores_as_the_cpu_does(images, base_weights, tmp_path):
     """Versions compared on the GPU (backbone under autocast, the layers in float32) give the
     CPU's figures, give or take an image on a borderline."""
-    from worker.engine.compare import CompareConfig, VersionFile, compare_versions
-    from worker.engine.data import scan_image_folder
-    from worker.engine.weights import save_safetensors
+    from engine.compare import CompareConfig, VersionFile, compare_versions
+    from engine.data import scan_image_folder
+    from engine.weights import save_safetensors
 
     grown = expand_classifier(digits_request(base_weights, images))
     path = tmp_path / "v2.safetensors"

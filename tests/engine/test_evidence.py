@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from worker.engine.evaluate import expansion_metrics
-from worker.engine.evidence import Paired, mcnemar_exact, wilson
+from engine.evaluate import expansion_metrics
+from engine.evidence import Paired, mcnemar_exact, wilson
 
 
 def test_wilson_matches_published_values_and_behaves_at_the_edges():

@@ -15,17 +15,17 @@ import torch
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
-from tests.conftest import digits_request
-from worker.engine.data import scan_image_folder, stratified_split
-from worker.engine.errors import JobCancelled, UnsupportedHead, WeightsError
-from worker.engine.expand import ExpansionConfig, expand_classifier
-from worker.engine.export import export_onnx
-from worker.engine.weights import (
+from engine.data import scan_image_folder, stratified_split
+from engine.errors import JobCancelled, UnsupportedHead, WeightsError
+from engine.expand import ExpansionConfig, expand_classifier
+from engine.export import export_onnx
+from engine.weights import (
     load_classifier,
     load_pickled_state_dict,
     read_state_dict,
     tensor_layout,
 )
+from tests.conftest import digits_request
 
 OLD_LABELS = [str(d) for d in OLD]
 
@@ -127,9 +127,9 @@ def test_a_model_that_transforms_its_logits_is_refused(tmp_path, digit_splits):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x.flatten(1)) * 2
 
-    from worker.engine.data import ImageDataset, eval_transform
-    from worker.engine.features import extract_features
-    from worker.engine.heads import find_head
+    from engine.data import ImageDataset, eval_transform
+    from engine.features import extract_features
+    from engine.heads import find_head
 
     model = Scaled()
     root = D.write_image_folder(tmp_path, {"0": digit_splits[1].of(0)[:2]})
@@ -142,7 +142,7 @@ def test_a_model_that_transforms_its_logits_is_refused(tmp_path, digit_splits):
 
 class TestWeightFiles:
     def test_a_torch_state_dict_is_opened_in_a_sandbox(self, tmp_path, base_weights):
-        from worker.engine import intake, sandbox
+        from engine import intake, sandbox
 
         path = tmp_path / "w.pt"
         torch.save({"state_dict": read_state_dict(base_weights)}, path)
@@ -244,7 +244,7 @@ class TestWeightFiles:
 def test_unfreezing_trains_what_the_policy_says_and_keeps_old_rows(
     policy, tmp_path, digit_splits, base_weights
 ):
-    from worker.engine.train import HeadTraining
+    from engine.train import HeadTraining
 
     _, held = digit_splits
     folders = {str(d): held.of(d)[:8] for d in OLD} | {"9": held.of(9)[:8]}
@@ -273,7 +273,7 @@ def test_unfreezing_trains_what_the_policy_says_and_keeps_old_rows(
 def test_trainable_old_rows_move_slowly_when_the_backbone_is_unfrozen(
     tmp_path, digit_splits, base_weights
 ):
-    from worker.engine.train import HeadTraining
+    from engine.train import HeadTraining
 
     _, held = digit_splits
     folders = {str(d): held.of(d)[:8] for d in OLD} | {"9": held.of(9)[:8]}

@@ -22,14 +22,15 @@ import pytest
 import torch
 from torch import nn
 
-from app.registry import EXPORTS, artifact_metadata
+from app.registry import EXPORTS
+from core.versions import artifact_metadata
+from engine import intake, sandbox
+from engine.artifacts import PROBE_IMAGES, write_artifacts
+from engine.heads import expand_head
+from engine.preprocessing import Preprocessing
+from engine.probe import probe_images
+from engine.weights import load_classifier
 from tests.support.model_files import linear_graph
-from worker.engine import intake, sandbox
-from worker.engine.artifacts import PROBE_IMAGES, write_artifacts
-from worker.engine.heads import expand_head
-from worker.engine.preprocessing import Preprocessing
-from worker.engine.probe import probe_images
-from worker.engine.weights import load_classifier
 
 LABELS = ["a", "b", "c"]
 NOT_OFFERED = {"onnx": {"torchscript"}}  # an ONNX graph runs in onnxruntime, not in torch.jit

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from devkit.features import paired_metrics
-from worker.engine.gate import GateSettings, binomial_upper_tail, decide
+from engine.gate import GateSettings, binomial_upper_tail, decide
 
 
 def _gate(outcomes, new=((9, 10),), settings=None):

@@ -12,11 +12,11 @@ import torch
 import torchvision.models
 from torch import nn
 
-from worker.engine.architectures import build_model
-from worker.engine.errors import UnsupportedHead
-from worker.engine.export import export_onnx
-from worker.engine.heads import expand_head, find_head
-from worker.engine.preprocessing import Preprocessing
+from engine.architectures import build_model
+from engine.errors import UnsupportedHead
+from engine.export import export_onnx
+from engine.heads import expand_head, find_head
+from engine.preprocessing import Preprocessing
 
 # (family, name, builder kwargs, input size); small inputs keep each case well under a second.
 ARCHITECTURES = [
@@ -156,7 +156,7 @@ def keras_model(layers: str, num_classes: int) -> nn.Module:
 
     os.environ.setdefault("KERAS_BACKEND", "torch")
     keras = pytest.importorskip("keras")
-    from worker.engine.keras_family import KerasClassifier
+    from engine.keras_family import KerasClassifier
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
@@ -175,7 +175,7 @@ def make(family: str, name: str, kwargs: dict, num_classes: int = 7) -> nn.Modul
         return keras_model(kwargs["layers"], num_classes)
     if family == "hf":
         pytest.importorskip("transformers")
-        from worker.engine import hf
+        from engine import hf
 
         return hf.build(kwargs, num_classes)
     if family == "timm":

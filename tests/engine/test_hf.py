@@ -15,12 +15,12 @@ import transformers  # noqa: E402
 
 from devkit import digits as D  # noqa: E402
 from devkit.digits import OLD  # noqa: E402
-from worker.engine import hf  # noqa: E402
-from worker.engine.architectures import parse_architecture  # noqa: E402
-from worker.engine.data import scan_image_folder  # noqa: E402
-from worker.engine.errors import UnknownArchitecture, WeightsError  # noqa: E402
-from worker.engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
-from worker.engine.weights import load_classifier, save_safetensors  # noqa: E402
+from engine import hf  # noqa: E402
+from engine.architectures import parse_architecture  # noqa: E402
+from engine.data import scan_image_folder  # noqa: E402
+from engine.errors import UnknownArchitecture, WeightsError  # noqa: E402
+from engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
+from engine.weights import load_classifier, save_safetensors  # noqa: E402
 
 OLD_LABELS = [str(d) for d in OLD]
 CONFIGS = {  # (config, epochs of training on digits 0-8: 85-95 % held-out accuracy)

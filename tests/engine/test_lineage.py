@@ -8,7 +8,7 @@ import statistics
 import torch
 
 from devkit.features import Memory, World, fit_base, grow
-from worker.engine.lineage import NEVER, Lineage, assign_folds, near_duplicates
+from engine.lineage import NEVER, Lineage, assign_folds, near_duplicates
 
 
 def _sequence(seed: int, use_lineage: bool) -> tuple[float, float, bool]:

@@ -15,13 +15,13 @@ import torch
 
 from devkit import digits as D
 from devkit.digits import OLD, digits_archive, register_digits
+from engine import expand
+from engine.errors import OutOfMemory, resource_error
+from engine.expand import ExpansionConfig, expand_classifier
+from engine.train import HeadTraining
+from engine.weights import load_classifier, read_state_dict
 from tests.conftest import digits_request
 from worker import pipeline
-from worker.engine import expand
-from worker.engine.errors import OutOfMemory, resource_error
-from worker.engine.expand import ExpansionConfig, expand_classifier
-from worker.engine.train import HeadTraining
-from worker.engine.weights import load_classifier, read_state_dict
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)"
 

@@ -7,31 +7,31 @@ import pytest
 import torch
 
 from app.schemas import JobConfig
-from app.settings import Settings
+from core.settings import Settings
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
-from tests.conftest import digits_request
-from worker.engine.architectures import build_model
-from worker.engine.data import (
+from engine.architectures import build_model
+from engine.data import (
     ImageDataset,
     eval_transform,
     open_image,
     scan_image_folder,
     stratified_split,
 )
-from worker.engine.device import (
+from engine.device import (
     autocast_dtype,
     float32_head,
     loss_scaling,
 )
-from worker.engine.evaluate import confusion_matrix
-from worker.engine.expand import ExpansionConfig, expand_classifier
-from worker.engine.finetune import image_loader
-from worker.engine.gather import gather_images
-from worker.engine.heads import find_head
-from worker.engine.reference import backbone_fingerprint
-from worker.engine.train import HeadTraining
-from worker.engine.weights import load_classifier, save_safetensors
+from engine.evaluate import confusion_matrix
+from engine.expand import ExpansionConfig, expand_classifier
+from engine.finetune import image_loader
+from engine.gather import gather_images
+from engine.heads import find_head
+from engine.reference import backbone_fingerprint
+from engine.train import HeadTraining
+from engine.weights import load_classifier, save_safetensors
+from tests.conftest import digits_request
 from worker.spec import expansion_config
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -194,8 +194,8 @@ def test_cached_features_are_float32_and_give_the_exported_layer_s_logits(
 
 
 def test_one_thread_gives_the_thread_count_back_even_after_an_error():
-    from worker.engine.device import one_thread
-    from worker.engine.refit import symmetric_eigh
+    from engine.device import one_thread
+    from engine.refit import symmetric_eigh
 
     before = torch.get_num_threads()
     with one_thread():

@@ -7,11 +7,11 @@ import torch
 
 from devkit import digits as D
 from devkit.digits import OLD
+from engine.data import scan_image_folder
+from engine.expand import expand_classifier
+from engine.reference import Kept, ReferenceSet, herding, select_reference
+from engine.weights import load_classifier
 from tests.conftest import digits_request
-from worker.engine.data import scan_image_folder
-from worker.engine.expand import expand_classifier
-from worker.engine.reference import Kept, ReferenceSet, herding, select_reference
-from worker.engine.weights import load_classifier
 
 
 def _held_out(model, held) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from worker.engine.errors import DiskFull, OutOfMemory, resource_error
+from engine.errors import DiskFull, OutOfMemory, resource_error
 
 
 def test_a_write_to_a_full_disk_is_disk_full():
@@ -47,7 +47,7 @@ def test_a_thread_that_cannot_start_is_out_of_memory(observed):
     script = textwrap.dedent(
         """
         import resource, threading, time
-        from worker.engine.errors import resource_error
+        from engine.errors import resource_error
         with open("/proc/self/statm") as f:
             used = int(f.read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (used + 64 * 2**20, resource.RLIM_INFINITY))
@@ -77,8 +77,8 @@ def test_weights_that_cannot_be_mapped_for_lack_of_memory_are_not_invalid_weight
         f"""
         import resource
         from pathlib import Path
-        from worker.engine.errors import EngineError
-        from worker.engine.weights import tensor_layout
+        from engine.errors import EngineError
+        from engine.weights import tensor_layout
         with open("/proc/self/statm") as f:
             used = int(f.read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (used + 16 * 2**20, resource.RLIM_INFINITY))

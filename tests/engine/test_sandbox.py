@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from worker.engine import sandbox
+from engine import sandbox
 
 STEP = "tests.support.sandbox_steps"
 

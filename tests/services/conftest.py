@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.server import db_upgrade
-from app.settings import Settings
+from core.migrate import db_upgrade
+from core.settings import Settings
 from devkit.digits import digits_archive, register_digits
 from devkit.services import RedisServer, ServiceUnavailable, unavailable
 from tests.support.cluster import Cluster

@@ -11,9 +11,9 @@ import time
 import pytest
 import redis
 
-from app.db import session_scope
 from app.jobs import create_job
 from app.schemas import JobCreate
+from core.db import session_scope
 from tests.support.cluster import FINAL, SLOW
 
 pytestmark = pytest.mark.services

@@ -12,9 +12,9 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from app.db import session_scope, utcnow
-from app.models import Job
 from app.sweeper import Sweeper
+from core.db import session_scope, utcnow
+from core.models import Job
 from tests.support.cluster import FINAL, SLOW
 
 

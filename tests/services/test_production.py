@@ -14,8 +14,8 @@ from alembic.config import Config
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.server import MIGRATIONS, db_upgrade
-from app.settings import Settings
+from core.migrate import MIGRATIONS, db_upgrade
+from core.settings import Settings
 from devkit.digits import digits_archive, register_digits
 
 pytestmark = pytest.mark.services

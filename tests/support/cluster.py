@@ -12,11 +12,11 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.db import session_scope
 from app.main import create_app
-from app.models import Job
-from app.settings import Settings
 from app.sweeper import Sweeper
+from core.db import session_scope
+from core.models import Job
+from core.settings import Settings
 from devkit.faults import Pollers
 
 FINAL = {"succeeded", "failed", "cancelled"}

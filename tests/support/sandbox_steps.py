@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from worker.engine.sandbox import ANSWER
+from engine.sandbox import ANSWER
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devkit import digits as D
-from worker.engine.errors import EngineError
+from engine.errors import EngineError
 from worker.spec import unpack_dataset_tar
 
 

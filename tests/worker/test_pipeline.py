@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from app.db import session_scope, utcnow
-from app.models import Job, ModelVersion
-from app.storage import open_storage
 from app.sweeper import sweep
+from core.db import session_scope, utcnow
+from core.models import Job, ModelVersion
+from core.storage import open_storage
 from devkit.digits import digits_archive, register_digits
 from worker import pipeline
 from worker.spec import load_spec

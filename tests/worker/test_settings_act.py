@@ -15,13 +15,13 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from app.db import session_scope, utcnow
 from app.main import create_app
-from app.models import Job, ModelVersion
-from app.references import read_manifest
-from app.settings import Settings
-from app.storage import open_storage
 from app.sweeper import Sweeper, sweep
+from core.db import session_scope, utcnow
+from core.models import Job, ModelVersion
+from core.reference_store import read_manifest
+from core.settings import Settings
+from core.storage import open_storage
 from devkit.digits import digits_archive, register_digits
 from devkit.net import free_port
 from worker import pipeline
