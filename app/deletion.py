@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from app import registry
 from core.db import utcnow
 from core.errors import Conflict, ServiceError
-from core.models import Job, JobStatus, Model, ModelVersion, Promotion, VersionStatus
+from core.job_config import EvaluationConfig
+from core.models import Job, JobKind, JobStatus, Model, ModelVersion, Promotion, VersionStatus
 from core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,12 @@ def _active_jobs(session: Session, model: Model) -> list[Job]:
 
 def _uses(job: Job, number: int) -> bool:
     """Whether the job reads the version: its base, or one of the versions it scores."""
-    scored = (job.config or {}).get("versions")
-    return job.base_version == number or (isinstance(scored, list) and number in scored)
+    if job.base_version == number:
+        return True
+    return (
+        job.kind == JobKind.EVALUATE
+        and number in EvaluationConfig.model_validate(job.config).versions
+    )
 
 
 def _described(jobs: Iterable[Job]) -> str:

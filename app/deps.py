@@ -19,10 +19,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth import KEY_PREFIX, authenticate
-from app.inputs import INT4_MAX
 from app.pollcache import PollCache
 from core.db import POOL_SIZE, session_scope
 from core.errors import Unauthorized
+from core.inputs import INT4_MAX
 from core.settings import Settings
 from core.storage import Storage, open_storage
 

@@ -19,6 +19,7 @@ from app.outbound import refused_destination
 from app.registry import find_model, no_model
 from app.schemas import EvaluationCreate, EvaluationRead
 from core.errors import Invalid, NotFound
+from core.job_config import EvaluationConfig
 from core.job_state import progress_record
 from core.models import Job, JobKind, JobStatus, ModelVersion
 from core.settings import Settings
@@ -69,7 +70,7 @@ def create_evaluation(
         base_version=body.versions[0],
         dataset_id=dataset.id,
         new_labels=[],
-        config={"versions": list(body.versions)},
+        config=EvaluationConfig(versions=list(body.versions)).model_dump(),
         status=JobStatus.QUEUED,
         progress=progress_record("queued", 0.0),
         max_attempts=settings.max_attempts,
@@ -121,7 +122,7 @@ def evaluation_read(job: Job) -> EvaluationRead:
         id=job.id,
         status=job.status,
         model=job.model.name,
-        versions=list(job.config.get("versions", [])),
+        versions=EvaluationConfig.model_validate(job.config).versions,
         dataset_id=job.dataset_id,
         progress=job.progress,
         result=job.metrics if job.status == JobStatus.SUCCEEDED else None,

@@ -10,71 +10,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from app.inputs import Input
 from core.errors import Invalid
+from core.job_config import GateConfig
 from core.settings import Settings
 from engine.gate import GateSettings
-
-DEFAULTS = GateSettings()
-
-
-class GateConfig(Input):
-    """Every field optional: what is left out comes from the model's settings, else the
-    defaults. The rule: bench/gate.py and the README's "The gate" say what each one does."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"min_retention": 0.99, "margin": 0.02}]},
-    )
-
-    min_retention: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="the share of old-class accuracy a version should keep "
-        f"(default {DEFAULTS.min_retention}); a version whose whole 95 % interval is above it "
-        "is promoted with strong evidence",
-    )
-    margin: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="non-inferiority margin (default "
-        f"{DEFAULTS.margin}): a version is promoted when its interval rules out a retention "
-        "below min_retention - margin, held when it cannot tell",
-    )
-    min_images: int | None = Field(
-        None,
-        ge=1,
-        le=1_000_000,
-        description="old-label images needed to measure retention at all (default: the "
-        "server's GRAFT_MIN_RETENTION_IMAGES); with fewer the version is unverified",
-    )
-    label_max_drop: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="a drop of one old label's recall that counts as a collapse when the "
-        f"evidence, Holm-adjusted across labels, shows it (default {DEFAULTS.label_max_drop})",
-    )
-    new_label_min_recall: float | None = Field(
-        None,
-        ge=0,
-        lt=1,
-        description="each new label's recall must beat this, and chance, with evidence "
-        f"(default {DEFAULTS.new_label_min_recall})",
-    )
-    alpha: float | None = Field(
-        None,
-        gt=0,
-        le=0.5,
-        description=f"family-wise error of the per-label checks (default {DEFAULTS.alpha})",
-    )
-
-    def given(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
 
 
 def defaults(settings: Settings) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from app.schemas import JobCreate, JobRead
 from core import job_state
 from core.db import paginate
 from core.errors import Conflict, InProgress, Invalid, NotFound
+from core.job_config import ResolvedJobConfig
 from core.job_state import progress_record
 from core.models import Job, JobStatus, Model, ModelVersion
 from core.settings import Settings
@@ -62,11 +63,12 @@ def create_job(
     known = set(base.labels)
     old_images = sum(n for label, n in dataset.labels.items() if label in known)
     remembered = sum(base.reference_counts.values())
-    config = _resolve_config(body, has_old_images=bool(old_images or remembered))
-    config["gate"] = resolve(settings, model.gate, body.config.gate)
-    warnings = submission_warnings(
-        model.name, base, old_images, remembered, config["gate"]["min_images"]
+    config = ResolvedJobConfig.resolve(
+        body.config,
+        has_old_images=bool(old_images or remembered),
+        gate=resolve(settings, model.gate, body.config.gate),
     )
+    warnings = submission_warnings(model.name, base, old_images, remembered, config.gate.min_images)
 
     job = Job(
         owner=owner,
@@ -74,7 +76,7 @@ def create_job(
         base_version=base.version,
         dataset_id=dataset.id,
         new_labels=new_labels,
-        config=config,
+        config=config.stored(),
         status=JobStatus.QUEUED,
         progress=progress_record("queued", 0.0),
         max_attempts=settings.max_attempts,
@@ -221,14 +223,6 @@ SPLIT_NAMES = {
     "holdout",
     "calibration",
 }
-
-
-def _resolve_config(body: JobCreate, has_old_images: bool) -> dict:
-    """The job's config with every default filled in. Old rows adapt (slowly, distilled towards
-    the original) when the dataset has images of old labels to adapt to; else they are frozen."""
-    config = body.config.model_dump(mode="json")
-    config["old_rows"] = config["old_rows"] or ("trainable" if has_old_images else "frozen")
-    return config
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:

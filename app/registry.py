@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session, selectinload
 
 from app import datasets, model_uploads, references
 from app.gate import parse_gate
-from app.inputs import control_character_at
 from app.schemas import (
     NAME_PATTERN,
     NAME_RULE,
@@ -29,6 +28,7 @@ from app.schemas import (
 )
 from core.db import paginate
 from core.errors import Conflict, Invalid, NotFound
+from core.inputs import control_character_at
 from core.models import Dataset, Model, ModelVersion, Promotion, VersionStatus, new_id
 from core.scratch import scratch
 from core.settings import Settings

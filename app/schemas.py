@@ -5,10 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from app.gate import GateConfig
-from app.inputs import Input, VersionNumber
+from core.inputs import Input, VersionNumber
+from core.job_config import (  # noqa: F401  (the API's contract names them too)
+    AugmentationConfig,
+    ExportFormat,
+    GateConfig,
+    JobConfig,
+)
 from engine.formats import SUFFIXES
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -24,7 +29,6 @@ T = TypeVar("T")
 # ``hf``: a Hugging Face model's own folder (zip), which only ``hf:`` versions have; ``keras``:
 # a Keras model's ``.keras`` file, which only ``keras:`` versions have.
 ArtifactFormat = Literal["safetensors", "onnx", "torchscript", "hf", "keras"]
-ExportFormat = Literal["onnx", "torchscript"]
 ARTIFACT_SUFFIXES: dict[str, str] = SUFFIXES
 
 
@@ -353,122 +357,6 @@ class DatasetImport(Input):
         if (self.source is None) == (self.manifest is None):
             raise ValueError("give exactly one of source and manifest")
         return self
-
-
-class AugmentationConfig(Input):
-    model_config = ConfigDict(extra="forbid")
-
-    views: int = Field(
-        1, ge=1, le=64, description="randomly augmented copies of each training image (1: none)"
-    )
-    hflip: bool = Field(False, description="flip views left-right at random")
-    rotation_degrees: float = Field(
-        0.0, ge=0, le=180, description="rotate views by up to this many degrees either way"
-    )
-    scale: tuple[float, float] = Field(
-        (1.0, 1.0), description="[min, max] zoom of views; [1, 1]: none", examples=[[0.9, 1.1]]
-    )
-    noise_std: float = Field(
-        0.0, ge=0, le=1, description="Gaussian noise added to views, in normalised units"
-    )
-    color_jitter: float = Field(
-        0.0, ge=0, le=1, description="the most brightness, contrast and saturation may change"
-    )
-
-    @field_validator("scale")
-    @classmethod
-    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1] <= 4:
-            raise ValueError("scale must be [min, max] with 0 < min <= max <= 4")
-        return v
-
-
-class JobConfig(Input):
-    """Every field optional; the resolved values are echoed back on the job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    freeze: Literal["head", "last_block", "none"] = Field(
-        "head",
-        description="what stays as it was: head, every layer but the classifier (fitted in "
-        "closed form, measured by cross-fitting); last_block, all but the last block and the "
-        "classifier; none, nothing (both fine-tune by epochs, timm and torchvision models only)",
-    )
-    old_rows: Literal["frozen", "trainable"] | None = Field(
-        None,
-        description="frozen: the old labels' rows of the classifier stay bit for bit (old "
-        "logits unchanged); trainable: they are refitted, anchored to the original. Default: "
-        "trainable when there are old-label images (the dataset's or a reference set), else "
-        "frozen",
-    )
-    init: Literal["imprint", "random"] = Field(
-        "imprint",
-        description="how new rows start: imprint, from the mean features of their images; "
-        "random, small random weights",
-    )
-    epochs: int = Field(
-        30, ge=0, le=1000, description="passes over the images, for solver sgd and fine-tuning"
-    )
-    learning_rate: float = Field(
-        1e-2,
-        gt=0,
-        le=10,
-        description="the classifier layer's step size (sgd, fine-tuning); an unfrozen backbone "
-        "learns at a hundredth of it",
-    )
-    batch_size: int = Field(64, ge=1, le=4096, description="images per gradient step")
-    weight_decay: float = Field(1e-4, ge=0, le=1, description="L2 penalty of gradient steps")
-    seed: int = Field(
-        0, ge=0, le=2**31 - 1, description="fixes splits, folds and augmentation: reruns agree"
-    )
-    validation_split: float = Field(
-        0.2,
-        ge=0,
-        lt=1,
-        description="images held out to measure a fine-tuned backbone (freeze last_block or "
-        "none); with freeze=head every image trains and is measured by cross-fitting",
-    )
-    folds: int = Field(5, ge=2, le=20, description="cross-fitting rounds (freeze=head)")
-    solver: Literal["refit", "sgd"] = Field(
-        "refit",
-        description="refit: the whole classifier layer as one convex problem anchored to the "
-        "original, when there are old-label images; sgd: the new rows (and slowly the old) by "
-        "epochs of gradient steps",
-    )
-    augmentation: AugmentationConfig = Field(
-        AugmentationConfig(),
-        description="random views of the training images: each trains as `views` augmented copies",
-        examples=[{"views": 4, "hflip": True, "rotation_degrees": 8}],
-    )
-    calibration: Literal["auto", "none", "weight_aligning", "bias_correction"] = Field(
-        "auto",
-        description="auto: lower a new label's logits only when held-out images show it takes "
-        "too many old ones; bias_correction: alpha*z+beta chosen on held-out images; "
-        "weight_aligning: new rows rescaled to the old rows' norm; none: as fitted",
-    )
-    max_old_accuracy_drop: float = Field(
-        0.01,
-        ge=0,
-        le=1,
-        description="the most held-out old-class accuracy calibration may trade for the new "
-        "labels (0.01: one point)",
-    )
-    gate: GateConfig = Field(
-        GateConfig(),
-        description="the gate's settings for this job, over the model's (PUT "
-        "/v1/models/{name}/gate) and the defaults; the resolved ones are echoed back",
-    )
-    min_images_per_label: int = Field(
-        1,
-        ge=1,
-        description="a job whose new label has fewer images than this in the dataset (after "
-        "deduplication) is refused",
-    )
-    export: list[ExportFormat] = Field(
-        ["onnx", "torchscript"],
-        description="formats to write besides safetensors; one the architecture cannot be "
-        "exported to is left out, with a warning on the job",
-    )
 
 
 class JobCreate(Input):

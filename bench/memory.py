@@ -77,7 +77,14 @@ def run(rows: int, epochs: int, spill: bool, features_path: str) -> dict:
             x[start : start + n] = real[pick] + noise
             y[start : start + n] = targets[pick]
         every = torch.ones(rows, dtype=torch.bool)
-        recipe = LayerRecipe(weight, bias, [weight.shape[0]], "imprint", training, Calibration())
+        recipe = LayerRecipe(
+            weight,
+            bias,
+            [weight.shape[0]],
+            init="imprint",
+            training=training,
+            calibration=Calibration(),
+        )
         recipe.fit(Rows(x, y, torch.arange(rows), every), folds=3)  # 3 refits + 1, calibrated
         disk = cache.spilled_bytes
     seconds = time.perf_counter() - started

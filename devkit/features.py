@@ -109,9 +109,9 @@ def grow(
         base[0],
         base[1],
         list(range(num_old, classes)),
-        "imprint",
-        HeadTraining(old_rows_frozen=False, seed=seed),
-        calibration or Calibration(),
+        init="imprint",
+        training=HeadTraining(old_rows_frozen=False, seed=seed),
+        calibration=calibration or Calibration(),
         images=counts,
     )
     n = len(y)

@@ -160,6 +160,7 @@ def extract_rows(
     model: nn.Module,
     head: Head,
     images: Gathered,
+    *,
     train: list[int],
     prep: Preprocessing,
     views: int,

@@ -108,6 +108,7 @@ class LayerRecipe:
         old_weight: torch.Tensor,
         old_bias: torch.Tensor,
         new_classes: list[int],
+        *,
         init: str,
         training: HeadTraining,
         calibration: Calibration,

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core.db import session_scope
+from core.job_config import EvaluationConfig
 from core.models import Job, JobStatus, ModelVersion
 from core.reference_store import read_manifest
 from core.settings import Settings
@@ -49,7 +50,7 @@ class EvaluationSpec:
 def load_evaluation(settings: Settings, job_id: str) -> EvaluationSpec:
     with session_scope(settings.resolved_database_url) as session:
         job = session.get(Job, job_id)
-        numbers = [int(v) for v in job.config["versions"]]
+        numbers = EvaluationConfig.model_validate(job.config).versions
         rows = {
             v.version: v
             for v in session.scalars(

@@ -55,7 +55,7 @@ from worker.lifecycle import (
     with_retries,
 )
 from worker.references import cache_features, keep_reference
-from worker.spec import JobSpec, expansion_request, gate_settings, load_spec
+from worker.spec import JobSpec, expansion_request, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _expand(
         heartbeat.report(Progress("exporting", 0.0))
         if heartbeat.should_stop():  # cancelled, or the disk fell, since the engine's last step
             raise JobCancelled()
-        _ensure_room(settings, result.model, len(spec.config.get("export", [])))
+        _ensure_room(settings, result.model, len(spec.config.export))
         version_id = new_id()
         # new labels first: a file that breaks on them is found before it is stored
         samples = sorted(request.samples, key=lambda s: s.label not in request.new_labels)
@@ -215,7 +215,7 @@ def _store_artifacts(
         result.model,
         metadata,
         Preprocessing.from_dict(spec.preprocessing),
-        spec.config.get("export", []),
+        spec.config.export,
         tmp,
         stored,
         images,
@@ -235,9 +235,7 @@ def _finish_succeeded(
     lineage: dict[str, Any] | None = None,
 ) -> None:
     metrics = dict(result.metrics)
-    metrics["gate"] = decide(
-        metrics, result.labels, len(spec.labels), gate_settings(spec.config, settings)
-    )
+    metrics["gate"] = decide(metrics, result.labels, len(spec.labels), spec.config.gate)
     with_retries(
         settings,
         f"job {job_id}: recording the new version",

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core.db import session_scope
+from core.job_config import ResolvedJobConfig, read_job_config
 from core.models import Job, ModelVersion
 from core.settings import Settings
 from core.storage import Storage
@@ -20,7 +21,6 @@ from engine.data import Augmentation, scan_image_folder
 from engine.errors import EngineError
 from engine.expand import ExpansionConfig, ExpansionRequest
 from engine.formats import SAFETENSORS
-from engine.gate import GateSettings
 from engine.lineage import Lineage
 from engine.preprocessing import Preprocessing
 from engine.train import HeadTraining
@@ -40,7 +40,7 @@ class JobSpec:
     weights_key: str
     dataset_key: str | None
     new_labels: list[str]
-    config: dict[str, Any]
+    config: ResolvedJobConfig
     reference: dict[str, Any] | None  # the base version's reference set
     lineage: dict[str, Any] | None = None  # what the base version's layer was fitted on
 
@@ -63,43 +63,49 @@ def load_spec(settings: Settings, job_id: str) -> JobSpec:
             weights_key=base.artifacts[SAFETENSORS]["key"],
             dataset_key=job.dataset.storage_key if job.dataset.deleted_at is None else None,
             new_labels=list(job.new_labels),
-            config=dict(job.config),
+            config=read_job_config(job.config, settings.min_retention_images),
             reference=base.reference,
             lineage=base.lineage,
         )
 
 
 def expansion_config(
-    config: dict[str, Any], settings: Settings, spill_dir: Path | None = None
+    config: ResolvedJobConfig, settings: Settings, spill_dir: Path | None = None
 ) -> ExpansionConfig:
-    aug = dict(config.get("augmentation") or {})
-    if "scale" in aug:
-        aug["scale"] = tuple(aug["scale"])
+    """The engine's view of a job's config and of the worker's settings (the one place the
+    engine's dataclasses are built for a job)."""
+    aug = config.augmentation
     return ExpansionConfig(
-        init=config["init"],
+        init=config.init,
         training=HeadTraining(
-            epochs=config["epochs"],
-            learning_rate=config["learning_rate"],
-            batch_size=config["batch_size"],
-            weight_decay=config["weight_decay"],
-            seed=config["seed"],
-            old_rows_frozen=config["old_rows"] != "trainable",
+            epochs=config.epochs,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            weight_decay=config.weight_decay,
+            seed=config.seed,
+            old_rows_frozen=config.old_rows != "trainable",
         ),
-        validation_split=config["validation_split"],
-        augmentation=Augmentation(**aug),
+        validation_split=config.validation_split,
+        augmentation=Augmentation(
+            views=aug.views,
+            hflip=aug.hflip,
+            rotation_degrees=aug.rotation_degrees,
+            scale=tuple(aug.scale),
+            noise_std=aug.noise_std,
+            color_jitter=aug.color_jitter,
+        ),
         batch_size=settings.extract_batch_size,
         num_workers=settings.extract_workers,
         device=settings.device,
         precision=settings.precision,
-        freeze=config.get("freeze", "head"),
+        freeze=config.freeze,
         calibration=Calibration(
-            method=config.get("calibration", "auto"),
-            max_old_drop=config.get("max_old_accuracy_drop", 0.01),
+            method=config.calibration, max_old_drop=config.max_old_accuracy_drop
         ),
         feature_memory_bytes=settings.feature_memory_mb << 20,
         spill_dir=spill_dir,  # the job's own folder: a killed attempt's files go with it
-        folds=config.get("folds", 5),
-        solver=config.get("solver", "refit"),
+        folds=config.folds,
+        solver=config.solver,
         reference_per_label=settings.reference_per_label,
         reference_selection=settings.reference_selection,
     )
@@ -134,15 +140,6 @@ def base_lineage(storage: Storage, lineage: dict[str, Any] | None) -> Lineage | 
     if not lineage:
         return None
     return Lineage.load(storage.local_path(lineage["key"]))
-
-
-def gate_settings(config: dict[str, Any], settings: Settings) -> GateSettings:
-    """The job's resolved gate settings (jobs queued before gate settings existed: the
-    defaults, with the minimum retention they asked for)."""
-    given = dict(config.get("gate") or {})
-    if not given and "min_old_accuracy_retention" in config:
-        given["min_retention"] = config["min_old_accuracy_retention"]
-    return GateSettings(**({"min_images": settings.min_retention_images} | given))
 
 
 def unpack_dataset_tar(tar: tarfile.TarFile, target: Path, filters: bool | None = None) -> None:

@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session
 
 from app import datasets, imports
 from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
-from app.inputs import Text
 from app.routes import json_response, problems
 from app.schemas import DatasetImport, DatasetRead, Page, Problem
 from app.uploads import upload_size
 from core.disk import ensure_room
 from core.errors import Invalid, TooLarge
+from core.inputs import Text
 
 router = APIRouter(
     prefix="/v1/datasets",

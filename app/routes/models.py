@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 from app import deletion, downloads, references, registry
 from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep, VersionPath
 from app.gate import GateConfig, defaults
-from app.inputs import Text
 from app.routes import json_response, problems
 from app.schemas import (
     ARTIFACT_SUFFIXES,
@@ -30,6 +29,7 @@ from app.schemas import (
 from app.uploads import save_upload, upload_size
 from core.disk import ensure_room
 from core.errors import Invalid, NotFound, TooLarge
+from core.inputs import Text
 from core.scratch import scratch
 
 MAX_PREDICT_IMAGE_BYTES = 32 * 1024 * 1024

@@ -6,7 +6,7 @@ import pydantic
 import pytest
 import torch
 
-from app.schemas import JobConfig
+from core.job_config import JobConfig, ResolvedJobConfig
 from core.settings import Settings
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
@@ -84,7 +84,7 @@ def test_a_precision_that_does_not_exist_is_refused():
 
 
 def test_graft_precision_and_batch_size_reach_the_engine(monkeypatch):
-    config = JobConfig().model_dump()
+    config = ResolvedJobConfig.resolve(JobConfig(), has_old_images=True, gate={})
     default = expansion_config(config, Settings())
     assert (default.precision, default.batch_size) == ("auto", 64)
     assert default.precision == ExpansionConfig().precision
