@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app import s3uri
-from app.datasets import (
+from app.archives import (
     ArchiveLimits,
     deduplicate,
     folder_problem,
@@ -60,7 +60,7 @@ class Copied:
     rejected: list[dict[str, str]] = field(default_factory=list)
 
     def distinct(self) -> Copied:
-        """Each image once (see ``app.datasets.deduplicate``); the rest named in rejected."""
+        """Each image once (see ``app.archives.deduplicate``); the rest named in rejected."""
         labelled = [
             (label, ext, path, file_sha256(path), shown)
             for (label, ext, path), shown in zip(self.images, self.shown, strict=True)

@@ -11,7 +11,8 @@ import shutil
 import threading
 
 from app import s3uri
-from app.datasets import DatasetStatus, archive_limits, pack_images
+from app.archives import archive_limits, pack_images
+from app.datasets import DatasetStatus
 from app.import_sources import (
     Copied,
     Copier,

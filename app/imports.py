@@ -22,7 +22,8 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from app import s3uri
-from app.datasets import DatasetStatus, archive_limits
+from app.archives import archive_limits
+from app.datasets import DatasetStatus
 from app.import_sources import (
     MISSING,
     error_code,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from app.datasets import ArchiveLimits, check_expansion, checked_members
+from app.archives import ArchiveLimits, check_expansion, checked_members
 from core.errors import Invalid
 from engine.errors import resource_error
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from app.datasets import ALLOWED_DECODERS
+from app.archives import ALLOWED_DECODERS
 from app.schemas import Prediction
 from core.errors import Conflict, Invalid, ServiceError
 from core.models import ModelVersion

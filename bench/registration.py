@@ -31,7 +31,7 @@ LABELS = [str(d) for d in range(9)]
 
 
 def register(client, name: str, architecture: str, size: int, weights: Path) -> float:
-    """Seconds one POST /v1/models takes, with the formats ``app.registry.EXPORTS`` names."""
+    """Seconds one POST /v1/models takes, with the formats ``app.registration.EXPORTS`` names."""
     prep = {"input_size": [3, size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
     data = {
         "name": name,
@@ -57,13 +57,13 @@ def main() -> None:
     import safetensors.torch
     from fastapi.testclient import TestClient
 
-    from app import registry
+    from app import registration
     from app.main import create_app
     from core.migrate import db_upgrade
     from core.settings import Settings
     from engine.architectures import build_model
 
-    exports = registry.EXPORTS
+    exports = registration.EXPORTS
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "w.safetensors"
         model = build_model(args.architecture, len(LABELS))
@@ -83,10 +83,10 @@ def main() -> None:
                 times: dict[bool, list[float]] = {False: [], True: []}
                 for _ in range(args.repeats):
                     for every_format in (False, True):
-                        registry.EXPORTS = exports if every_format else ()
+                        registration.EXPORTS = exports if every_format else ()
                         seconds = register(client, next(names), args.architecture, size, weights)
                         times[every_format].append(seconds)
-                registry.EXPORTS = exports
+                registration.EXPORTS = exports
                 base, full = (statistics.median(times[k]) for k in (False, True))
                 print(f"{size:>5} {base:>16.2f} {full:>24.2f} {full - base:>10.2f}")
         fresh = [fresh_start(Path(tmp)) for _ in range(args.repeats)]

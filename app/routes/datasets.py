@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app import datasets, imports
+from app import archives, datasets, imports
 from app.deps import CursorQuery, DbDep, LimitQuery, SettingsDep, StorageDep
 from app.routes import json_response, problems
 from app.schemas import DatasetImport, DatasetRead, Page, Problem
@@ -75,7 +75,7 @@ async def create_dataset(
         raise TooLarge(f"the archive is larger than {settings.max_upload_bytes} bytes")
     # the images, unpacked and packed again, and the stored copy (local storage)
     ensure_room(settings, 3 * size, "this archive")
-    limits = datasets.archive_limits(settings)
+    limits = archives.archive_limits(settings)
     # The images are checked and stored outside any transaction; the row is written after.
     row = await run_in_threadpool(
         datasets.build_dataset,

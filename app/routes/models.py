@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from app import deletion, downloads, references, registry
+from app import deletion, downloads, references, registration, registry
 from app.deps import CursorQuery, Db, DbDep, LimitQuery, SettingsDep, StorageDep, VersionPath
 from app.gate import GateConfig, defaults
 from app.routes import json_response, problems
@@ -89,7 +89,7 @@ async def register_model(
     # Checked in one short transaction, the files stored outside any, the rows written in
     # another: a slow upload holds no lock (SQLite has one for all writers).
     checked = await db(
-        lambda session, owner: registry.check_registration(
+        lambda session, owner: registration.check_registration(
             session,
             owner,
             name=name,
@@ -105,7 +105,7 @@ async def register_model(
             save_upload, weights, tmp / "weights", settings.max_upload_bytes
         )
         stored = await run_in_threadpool(
-            registry.store_registration,
+            registration.store_registration,
             storage,
             checked,
             path,
@@ -114,13 +114,13 @@ async def register_model(
         )
 
     def record(session: Session) -> ModelVersionRead:
-        version = registry.record_registration(session, stored)
+        version = registration.record_registration(session, stored)
         return registry.version_read(version.model, version)
 
     try:
         return json_response(await db.database.run(record), 201)
     except BaseException:
-        await run_in_threadpool(registry.discard_registration, storage, stored)
+        await run_in_threadpool(registration.discard_registration, storage, stored)
         raise
 
 

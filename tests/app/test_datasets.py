@@ -9,7 +9,7 @@ import zipfile
 import pytest
 from PIL import Image
 
-from app.datasets import ArchiveLimits, extract_images
+from app.archives import ArchiveLimits, extract_images
 from core.errors import Invalid
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.registry import EXPORTS
+from app.registration import EXPORTS
 from core.versions import artifact_metadata
 from engine import intake, sandbox
 from engine.artifacts import PROBE_IMAGES, write_artifacts
