@@ -79,13 +79,19 @@ def add_version(session: Session, model: Model, **fields: Any) -> ModelVersion:
     one after another; the unique (model, version) constraint backs this up everywhere.
     """
     session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
-    current = session.scalar(
-        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id)
-    )
+    number = next_version_number(session, model.id)
     version_id = fields.pop("version_id", None) or new_id()
-    version = ModelVersion(id=version_id, model_id=model.id, version=(current or 0) + 1, **fields)
+    version = ModelVersion(id=version_id, model_id=model.id, version=number, **fields)
     session.add(version)
     if version.status == VersionStatus.PROMOTED:
         model.latest_version = version.version
     session.flush()
     return version
+
+
+def next_version_number(session: Session, model_id: str) -> int:
+    """The number the model's next version gets (final only under ``add_version``'s lock)."""
+    current = session.scalar(
+        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)
+    )
+    return (current or 0) + 1

@@ -12,9 +12,11 @@ import torchvision.models
 from torch import nn
 
 from engine.errors import UnknownArchitecture, WeightsError
+from engine.families import MODULES
+from engine.families import family as family_module
 from engine.preprocessing import Preprocessing
 
-FAMILIES = ("timm", "torchvision", "hf", "keras", "onnx")
+FAMILIES = ("timm", "torchvision", *MODULES)
 
 
 @cache
@@ -49,21 +51,9 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
     family, sep, name = architecture.partition(":")
     if not sep or family not in FAMILIES:
         raise UnknownArchitecture(architecture, _families_for(name if sep else architecture))
-    if family == "hf":
-        from engine import hf  # noqa: PLC0415 (optional dependency)
-
-        hf.check_name(name)
-        return family, name
-    if family == "onnx":  # any name: the graph is the file
-        if not name:
-            raise UnknownArchitecture(architecture, ["onnx:model"])
-        return family, name
-    if family == "keras":  # any name: the model's config is in its file
-        from engine import keras_family  # noqa: PLC0415 (optional dependency)
-
-        keras_family.require()
-        if not name:
-            raise UnknownArchitecture(architecture, ["keras:model"])
+    own = family_module(family)
+    if own is not None:  # hf, keras, onnx: the family checks its own names
+        own.check_name(name)
         return family, name
     if name not in _known(family):
         matches = difflib.get_close_matches(name, _known(family), n=5, cutoff=0.6)
@@ -74,7 +64,7 @@ def parse_architecture(architecture: str) -> tuple[str, str]:
 def build_model(architecture: str, num_classes: int) -> nn.Module:
     """A randomly initialised classifier with ``num_classes`` outputs, in eval mode."""
     family, name = parse_architecture(architecture)
-    if family in ("hf", "keras", "onnx"):
+    if family in MODULES:
         raise WeightsError(f"{architecture} is built from its own config, not by name")
     if family == "timm":
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)

@@ -11,8 +11,6 @@ reason; the safetensors file failing fails the whole step.
 from __future__ import annotations
 
 import logging
-import tempfile
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +19,8 @@ import torch
 from torch import nn
 
 from engine.errors import EngineError, ExportFailed, first_line, named, resource_error
-from engine.export import EXPORTERS, offered_formats
+from engine.export import exporter, offered_formats
+from engine.families import family
 from engine.formats import SAFETENSORS, SUFFIXES
 from engine.preprocessing import Preprocessing
 from engine.weights import load_classifier, save_safetensors
@@ -63,7 +62,7 @@ def write_artifacts(
             if fmt == SAFETENSORS:  # the framework of its tensors is safetensors' own key
                 save_safetensors(path, model, {"format": "pt", **metadata})
             else:
-                EXPORTERS[fmt](model, prep, path, metadata)
+                exporter(model, fmt)(model, prep, path, metadata)
             got = run_artifact(fmt, path, images, architecture, num_labels)
             check_outputs(fmt, got, want)
         except Exception as exc:
@@ -94,20 +93,9 @@ def run_artifact(
     if fmt == "torchscript":
         with torch.inference_mode():
             return torch.jit.load(str(path), map_location="cpu")(x)
-    if fmt == "onnx":
-        from engine import onnx_family  # noqa: PLC0415
-
-        return onnx_family.run_file(path, x)
-    if fmt == "keras":
-        from engine import keras_family  # noqa: PLC0415
-
-        return keras_family.run_file(path, x)
-    if fmt == "hf":
-        from engine import hf  # noqa: PLC0415
-
-        with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as zf:
-            zf.extractall(tmp)  # a zip Graft just wrote: three known names
-            return hf.run_folder(Path(tmp), x)
+    own = family(fmt)  # onnx, keras, hf: the family whose format it is runs it
+    if own is not None and fmt in own.OWN_FORMATS:
+        return own.run(fmt, path, x)
     raise ExportFailed(f"no runtime known for {fmt}")
 
 

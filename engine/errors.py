@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EngineError(Exception):
     """A problem with the user's model, weights or data, not a bug in Graft."""
@@ -126,3 +128,14 @@ class Mismatch(WeightsError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+def check_label_count(model: Any, num_labels: int, title: str) -> None:
+    """:class:`Mismatch` unless the model's classifier layer (``model.fc``) has ``num_labels``
+    outputs."""
+    if model.fc.out_features != num_labels:
+        raise Mismatch(
+            f"{num_labels} labels were given but the {title} model has "
+            f"{model.fc.out_features} outputs",
+            "labels",
+        )

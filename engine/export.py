@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from engine.errors import ExportFailed
-from engine.families import family_of
+from engine.families import family, family_of
 from engine.metadata import string_metadata
 from engine.preprocessing import Preprocessing
 
@@ -99,57 +99,31 @@ def export_torchscript(
 Exporter = Callable[[nn.Module, Preprocessing, Path, Mapping[str, object] | None], None]
 
 
-def export_hf_folder(
-    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
-) -> None:
-    from engine import hf  # noqa: PLC0415 (optional dependency)
-
-    hf.export_folder(model, prep, path, metadata)
-
-
-def export_keras_file(
-    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
-) -> None:
-    from engine import keras_family  # noqa: PLC0415 (optional dependency)
-
-    keras_family.export_file(model, prep, path, metadata)
-
-
-def export_onnx_graph(
-    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
-) -> None:
-    """ONNX: an ONNX model's own graph, grown; any other model exported by torch."""
-    if family_of(model) == "onnx":
-        from engine import onnx_family  # noqa: PLC0415
-
-        onnx_family.export_file(model, prep, path, metadata)
-    else:
-        export_onnx(model, prep, path, metadata)
-
-
-EXPORTERS: dict[str, Exporter] = {
-    "onnx": export_onnx_graph,
-    "torchscript": export_torchscript,
-    "hf": export_hf_folder,
-    "keras": export_keras_file,
-}
 PORTABLE = ("onnx", "torchscript")  # formats any architecture may be exported to
+PORTABLE_EXPORTERS: dict[str, Exporter] = {"onnx": export_onnx, "torchscript": export_torchscript}
 
 
-# Formats a family never has: an ONNX graph runs in onnxruntime, and torch.jit cannot trace
-# the module that calls it.
-NOT_OFFERED = {"onnx": ("torchscript",)}
+def exporter(model: nn.Module, fmt: str) -> Exporter:
+    """What writes ``model`` in ``fmt``: its family's own writer for the family's formats (a
+    Hugging Face folder, a ``.keras`` file, an ONNX model's own graph), else torch's."""
+    own = family(family_of(model))
+    if own is not None and fmt in own.OWN_FORMATS:
+        return lambda model, prep, path, metadata=None: own.export(fmt, model, prep, path, metadata)
+    if fmt not in PORTABLE_EXPORTERS:
+        raise ExportFailed(f"only {fmt} models are written as {fmt} files")
+    return PORTABLE_EXPORTERS[fmt]
 
 
 def offered_formats(model: nn.Module, exports: Sequence[str]) -> tuple[str, ...]:
     """The formats a version of ``model`` is written in: of ``exports``, those its family can
     have, then its family's own (see :func:`native_formats`)."""
-    never = NOT_OFFERED.get(family_of(model), ())
+    own = family(family_of(model))
+    never = own.NOT_OFFERED if own is not None else ()
     return (*(f for f in exports if f not in never), *native_formats(model))
 
 
 def native_formats(model: nn.Module) -> tuple[str, ...]:
     """The formats of the model's own family besides safetensors: a Hugging Face model's
     ``from_pretrained`` folder, a Keras model's ``.keras`` file."""
-    family = family_of(model)
-    return (family,) if family in ("hf", "keras") else ()
+    own = family(family_of(model))
+    return tuple(f for f in own.OWN_FORMATS if f not in PORTABLE) if own is not None else ()

@@ -372,3 +372,36 @@ def export_folder(
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
             for file in sorted(folder.iterdir()):
                 zf.write(file, file.name)
+
+
+# The family protocol (engine.families.Family)
+NAME = FAMILY
+TITLE = "Hugging Face"
+OWN_FORMATS = ("hf",)
+NOT_OFFERED: tuple[str, ...] = ()
+
+
+def read_upload(
+    upload: Path, architecture: str, num_labels: int, declared: bool
+) -> tuple[HFClassifier, Preprocessing | None]:
+    model, prep = read_folder(upload, num_labels)
+    named = architecture_of(model.config.to_dict())
+    if named != architecture:
+        raise Mismatch(f"the model's config.json is a {named}, not {architecture}", "architecture")
+    return model, prep if declared else None
+
+
+def export(
+    fmt: str,
+    model: nn.Module,
+    prep: Preprocessing,
+    path: Path,
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    export_folder(model, prep, path, metadata)
+
+
+def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as zf:
+        zf.extractall(tmp)  # a zip Graft wrote: three known names
+        return run_folder(Path(tmp), images)

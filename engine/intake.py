@@ -23,8 +23,8 @@ from typing import Any
 
 from engine import sandbox
 from engine.architectures import default_preprocessing
-from engine.errors import EngineError, Mismatch, WeightsError, named, resource_error
-from engine.families import module_for
+from engine.errors import EngineError, WeightsError, named, resource_error
+from engine.families import family
 from engine.preprocessing import Preprocessing
 
 REQUEST = "request.json"
@@ -109,32 +109,15 @@ def _open(
 ) -> tuple[Any, Any]:
     """The model of the upload, and (if ``declared``) the preprocessing its files declare
     (or None where they say nothing)."""
-    from engine import hf as hf_family  # noqa: PLC0415 (imported lazily: optional)
     from engine.weights import (  # noqa: PLC0415
         is_safetensors,
         load_classifier,
         load_pickled_state_dict,
     )
 
-    prefix = architecture.partition(":")[0]
-    if prefix == "hf":
-        model, prep = hf_family.read_folder(upload, num_labels)
-        named = hf_family.architecture_of(model.config.to_dict())
-        if named != architecture:
-            raise Mismatch(
-                f"the model's config.json is a {named}, not {architecture}", "architecture"
-            )
-        return model, prep
-    family = module_for(prefix)
-    if family is not None:  # keras:, onnx:
-        model = family.read_file(upload)
-        if model.fc.out_features != num_labels:
-            raise Mismatch(
-                f"{num_labels} labels were given but the {family.TITLE} model has "
-                f"{model.fc.out_features} outputs",
-                "labels",
-            )
-        return model, family.preprocessing_of(model) if declared else None
+    own = family(architecture.partition(":")[0])
+    if own is not None:  # hf:, keras:, onnx:
+        return own.read_upload(upload, architecture, num_labels, declared)
     if not upload.is_file() or not is_safetensors(upload):
         import safetensors.torch  # noqa: PLC0415
 

@@ -29,7 +29,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from engine.errors import EngineError, WeightsError
+from engine.errors import EngineError, UnknownArchitecture, WeightsError, check_label_count
 from engine.metadata import string_metadata
 from engine.preprocessing import Preprocessing
 
@@ -290,3 +290,38 @@ def export_file(
         target = Path(tmp) / "model.keras"  # keras insists on the suffix
         model.to_keras().save(str(target))
         target.replace(path)
+
+
+# The family protocol (engine.families.Family)
+NAME = FAMILY
+OWN_FORMATS = ("keras",)
+NOT_OFFERED: tuple[str, ...] = ()
+
+
+def check_name(name: str) -> None:
+    """Any name: the model's config is in its file; Keras must be installed."""
+    require()
+    if not name:
+        raise UnknownArchitecture(f"{FAMILY}:", [f"{FAMILY}:model"])
+
+
+def read_upload(
+    upload: Path, architecture: str, num_labels: int, declared: bool
+) -> tuple[KerasClassifier, Preprocessing | None]:
+    model = read_file(upload)
+    check_label_count(model, num_labels, TITLE)
+    return model, preprocessing_of(model) if declared else None
+
+
+def export(
+    fmt: str,
+    model: nn.Module,
+    prep: Preprocessing,
+    path: Path,
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    export_file(model, prep, path, metadata)
+
+
+def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
+    return run_file(path, images)

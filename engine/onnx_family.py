@@ -32,7 +32,13 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from engine.errors import EngineError, WeightsError, first_line
+from engine.errors import (
+    EngineError,
+    UnknownArchitecture,
+    WeightsError,
+    check_label_count,
+    first_line,
+)
 from engine.metadata import string_metadata
 from engine.preprocessing import Preprocessing
 
@@ -423,3 +429,37 @@ def export_file(
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+
+# The family protocol (engine.families.Family)
+NAME = FAMILY
+OWN_FORMATS = ("onnx",)  # its own graph, grown, rather than torch's export of it
+NOT_OFFERED = ("torchscript",)  # the graph runs in onnxruntime, which torch.jit cannot trace
+
+
+def check_name(name: str) -> None:
+    """Any name: the graph is the file."""
+    if not name:
+        raise UnknownArchitecture(f"{FAMILY}:", [f"{FAMILY}:model"])
+
+
+def read_upload(
+    upload: Path, architecture: str, num_labels: int, declared: bool
+) -> tuple[OnnxClassifier, Preprocessing | None]:
+    model = read_file(upload)
+    check_label_count(model, num_labels, TITLE)
+    return model, preprocessing_of(model) if declared else None
+
+
+def export(
+    fmt: str,
+    model: nn.Module,
+    prep: Preprocessing,
+    path: Path,
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    export_file(model, prep, path, metadata)
+
+
+def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
+    return run_file(path, images)

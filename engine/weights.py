@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.architectures import build_model
 from engine.errors import WeightsError, first_line, resource_error
-from engine.families import family_of, module_for
+from engine.families import family, family_of
 from engine.heads import Head, find_head
 from engine.metadata import string_metadata
 
@@ -130,9 +130,9 @@ def load_classifier(architecture: str, num_labels: int, path: Path) -> tuple[nn.
     is read; the label count is checked against the classifier layer's rows first, so a
     mismatch says both numbers instead of a shape error.
     """
-    family = module_for(architecture.partition(":")[0])
-    if family is not None:  # strict too, each by its own format (from_pretrained, Keras, ONNX)
-        model = family.load(path, num_labels)
+    own = family(architecture.partition(":")[0])
+    if own is not None:  # strict too, each by its own format (from_pretrained, Keras, ONNX)
+        model = own.load(path, num_labels)
         return model, find_head(model)
     model = build_model(architecture, num_labels)
     head = find_head(model)
@@ -152,9 +152,9 @@ def save_safetensors(path: Path, model: nn.Module, metadata: Mapping[str, object
     """Write the model's state dict with string metadata; non-strings are stored as JSON.
     A Hugging Face model is written as its own checkpoint, a Keras model as its variables,
     each with its config in the metadata."""
-    family = module_for(family_of(model))
-    if family is not None:
-        family.save(path, model, metadata)
+    own = family(family_of(model))
+    if own is not None:
+        own.save(path, model, metadata)
         return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = string_metadata(metadata)

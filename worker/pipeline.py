@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from core import job_state
 from core.db import session_scope
@@ -27,7 +26,12 @@ from core.logs import current_job
 from core.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from core.settings import Settings
 from core.storage import Storage, StoredObject, open_storage
-from core.versions import add_version, artifact_metadata, store_model_files
+from core.versions import (
+    add_version,
+    artifact_metadata,
+    next_version_number,
+    store_model_files,
+)
 from engine.artifacts import PROBE_IMAGES
 from engine.data import sample_images
 from engine.errors import DiskFull, EngineError, JobCancelled, resource_error
@@ -276,7 +280,7 @@ def _write_success(
             f"{fmt} ({reason}); its formats are {', '.join(artifacts)}"
             for fmt, reason in failed_exports.items()
         ]
-        number = _next_version(session, spec.model_id)
+        number = next_version_number(session, spec.model_id)
         warnings += outcome_warnings(gate, spec, number, metrics)
         fenced = fenced_finish(
             session, job_id, attempt, JobStatus.SUCCEEDED, metrics=metrics, warnings=warnings
@@ -342,13 +346,6 @@ def outcome_warnings(
             f"{len(conflicts)} images were left out: the same image under two labels, e.g. {shown}"
         )
     return out
-
-
-def _next_version(session: Session, model_id: str) -> int:
-    current = session.scalar(
-        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)
-    )
-    return (current or 0) + 1
 
 
 def _discard(storage: Storage, stored: list[StoredObject], job_id: str) -> None:
