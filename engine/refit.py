@@ -9,7 +9,8 @@ as a whole rather than only grown: a class-balanced softmax regression over ever
 * the old logits of every image are kept near the original layer's (distillation), so the
   refit keeps the original's view of every image it sees;
 * both ridges are measured in the features' own geometry: standardised, then whitened by the
-  shrunk within-class covariance, so no feature dimension dominates by its scale;
+  shrunk within-class covariance (through its Cholesky factor), so no feature dimension
+  dominates by its scale;
 * every image weighs the same, however many augmented views it has: a view weighs one over its
   image's views, and the ridges are scaled per image.
 
@@ -75,10 +76,10 @@ def _geometry(
     num_classes: int,
     shrink: float,
     center: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean, std, U, e)``: standardisation, and the eigenvectors and eigenvalues of the
-    shrunk within-class covariance of the standardised features (``U`` empty when shrunk all
-    the way to the identity)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, std, L)``: standardisation, and the Cholesky factor of the shrunk within-class
+    covariance of the standardised features (``L`` empty when shrunk all the way to the
+    identity)."""
     n, dim, device = len(targets), features.shape[1], targets.device
     f64 = {"dtype": torch.float64, "device": device}
     total = torch.zeros(dim, **f64)
@@ -94,8 +95,7 @@ def _geometry(
     std = var.sqrt()
     std = std.clamp_min(1e-6 * float(std.mean()) + 1e-12)
     if shrink >= 1:  # the identity: standardised features, no rotation
-        ones = torch.ones(dim, device=device)
-        return mean.float(), std.float(), torch.eye(0, device=device), ones
+        return mean.float(), std.float(), torch.eye(0, device=device)
     counts = torch.bincount(targets, minlength=num_classes).double().clamp_min(1)
     class_mean = (by_class / counts[:, None] - mean) / std
     scatter = torch.zeros(dim, dim, **f64)
@@ -106,18 +106,21 @@ def _geometry(
     scatter /= n
     scatter /= scatter.diagonal().mean() + 1e-12
     scatter = (1 - shrink) * scatter + shrink * torch.eye(dim, **f64)
-    e, u = symmetric_eigh(scatter.float())  # shrunk: well conditioned; float32 is 2x faster
-    return mean.float(), std.float(), u, e.clamp_min(1e-6)
+    return mean.float(), std.float(), whitening_factor(scatter.float())  # shrunk: well conditioned
 
 
-def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh``; on a CPU in one thread. The CPU's threaded eigensolver spins
-    when the cores are busy (an API beside the worker, other jobs): measured here on a loaded
-    2-core machine, 2.4 s for a 512 x 512 matrix on two threads, 0.033 s on one."""
+def whitening_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """``L``, lower-triangular, with ``L @ L.T == matrix`` (Cholesky). Whitening by ``L``'s
+    inverse is whitening by the eigendecomposition up to a rotation, which neither the ridges
+    (Frobenius norms) nor L-BFGS can tell apart, at a quarter of the cost: on one thread 0.05
+    against 0.20 s for 1,280 features (mobilenetv3's), 0.26 against 0.87 s for 2,048. On a
+    CPU in one thread: threaded LAPACK spins when the cores are busy (an API beside the
+    worker, other jobs): measured on a loaded 2-core machine, an eigendecomposition of
+    512 x 512 took 2.4 s on two threads and 0.033 s on one."""
     if matrix.device.type != "cpu":
-        return torch.linalg.eigh(matrix)
+        return torch.linalg.cholesky(matrix)
     with one_thread():
-        return torch.linalg.eigh(matrix)
+        return torch.linalg.cholesky(matrix)
 
 
 def refit_layer(
@@ -151,18 +154,20 @@ def refit_layer(
         else row_weight.to(device, dtype=torch.float32)
     )
     images = float(share.sum())
-    mean, std, u, e = _geometry(
+    mean, std, factor = _geometry(
         features, targets, index, num_classes, cfg.metric_shrink, center=train_bias
     )
-    root = e.sqrt()
-    rotate = u.numel() > 0
+    rotate = factor.numel() > 0
+    if rotate:  # q-space rows are standardised rows times L; back through L's inverse, once
+        eye = torch.eye(len(factor), device=device)
+        inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
 
     def from_q(wq: torch.Tensor, bq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wx = ((wq / root) @ u.T if rotate else wq) / std
+        wx = (wq @ inverse if rotate else wq) / std
         return wx, bq - wx @ mean
 
     w0, b0 = weight.float(), bias.float()
-    start_q = (w0 * std) @ (u * root) if rotate else w0 * std  # the rows in q-space
+    start_q = (w0 * std) @ factor if rotate else w0 * std  # the rows in q-space
     start_b = b0 + w0 @ mean
     anchor = start_q[:num_old].clone()
     counts = torch.bincount(targets, weights=share, minlength=num_classes).float()
