@@ -349,8 +349,12 @@ def write_folder(
     )
 
 
-def export_folder(
-    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+def export(
+    fmt: str,
+    model: nn.Module,
+    prep: Preprocessing,
+    path: Path,
+    metadata: Mapping[str, object] | None = None,
 ) -> None:
     """The version as a zip of the folder ``from_pretrained`` loads (``config.json`` with its
     labels, ``model.safetensors``, ``preprocessor_config.json``), plus ``graft.json`` (the
@@ -389,16 +393,6 @@ def read_upload(
     if named != architecture:
         raise Mismatch(f"the model's config.json is a {named}, not {architecture}", "architecture")
     return model, prep if declared else None
-
-
-def export(
-    fmt: str,
-    model: nn.Module,
-    prep: Preprocessing,
-    path: Path,
-    metadata: Mapping[str, object] | None = None,
-) -> None:
-    export_folder(model, prep, path, metadata)
 
 
 def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:

@@ -203,7 +203,7 @@ def _check_config(path: Path) -> None:
             stack.extend(item)
 
 
-def run_file(path: Path, images: torch.Tensor) -> torch.Tensor:
+def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
     """What a ``.keras`` file outputs for ``images`` (``[N, C, H, W]``), loaded and called
     the way Keras users do (``load_model``, ``training=False``)."""
     keras = _keras()
@@ -280,8 +280,12 @@ def load(path: Path, num_labels: int) -> KerasClassifier:
     return classifier
 
 
-def export_file(
-    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+def export(
+    fmt: str,
+    model: nn.Module,
+    prep: Preprocessing,
+    path: Path,
+    metadata: Mapping[str, object] | None = None,
 ) -> None:
     """The version as a ``.keras`` file (``keras.saving.load_model`` opens it)."""
     if not isinstance(model, KerasClassifier):
@@ -311,17 +315,3 @@ def read_upload(
     model = read_file(upload)
     check_label_count(model, num_labels, TITLE)
     return model, preprocessing_of(model) if declared else None
-
-
-def export(
-    fmt: str,
-    model: nn.Module,
-    prep: Preprocessing,
-    path: Path,
-    metadata: Mapping[str, object] | None = None,
-) -> None:
-    export_file(model, prep, path, metadata)
-
-
-def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
-    return run_file(path, images)

@@ -360,7 +360,7 @@ def run_session(
     return torch.from_numpy(np.concatenate(parts))
 
 
-def run_file(path: Path, images: torch.Tensor) -> torch.Tensor:
+def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
     """The output of an ONNX file for ``images`` (``[N, C, H, W]``), run by onnxruntime as a
     user would: the graph's own layout and batch size."""
     import onnxruntime as ort  # noqa: PLC0415
@@ -417,8 +417,12 @@ def load(path: Path, num_labels: int) -> OnnxClassifier:
     return model
 
 
-def export_file(
-    model: nn.Module, prep: Preprocessing, path: Path, metadata: Mapping[str, object] | None = None
+def export(
+    fmt: str,
+    model: nn.Module,
+    prep: Preprocessing,
+    path: Path,
+    metadata: Mapping[str, object] | None = None,
 ) -> None:
     """The grown original graph, with Graft's description in its ``metadata_props``."""
     if not isinstance(model, OnnxClassifier):
@@ -449,17 +453,3 @@ def read_upload(
     model = read_file(upload)
     check_label_count(model, num_labels, TITLE)
     return model, preprocessing_of(model) if declared else None
-
-
-def export(
-    fmt: str,
-    model: nn.Module,
-    prep: Preprocessing,
-    path: Path,
-    metadata: Mapping[str, object] | None = None,
-) -> None:
-    export_file(model, prep, path, metadata)
-
-
-def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
-    return run_file(path, images)
