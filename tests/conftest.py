@@ -81,16 +81,89 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return s.data_dir / "graft.db"
 
 
-@pytest.fixture()
-def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
+def _settings(data_dir: Path) -> Settings:
     # poll_cache_s=0: tests read right after writing behind the API's back (tests/app/test_load.py
     # covers the cache itself)
     from core.settings import Settings
 
-    s = Settings(data_dir=tmp_path / "var", sweep_interval_s=0, job_lease_s=30, poll_cache_s=0)
+    return Settings(data_dir=data_dir, sweep_interval_s=0, job_lease_s=30, poll_cache_s=0)
+
+
+# A test that asks for one of these fixtures starts from a copy of the data folder where it was
+# made once for the session (tests/support/templates.py), the first one asked for winning.
+TEMPLATES = {"grown_model": "grown_folder", "model": "registered_folder"}
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, migrated_sqlite: Path, request: pytest.FixtureRequest) -> Settings:
+    from tests.support.templates import copy_data_folder
+
+    s = _settings(tmp_path / "var")
+    wanted = next((t for name, t in TEMPLATES.items() if name in request.fixturenames), None)
+    if wanted:
+        copy_data_folder(request.getfixturevalue(wanted)[0], s.data_dir)
+    s.ensure_dirs()
+    if not wanted:
+        shutil.copyfile(migrated_sqlite, s.data_dir / "graft.db")
+    return s
+
+
+@pytest.fixture(scope="session")
+def registered_folder(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path, base_weights: Path
+) -> tuple[Path, dict]:
+    """A data folder where the digits model (0-8) was registered through the API, and the
+    API's answer."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.support.templates import freeze
+
+    s = _settings(tmp_path_factory.mktemp("registered") / "var")
     s.ensure_dirs()
     shutil.copyfile(migrated_sqlite, s.data_dir / "graft.db")
-    return s
+    with TestClient(create_app(s)) as c:
+        response = D.register_digits(c, base_weights)
+        assert response.status_code == 201, response.text
+    return freeze(s), response.json()
+
+
+@pytest.fixture(scope="session")
+def grown_folder(
+    tmp_path_factory: pytest.TempPathFactory, registered_folder, digit_splits
+) -> tuple[Path, dict]:
+    """A data folder with digits v1 (0-8, registered) and v2 (0-9, grown by a job on 20 held-out
+    scans of each old digit and 10 nines), and that job."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.support.templates import copy_data_folder, freeze
+    from worker import pipeline
+
+    s = _settings(tmp_path_factory.mktemp("grown") / "var")
+    copy_data_folder(registered_folder[0], s.data_dir)
+    archive = D.digits_archive(digit_splits[1], old_per_class=20, new_shots=10)
+    with TestClient(create_app(s)) as c:
+        train = c.post("/v1/datasets", files={"archive": ("train.zip", archive)}).json()
+        job = c.post("/v1/jobs", json={"model": "digits", "dataset_id": train["id"]}).json()
+        pipeline.run_job(job["id"], s)
+        job = c.get(f"/v1/jobs/{job['id']}").json()
+        assert job["status"] == "succeeded" and job["result"]["version"] == 2, job
+    return freeze(s), job
+
+
+@pytest.fixture()
+def model(settings: Settings, registered_folder) -> dict:
+    """The digits model (0-8) as registered through the API (its answer): version 1, in this
+    test's data folder."""
+    return registered_folder[1]
+
+
+@pytest.fixture()
+def grown_model(settings: Settings, grown_folder) -> dict:
+    """The digits model with version 2 (0-9) grown from version 1 by a job (that job), in this
+    test's data folder."""
+    return grown_folder[1]
 
 
 @pytest.fixture()

@@ -26,13 +26,6 @@ def assert_problem(response, status: int, *, field: str | None = None, says: str
 
 
 @pytest.fixture()
-def model(client, base_weights):
-    response = register_digits(client, base_weights)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-@pytest.fixture()
 def dataset(client, digit_splits):
     archive = digits_archive(digit_splits[1], old_per_class=3, new_shots=3)
     response = client.post("/v1/datasets", files={"archive": ("d.zip", archive)})
@@ -394,7 +387,8 @@ class TestJobs:
 
 
 class TestOperations:
-    def test_health_ready_metrics_docs(self, client, model):
+    def test_health_ready_metrics_docs(self, client, base_weights):
+        assert register_digits(client, base_weights).status_code == 201
         assert client.get("/healthz").json()["status"] == "ok"
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["checks"] == {

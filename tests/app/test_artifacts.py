@@ -95,9 +95,8 @@ def test_a_registered_version_1_downloads_in_every_format(
 
 
 def test_a_job_made_version_downloads_in_every_format(
-    settings, client, base_weights, digit_splits, tmp_path
+    settings, client, model, digit_splits, tmp_path
 ):
-    assert register_digits(client, base_weights).status_code == 201
     held = digit_splits[1]
     archive = digits_archive(held, old_per_class=20, new_shots=10)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
@@ -115,10 +114,7 @@ def test_a_job_made_version_downloads_in_every_format(
     assert sum(p == str(d) for p, d in zip(predicted, [*OLD, 9], strict=True)) >= 8
 
 
-def test_a_job_asked_for_no_exports_stores_safetensors_only(
-    settings, client, base_weights, digit_splits
-):
-    assert register_digits(client, base_weights).status_code == 201
+def test_a_job_asked_for_no_exports_stores_safetensors_only(settings, client, model, digit_splits):
     archive = digits_archive(digit_splits[1], old_per_class=3, new_shots=3)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     job = client.post(
@@ -210,8 +206,7 @@ class TestDownloads:
     URL = "/v1/models/digits/versions/1/artifact"
 
     @pytest.fixture()
-    def whole(self, client, base_weights) -> bytes:
-        assert register_digits(client, base_weights).status_code == 201
+    def whole(self, client, model) -> bytes:
         response = client.get(self.URL)
         assert response.headers["accept-ranges"] == "bytes"
         return response.content

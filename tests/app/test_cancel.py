@@ -8,13 +8,12 @@ import threading
 import time
 
 from app.schemas import JobRead
-from devkit.digits import digits_archive, register_digits
+from devkit.digits import digits_archive
 from graft.cli_jobs import state_of
 from worker import pipeline
 
 
-def submit(client, base_weights, digit_splits) -> str:
-    assert register_digits(client, base_weights).status_code == 201
+def submit(client, digit_splits) -> str:
     archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     return client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]}).json()[
@@ -27,9 +26,9 @@ def stored_files(settings) -> list:
 
 
 def test_a_cancel_during_the_export_wins_and_nothing_of_the_job_is_kept(
-    settings, client, base_weights, digit_splits
+    settings, client, model, digit_splits
 ):
-    job_id = submit(client, base_weights, digit_splits)
+    job_id = submit(client, digit_splits)
     before = stored_files(settings)
     # progress is saved at every heartbeat: often, so that the export stage is seen in time
     quick = settings.model_copy(update={"heartbeat_s": 0.05})
@@ -54,9 +53,9 @@ def test_a_cancel_during_the_export_wins_and_nothing_of_the_job_is_kept(
 
 
 def test_a_cancel_after_the_version_is_recorded_is_409_naming_it(
-    settings, client, base_weights, digit_splits
+    settings, client, model, digit_splits
 ):
-    job_id = submit(client, base_weights, digit_splits)
+    job_id = submit(client, digit_splits)
     pipeline.run_job(job_id, settings)
     answer = client.post(f"/v1/jobs/{job_id}/cancel")
     assert answer.status_code == 409

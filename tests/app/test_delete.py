@@ -63,13 +63,6 @@ def model_files(settings: Settings) -> list[Path]:
 
 
 @pytest.fixture()
-def model(client, base_weights) -> dict:
-    response = register_digits(client, base_weights)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-@pytest.fixture()
 def lineage(client, settings, model, digit_splits) -> dict:
     """Version 1 (registered, promoted, latest) and version 2, made from it by a job that had
     images of the new label only: unverified, so version 1 stays the latest. The job."""

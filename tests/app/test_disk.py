@@ -51,9 +51,8 @@ def test_uploads_on_a_crowded_disk_are_507_and_leave_nothing(
 
 @pytest.mark.fault("the disk fills up")
 def test_a_worker_on_a_crowded_disk_fails_the_job_as_disk_full(
-    settings, crowded, client, base_weights, digit_splits, observed
+    settings, crowded, client, model, digit_splits, observed
 ):
-    assert register_digits(client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=2)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     job_id = client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]})
@@ -66,8 +65,7 @@ def test_a_worker_on_a_crowded_disk_fails_the_job_as_disk_full(
     observed("a job started below the floor: failed disk_full at the start, no version")
 
 
-def submit(client, base_weights, digit_splits, config: dict | None = None) -> str:
-    assert register_digits(client, base_weights).status_code == 201
+def submit(client, digit_splits, config: dict | None = None) -> str:
     archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     body = {"model": "digits", "dataset_id": dataset["id"], "config": config or {}}
@@ -76,9 +74,9 @@ def submit(client, base_weights, digit_splits, config: dict | None = None) -> st
 
 @pytest.mark.fault("the disk fills up")
 def test_a_version_whose_files_would_cross_the_floor_is_not_written(
-    settings, client, base_weights, digit_splits, observed
+    settings, client, model, digit_splits, observed
 ):
-    job_id = submit(client, base_weights, digit_splits)
+    job_id = submit(client, digit_splits)
     before = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
     # 250 MB above the floor: the job runs (it writes a few MB before its files), but a
     # resnet18's three files (45 MB each, written in the job's folder and then stored: about
@@ -98,9 +96,9 @@ def test_a_version_whose_files_would_cross_the_floor_is_not_written(
 
 @pytest.mark.fault("the disk fills up")
 def test_a_disk_that_fills_while_a_job_runs_stops_it_as_disk_full(
-    settings, client, base_weights, digit_splits, observed
+    settings, client, model, digit_splits, observed
 ):
-    job_id = submit(client, base_weights, digit_splits, SLOW)
+    job_id = submit(client, digit_splits, SLOW)
     before = sorted(p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file())
     free = shutil.disk_usage(settings.data_dir).free // MiB
     tight = settings.model_copy(update={"min_free_disk_mb": free - 200})

@@ -47,8 +47,7 @@ class PoolWatch:
 
 
 @pytest.fixture()
-def queued_job(client, base_weights, digit_splits) -> str:
-    assert register_digits(client, base_weights).status_code == 201
+def queued_job(client, model, digit_splits) -> str:
     archive = digits_archive(digit_splits[1], old_per_class=3)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     job = client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]})

@@ -6,12 +6,11 @@ import json
 import logging
 
 from core.logs import configure_logging
-from devkit.digits import digits_archive, register_digits
+from devkit.digits import digits_archive
 from worker import pipeline
 
 
-def test_logs_and_metrics_of_a_job(client, settings, base_weights, digit_splits, capsys):
-    assert register_digits(client, base_weights).status_code == 201
+def test_logs_and_metrics_of_a_job(client, settings, model, digit_splits, capsys):
     archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=6)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     job = client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]}).json()

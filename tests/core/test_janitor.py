@@ -20,14 +20,13 @@ from core.db import session_scope
 from core.models import Model, new_id
 from core.storage import open_storage
 from devkit import digits as D
-from devkit.digits import digits_archive, register_digits
+from devkit.digits import digits_archive
 from worker import pipeline
 
 
 @pytest.fixture()
-def leftovers(settings, client, base_weights, digit_splits, tmp_path):
+def leftovers(settings, client, model, digit_splits, tmp_path):
     """A model, a dataset and a queued job, and the debris of killed uploads and attempts."""
-    assert register_digits(client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=10)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     job_id = client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]})

@@ -12,7 +12,7 @@ from core import job_state
 from core.db import session_scope, utcnow
 from core.job_state import FINAL, TRANSITIONS, allowed
 from core.models import JobStatus
-from devkit.digits import digits_archive, register_digits
+from devkit.digits import digits_archive
 
 Q, R = JobStatus.QUEUED, JobStatus.RUNNING
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +36,7 @@ def test_the_transitions_run_queued_to_running_to_a_final_state_and_never_out_of
 
 
 @pytest.fixture()
-def job_id(client, base_weights, digit_splits):
-    assert register_digits(client, base_weights).status_code == 201
+def job_id(client, model, digit_splits):
     archive = digits_archive(digit_splits[1], old_per_class=2, new_shots=2)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     body = {"model": "digits", "dataset_id": dataset["id"]}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from devkit import digits as D
-from devkit.digits import OLD, digits_archive, register_digits
+from devkit.digits import OLD, digits_archive
 from engine import expand
 from engine.errors import OutOfMemory, resource_error
 from engine.expand import ExpansionConfig, expand_classifier
@@ -157,11 +157,10 @@ def test_gpu_out_of_memory_anywhere_else_names_the_gpu_settings():
 
 
 def test_a_job_that_never_fits_fails_with_code_out_of_memory(
-    small_gpu, settings, client, base_weights, digit_splits
+    small_gpu, settings, client, model, digit_splits
 ):
     """Through the worker: the job's error says what happened and which setting to lower."""
     small_gpu(lambda size, _, __: size > 4)
-    assert register_digits(client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=4, new_shots=4)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     job = client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]}).json()

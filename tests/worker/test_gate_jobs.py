@@ -11,10 +11,9 @@ from tests.worker.test_retention import run, upload
 
 
 def test_a_train_val_layout_is_refused_before_training_unless_named_on_purpose(
-    client, base_weights, digit_splits
+    client, model, digit_splits
 ):
     _, held = digit_splits
-    assert register_digits(client, base_weights).status_code == 201
     split = {f"train/{d}": held.of(d)[:6] for d in range(10)} | {
         f"val/{d}": held.of(d)[6:8] for d in range(10)
     }
@@ -48,10 +47,9 @@ def test_gate_settings_live_on_the_model_and_a_job_may_override_them(client, bas
 
 
 def test_a_label_too_small_to_judge_holds_the_version_and_says_what_would_decide_it(
-    client, settings, base_weights, digit_splits
+    client, settings, model, digit_splits
 ):
     _, held = digit_splits
-    assert register_digits(client, base_weights).status_code == 201
     one_shot = upload(client, {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:1]})
     job = run(client, settings, {"model": "digits", "dataset_id": one_shot["id"]})
     final = job["final"]
@@ -69,10 +67,9 @@ def test_a_label_too_small_to_judge_holds_the_version_and_says_what_would_decide
 
 
 def test_images_filed_under_the_wrong_label_are_named_with_the_label_they_look_like(
-    client, settings, base_weights, digit_splits
+    client, settings, model, digit_splits
 ):
     _, held = digit_splits
-    assert register_digits(client, base_weights).status_code == 201
     folders = {str(d): held.of(d)[:20] for d in OLD} | {"9": held.of(9)[:10]}
     strays = held.of(3)[40:44]  # four 3s filed as 5s
     folders["5"] = folders["5"] + strays

@@ -11,14 +11,13 @@ from app.sweeper import sweep
 from core.db import session_scope, utcnow
 from core.models import Job, ModelVersion
 from core.storage import open_storage
-from devkit.digits import digits_archive, register_digits
+from devkit.digits import digits_archive
 from worker import pipeline
 from worker.spec import load_spec
 
 
 @pytest.fixture()
-def job_id(client, base_weights, digit_splits):
-    assert register_digits(client, base_weights).status_code == 201
+def job_id(client, model, digit_splits):
     archive = digits_archive(digit_splits[1], old_per_class=20, new_shots=10)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     response = client.post(

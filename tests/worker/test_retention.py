@@ -42,10 +42,9 @@ def held_out_old_accuracy(client, name, version, held) -> float:
 
 
 def test_new_label_images_alone_give_an_unverified_version_that_does_not_become_latest(
-    client, settings, base_weights, digit_splits
+    client, settings, model, digit_splits
 ):
     _, held = digit_splits
-    assert register_digits(client, base_weights).status_code == 201
     nines = upload(client, {"9": held.of(9)[:10]})
     job = run(client, settings, {"model": "digits", "dataset_id": nines["id"]})
     [warning] = job["warnings"]  # said at submission, in the 202 answer
@@ -140,9 +139,8 @@ def test_a_reference_set_makes_new_label_uploads_measured_gated_and_safe(
     assert measured["seen_by_base"] == 0 and third["final"]["metrics"]["old_classes"]["n"] == 190
 
 
-def test_adding_to_a_reference_set(client, settings, base_weights, digit_splits):
+def test_adding_to_a_reference_set(client, settings, model, digit_splits):
     _, held = digit_splits
-    assert register_digits(client, base_weights).status_code == 201
     assert client.get("/v1/models/digits/versions/1").json()["reference"] == {}
     first = upload(client, {"0": held.of(0)[:5], "1": held.of(1)[:5], "cat": held.of(3)[:2]})
     answer = client.post("/v1/models/digits/versions/1/reference", json={"dataset_id": first["id"]})

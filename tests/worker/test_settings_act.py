@@ -29,8 +29,7 @@ from worker.lifecycle import Heartbeat, with_retries
 
 
 @pytest.fixture()
-def job_id(client, base_weights, digit_splits):
-    assert register_digits(client, base_weights).status_code == 201
+def job_id(client, model, digit_splits):
     archive = digits_archive(digit_splits[1], old_per_class=2, new_shots=2)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     return client.post("/v1/jobs", json={"model": "digits", "dataset_id": dataset["id"]}).json()[
@@ -110,12 +109,11 @@ def test_graft_db_retry_s_is_how_long_a_final_write_waits_for_the_database(caplo
 
 
 def test_graft_min_retention_images_is_what_retention_needs_to_be_measured(
-    settings, client, base_weights, digit_splits
+    settings, client, model, digit_splits
 ):
     """18 images of the old labels, 9 of them measured: too few at the default (20), enough
     at 5. The API's
     setting counts, when the job is submitted: the job keeps the gate it was given."""
-    assert register_digits(client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=2, new_shots=4)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     body = {"model": "digits", "base_version": 1, "dataset_id": dataset["id"]}
@@ -133,9 +131,8 @@ def test_graft_min_retention_images_is_what_retention_needs_to_be_measured(
 
 
 def test_graft_reference_selection_is_how_a_job_picks_the_images_it_keeps(
-    settings, client, base_weights, digit_splits
+    settings, client, model, digit_splits
 ):
-    assert register_digits(client, base_weights).status_code == 201
     archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
     dataset = client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()
     body = {"model": "digits", "base_version": 1, "dataset_id": dataset["id"]}
