@@ -31,7 +31,7 @@ from tests.support.processes import start_api
 from worker import pipeline
 
 BUCKET, OTHER = "graft-images", "graft-private"
-DIGITS = 3000
+DIGITS = 1200  # more than one page (1000 keys) of S3's listing
 SETTLE_S = 600  # a guard against a hang, not a speed requirement
 
 
@@ -44,7 +44,7 @@ def png(pixels: np.ndarray, size: int = 16) -> bytes:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server holding ``digits/<label>/<n>.png``: 3000 scans of sklearn's digits
+    """A moto S3 server holding ``digits/<label>/<n>.png``: 1200 scans of sklearn's digits
     over 10 labels; and a bucket the server is not allowed to import from."""
     with moto_server(tmp_path_factory.mktemp("moto")) as (endpoint, _):
         client = boto3.client(
@@ -131,7 +131,7 @@ def assert_problem(response, status: int, says: str) -> None:
     assert says in response.json()["detail"], response.json()
 
 
-def test_a_prefix_of_thousands_of_images_becomes_a_ready_dataset(importing, s3):
+def test_a_prefix_of_more_than_a_listing_page_of_images_becomes_a_ready_dataset(importing, s3):
     client, settings = importing
     response = client.post("/v1/datasets", json={"source": f"s3://{BUCKET}/digits/"})
     assert response.status_code == 202, response.text
