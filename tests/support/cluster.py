@@ -35,11 +35,13 @@ class Cluster:
         self.pollers = Pollers(self.client.get)  # a user polling through every fault
 
     def worker(self, **env: str) -> subprocess.Popen:
-        """A `graft worker` process; ``env``: GRAFT_* settings of its own."""
+        """A `graft worker` process; ``env``: GRAFT_* settings of its own. Its torch computes on
+        one thread: these tests run two workers, the API and a sandbox at once on a CI machine
+        of two cores, where workers of two spinning threads each ran jobs 2.7 times slower."""
         log = (self.logs / f"worker{len(self.workers)}.log").open("w")
         process = subprocess.Popen(
             [sys.executable, "-m", "graft.cli", "worker"],
-            env={**os.environ, **self.env, **env},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
