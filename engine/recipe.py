@@ -23,7 +23,7 @@ from engine.calibrate import (
     fold_into_layer,
     layer_logits,
 )
-from engine.refit import Refit, refit_layer
+from engine.refit import Refit, Solve, refit_layer
 from engine.train import (
     HeadTraining,
     calibrate_new_bias,
@@ -128,6 +128,7 @@ class LayerRecipe:
         self.num_old, self.new_classes = len(old_bias), new_classes
         self.init, self.training, self.calibration = init, training, calibration
         self.should_stop = should_stop
+        self.solves: list[Solve] = []  # every refit's, in order: the folds', then the layer's
         few_shot = init == "imprint" and images is not None
         self.imprinted = [c for c in new_classes if int(images[c]) <= FEW_SHOT] if few_shot else []
 
@@ -269,6 +270,7 @@ class LayerRecipe:
             should_stop=self.should_stop,
             device=self.device,
             row_weight=rows.image_share(),
+            on_solved=self.solves.append,
         )
         few = [c for c in self.imprinted if bool((rows.y == c).any())]
         if few and self.has_bias:

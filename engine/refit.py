@@ -22,8 +22,9 @@ once when they fit in a quarter of its free memory, else chunk by chunk on every
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,49 @@ from engine.device import one_thread
 from engine.errors import JobCancelled
 
 CHUNK = 8192  # rows per step of a pass over the features (they may be memory-mapped)
+SLOW_ON_CPU_S = 180  # a job whose refits took longer on the CPU says a GPU worker would help
+
+
+@dataclass(frozen=True)
+class Solve:
+    """One refit as solved: its size, L-BFGS's iterations and loss evaluations, the largest
+    gradient component where it stopped (in the whitened space; L-BFGS stops below 1e-6, when
+    the loss stops changing, or at ``Refit.max_iter``), the time."""
+
+    rows: int
+    features: int
+    classes: int
+    iterations: int
+    evaluations: int
+    gradient_max: float
+    seconds: float
+    device: str
+
+
+def solver_report(solves: list[Solve]) -> dict:
+    """What a job's refits cost and how far they converged: every fold's refit, then the
+    layer's on every image (``final``)."""
+    return {
+        "count": len(solves),
+        "device": solves[-1].device,
+        "seconds": round(sum(s.seconds for s in solves), 3),
+        "iterations_max": max(s.iterations for s in solves),
+        "gradient_max": max(s.gradient_max for s in solves),
+        "final": asdict(solves[-1]),
+    }
+
+
+def slow_on_cpu(report: dict) -> str | None:
+    """A warning when a job's refits were slow on the CPU, else None."""
+    if report["device"] != "cpu" or report["seconds"] <= SLOW_ON_CPU_S:
+        return None
+    final = report["final"]
+    return (
+        f"fitting the layer took {report['seconds'] / 60:.0f} minutes on the CPU "
+        f"({report['count']} refits of up to {final['rows']:,} rows x {final['features']:,} "
+        f"features x {final['classes']:,} labels): a GPU worker solves them in seconds "
+        "(a worker on a machine with a GPU uses it)"
+    )
 
 
 @dataclass(frozen=True)
@@ -136,13 +180,16 @@ def refit_layer(
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str | None = None,
     row_weight: torch.Tensor | None = None,
+    on_solved: Callable[[Solve], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer refitted on ``features[index]`` (every row when None) labelled ``targets``;
     ``weight``/``bias`` hold the original old rows and a starting point for the new ones.
     With ``old_rows_frozen`` the old rows come back bit-identical; without ``train_bias`` the
     bias stays as given (and the features are not centred, which a bias would absorb).
     ``device``: where to solve (default the CPU); the layer comes back on the CPU.
-    ``row_weight``: each row's share of its image (one over its views; default 1)."""
+    ``row_weight``: each row's share of its image (one over its views; default 1).
+    ``on_solved``: told how the solve went (a :class:`Solve`)."""
+    started = time.perf_counter()
     device = torch.device("cpu" if device is None else device)
     features, index = _to_device(features, index, device)
     targets, weight, bias = targets.to(device), weight.to(device), bias.to(device)
@@ -227,6 +274,22 @@ def refit_layer(
         return torch.tensor(data / images) + penalty.detach()
 
     optimizer.step(closure)
+    if on_solved is not None:
+        seconds = time.perf_counter() - started
+        closure()  # the gradient where it stopped (one pass more)
+        state = optimizer.state[params[0]]
+        on_solved(
+            Solve(
+                rows=n,
+                features=weight.shape[1],
+                classes=num_classes,
+                iterations=int(state.get("n_iter", 0)),
+                evaluations=int(state.get("func_evals", 0)),
+                gradient_max=float(f"{float(max(p.grad.abs().max() for p in params)):.3g}"),
+                seconds=round(seconds, 3),
+                device=device.type,
+            )
+        )
     with torch.no_grad():
         full_w, full_b = layer()
         wx, bx = from_q(full_w, full_b)

@@ -24,6 +24,7 @@ from engine.gather import (
 from engine.heads import Head, expand_head
 from engine.lineage import NEVER, Lineage, near_duplicate_groups
 from engine.recipe import LayerRecipe, Rows
+from engine.refit import solver_report
 from engine.request import (
     FINETUNE_BATCH_SETTING,
     Compute,
@@ -122,6 +123,8 @@ def fit_and_measure(
         "cross_fitted", measured.groups, labels, num_old, folds=folds
     ) | metrics.pop("lineage")
     metrics["method"] = _method(recipe, rows, measured.layer.history)
+    if recipe.solves:
+        metrics["refit"] = solver_report(recipe.solves)
     grown = expand_head(model, head, len(labels) - num_old)
     _load_layer(grown, measured.layer.weight, measured.layer.bias)
     return model.cpu().eval(), metrics, measured.layer.history, measured.lineage
@@ -231,6 +234,8 @@ def fit_and_finetune(
     metrics["calibration"] = fitted.choice.as_metrics() | {"before_finetune": True}
     warm = _method(recipe, train_rows, fitted.history)
     metrics["method"] = f"{warm}+finetune:{cfg.freeze}"
+    if recipe.solves:
+        metrics["refit"] = solver_report(recipe.solves)
     base = request.lineage or Lineage()
     # the fine-tuned backbone saw its training split (and the base what it saw): no later job
     # can measure on those

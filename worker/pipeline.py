@@ -42,6 +42,7 @@ from engine.expand import (
 )
 from engine.gate import decide
 from engine.preprocessing import Preprocessing
+from engine.refit import slow_on_cpu
 from worker.evaluation import run_evaluation
 from worker.lifecycle import (
     Heartbeat,
@@ -337,6 +338,9 @@ def outcome_warnings(
             f"never saw them confidently put them in another label), e.g. {shown}: see "
             "metrics.label_issues"
         )
+    slow = slow_on_cpu(metrics["refit"]) if "refit" in metrics else None
+    if slow:
+        out.append(slow)
     conflicts = (metrics.get("hygiene") or {}).get("conflicts") or []
     if conflicts:
         shown = ", ".join(

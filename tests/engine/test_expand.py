@@ -19,6 +19,7 @@ from engine.data import scan_image_folder, stratified_split
 from engine.errors import JobCancelled, UnsupportedHead, WeightsError
 from engine.expand import ExpansionConfig, expand_classifier
 from engine.export import export_onnx
+from engine.refit import slow_on_cpu
 from engine.weights import (
     load_classifier,
     load_pickled_state_dict,
@@ -84,6 +85,17 @@ def test_metrics_describe_every_image(expansion):
     assert sum(map(sum, m["confusion_matrix"]["matrix"])) == 190
     assert m["per_class"]["9"]["support"] == m["new_classes"]["n"]
     assert m["method"] == "imprint+refit" and m["history"] == []  # one convex fit, no epochs
+    solver = m["refit"]  # five folds' refits, then the layer's on every image
+    assert solver["count"] == 6 and solver["device"] == "cpu"
+    assert solver["final"]["features"] == 512 and solver["final"]["classes"] == 10
+    assert solver["final"]["rows"] >= 190  # every image, each with its views
+    assert 0 < solver["final"]["iterations"] <= solver["iterations_max"] <= 200
+    assert solver["gradient_max"] < 1e-3, solver  # stopped near the optimum, not at the cap
+    assert slow_on_cpu(solver) is None  # a second's work says nothing
+    hours = solver | {"seconds": 3 * 3600}
+    assert "a GPU worker solves them in seconds" in slow_on_cpu(hours)
+    assert "180 minutes on the CPU" in slow_on_cpu(hours)
+    assert slow_on_cpu(hours | {"device": "cuda"}) is None
     assert [s.stage for s in stages][0] == "loading"
     assert {"extracting", "training", "evaluating"} <= {s.stage for s in stages}
 

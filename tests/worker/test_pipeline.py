@@ -58,6 +58,14 @@ def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
     assert client.get("/v1/models/digits").json()["latest_version"] == 2
     assert list(settings.tmp_dir.iterdir()) == []
 
+    # what its refits cost is in its metrics; had they taken minutes on the CPU, it would say
+    refit = job["metrics"]["refit"]
+    assert refit["device"] == "cpu" and refit["count"] == 6
+    assert not any("GPU worker" in w for w in job["warnings"])
+    slow = job["metrics"] | {"refit": refit | {"seconds": 600}}
+    said = pipeline.outcome_warnings(slow["gate"], load_spec(settings, job_id), 2, slow)
+    assert any("took 10 minutes on the CPU" in w and "GPU worker" in w for w in said), said
+
 
 def test_a_job_over_the_feature_memory_budget_spills_and_cleans_up(settings, client, job_id):
     config = client.get(f"/v1/jobs/{job_id}").json()["config"]
