@@ -20,7 +20,7 @@ from core.settings import Settings
 from devkit.faults import Pollers
 
 FINAL = {"succeeded", "failed", "cancelled"}
-SLOW = {"augmentation": {"views": 48, "rotation_degrees": 5}}  # long enough to interrupt
+SLOW = {"augmentation": {"views": 24, "rotation_degrees": 5}}  # long enough to interrupt
 
 
 class Cluster:
