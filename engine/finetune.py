@@ -21,22 +21,18 @@ from engine.device import autocast_for, compute_dtype, float32_head, grad_scaler
 from engine.errors import JobCancelled, UnsupportedHead
 from engine.heads import Head, find_head
 from engine.preprocessing import Preprocessing
-from engine.train import balanced_class_weights
+from engine.train import HeadTraining, balanced_class_weights
 
 
 @dataclass(frozen=True)
 class Finetuning:
+    """The backbone fine-tuned with the classifier layer: the layer's training settings (its
+    epochs, rate, batch, seed, and how the old rows move), which blocks are unfrozen, how much
+    slower they learn, and the loader's processes."""
+
     policy: str  # last_block | none
-    epochs: int
-    learning_rate: float
-    batch_size: int
-    weight_decay: float
-    old_rows_frozen: bool = True
-    old_rows_lr_scale: float = 0.01  # trainable old rows move this fraction of a step
+    training: HeadTraining
     backbone_lr_scale: float = 0.01
-    distillation_weight: float = 1.0
-    temperature: float = 2.0
-    seed: int = 0
     num_workers: int = 0  # loader processes decoding images, on a GPU only (as on CPU: none)
 
 
@@ -115,6 +111,7 @@ def finetune(
     distillation term holds near the teacher's); trainable, they keep ``old_rows_lr_scale``
     of each step, as on the cached-feature path.
     """
+    train = cfg.training
     model.requires_grad_(False).to(device).eval()
     teacher.requires_grad_(False).to(device).eval()
     backbone = trainable_backbone(model, head, cfg.policy)
@@ -123,30 +120,30 @@ def finetune(
         p.requires_grad_(True)
     layer = head.module
     old_rows = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-    keep = 0.0 if cfg.old_rows_frozen else cfg.old_rows_lr_scale
+    keep = 0.0 if train.old_rows_frozen else train.old_rows_lr_scale
     optimizer = torch.optim.AdamW(
         [
-            {"params": backbone, "lr": cfg.learning_rate * cfg.backbone_lr_scale},
-            {"params": head_params, "lr": cfg.learning_rate},
+            {"params": backbone, "lr": train.learning_rate * cfg.backbone_lr_scale},
+            {"params": head_params, "lr": train.learning_rate},
         ],
-        weight_decay=cfg.weight_decay,
+        weight_decay=train.weight_decay,
     )
     class_weights = balanced_class_weights(targets, head.module.out_features).to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(train.seed)
     loader = image_loader(
         ImageDataset(samples, prep, transform),
-        cfg.batch_size,
+        train.batch_size,
         device,
         cfg.num_workers,
         shuffle=True,
         generator=generator,
-        passes=cfg.epochs,
+        passes=train.epochs,
     )
     scaler = grad_scaler(device, _dtype(device, dtype))
     history = []
-    t = cfg.temperature
+    t = train.temperature
     with float32_head(model, head), float32_head(teacher, find_head(teacher)):
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, train.epochs + 1):
             total, seen = 0.0, 0
             for batch, index in loader:
                 if should_stop():
@@ -158,8 +155,8 @@ def finetune(
                     with torch.no_grad():
                         taught = teacher(batch)
                 loss = F.cross_entropy(logits, y, weight=class_weights)
-                if num_old and cfg.distillation_weight:
-                    loss = loss + cfg.distillation_weight * t * t * F.kl_div(
+                if num_old and train.distillation_weight:
+                    loss = loss + train.distillation_weight * t * t * F.kl_div(
                         F.log_softmax(logits[:, :num_old] / t, dim=1),
                         F.softmax(taught / t, dim=1),
                         reduction="batchmean",

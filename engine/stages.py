@@ -168,17 +168,7 @@ def fit_and_finetune(
     fitted = recipe.fit(train_rows, cfg.calibration.folds, on_epoch).layer
     grown = expand_head(model, head, len(labels) - num_old)
     _load_layer(grown, fitted.weight, fitted.bias)
-    settings = Finetuning(
-        policy=cfg.freeze,
-        epochs=cfg.training.epochs,
-        learning_rate=cfg.training.learning_rate,
-        batch_size=cfg.training.batch_size,
-        weight_decay=cfg.training.weight_decay,
-        old_rows_frozen=cfg.training.old_rows_frozen,
-        old_rows_lr_scale=cfg.training.old_rows_lr_scale,
-        seed=cfg.training.seed,
-        num_workers=cfg.num_workers,
-    )
+    settings = Finetuning(cfg.freeze, cfg.training, num_workers=cfg.num_workers)
     device = compute.device
     # the warm model, to start again from if fine-tuning runs out of GPU memory
     warm = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -191,7 +181,7 @@ def fit_and_finetune(
             [images.samples[i] for i in train],
             images.targets[train],
             num_old,
-            replace(settings, batch_size=batch_size),
+            replace(settings, training=replace(settings.training, batch_size=batch_size)),
             prep,
             train_transform(prep, cfg.augmentation),
             device,
@@ -206,7 +196,7 @@ def fit_and_finetune(
         tune,
         progress,
         "training",
-        batch_size=settings.batch_size,
+        batch_size=settings.training.batch_size,
         lower=FINETUNE_BATCH_SETTING,
         on_retry=lambda _: model.load_state_dict(warm),
     )
