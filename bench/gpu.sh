@@ -13,10 +13,12 @@
 #   4. bench/decode_profile.py on the GPU: where the extraction pass's time goes on 10,000
 #      JPEG photos (and 2,000 PNGs of them): each CPU stage of a loader item, the engine's
 #      loader alone, the extraction pass, nvjpeg decoding with resizing on the GPU (alone and
-#      feeding the same pass), a pure forward, and the host-to-device copy.
+#      feeding the same pass), a pure forward, and the host-to-device copy;
+#   5. bench/refit_scale.py on the GPU: one cross-fitted refit of a layer of 1,000 old and 200
+#      new labels over 2,048 features of 100,000 images (iterations, gradient, seconds, memory).
 #
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu.log (the tests' JUnit report to
-# $OUT/cuda-tests.xml). Every step has a time limit (about 9 minutes in all, past `make
+# $OUT/cuda-tests.xml). Every step has a time limit (about 11 minutes in all, past `make
 # install`), so the script cannot hang. Exits non-zero if any step failed; later steps still run.
 set -euo pipefail
 
@@ -92,6 +94,9 @@ run "speed" 200 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --re
 step "bench/decode_profile.py: where the extraction pass's time goes, on JPEG and PNG photos"
 run "decode profile" 130 "$PY" bench/decode_profile.py --device cuda --images 10000 \
   --workers "$WORKERS" --budget 105
+
+step "bench/refit_scale.py: one cross-fitted refit, 1,000 + 200 labels, 2,048 features, 100k images"
+run "refit at scale" 150 "$PY" bench/refit_scale.py --device cuda --images 100000
 
 step "done"
 if (( ${#failed[@]} )); then
