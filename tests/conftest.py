@@ -92,6 +92,27 @@ def _settings(data_dir: Path) -> Settings:
 # A test that asks for one of these fixtures starts from a copy of the data folder where it was
 # made once for the session (tests/support/templates.py), the first one asked for winning.
 TEMPLATES = {"grown_model": "grown_folder", "model": "registered_folder"}
+TEMPLATE_FOLDERS: list[Path] = []  # made so far; removed once the last test using them is done
+TEMPLATE_USERS = pytest.StashKey[int]()
+
+
+def _uses_template(item: pytest.Item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in TEMPLATES)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.stash[TEMPLATE_USERS] = sum(1 for item in session.items if _uses_template(item))
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The template folders go as soon as no test left in the run will copy them (the suite's
+    temporary files are a budget: the docs walkthrough, later, needs 1.8 GB of its own)."""
+    if not _uses_template(item):
+        return
+    item.session.stash[TEMPLATE_USERS] -= 1
+    if item.session.stash[TEMPLATE_USERS] == 0:
+        for folder in TEMPLATE_FOLDERS:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -125,6 +146,7 @@ def registered_folder(
     with TestClient(create_app(s)) as c:
         response = D.register_digits(c, base_weights)
         assert response.status_code == 201, response.text
+    TEMPLATE_FOLDERS.append(s.data_dir)
     return freeze(s), response.json()
 
 
@@ -149,6 +171,7 @@ def grown_folder(
         pipeline.run_job(job["id"], s)
         job = c.get(f"/v1/jobs/{job['id']}").json()
         assert job["status"] == "succeeded" and job["result"]["version"] == 2, job
+    TEMPLATE_FOLDERS.append(s.data_dir)
     return freeze(s), job
 
 
