@@ -108,21 +108,22 @@ def main() -> None:
             f"{solve.gradient_max:>9.2g} {solve.seconds:>8.1f}"
         )
     solving = sum(s.seconds for s in recipe.solves)
-    evaluations = sum(s.evaluations for s in recipe.solves)
-    per_pass = (
-        solving / max(evaluations, 1) / (sum(s.rows for s in recipe.solves) / len(recipe.solves))
-    )
+    row_passes = sum(s.evaluations * s.rows for s in recipe.solves)  # rows read, all passes
+    per_row = solving / max(row_passes, 1)
+    per_refit = sum(s.evaluations for s in recipe.solves) / len(recipe.solves)
     print(
         f"cross-fitted fit: {total:.1f} s in all ({solving:.1f} s in the refits, whitening "
         f"included; the rest calibrating and scoring); peak memory {peak_memory(device)}"
     )
-    print(f"a loss evaluation over 1,000 rows: {per_pass * 1000 * 1000:.1f} ms")
+    print(f"a loss evaluation over 1,000 rows: {per_row * 1000 * 1000:.1f} ms")
     if args.project:
-        scale = args.project / args.images
+        # the folds' refits read (folds - 1) / folds of the rows each, the layer's all of them
+        projected = per_row * args.project * args.folds * per_refit
         print(
-            f"projected to {args.project:,} images at the {evaluations} evaluations measured "
-            f"here: about {solving * scale / 60:.1f} minutes of refits on {device} (a "
-            "projection: the evaluations a fit needs change with the data)"
+            f"projected to {args.project:,} images: {args.folds + 1} refits at the "
+            f"{per_refit:.0f} evaluations a refit took here, about {projected / 60:.0f} "
+            f"minutes on {device} (a projection: the evaluations a fit needs change with the "
+            "data)"
         )
 
 
