@@ -203,7 +203,9 @@ def test_readme_and_api_examples_run_against_a_live_server(server, tmp_path) -> 
     for path in DOCS:
         for block in blocks(path):
             if block.kind == "output":
-                problems += [f"{block.where}: {p}" for p in check_figures(block, printed)]
+                wrong = [f"{block.where}: {p}" for p in check_figures(block, printed)]
+                # what the run printed, to compare with (or to take into) the document
+                problems += wrong + ([f"the run printed:\n{printed}"] if wrong else [])
                 continue
             if block.not_run is not None:
                 skipped.append(block)
