@@ -6,7 +6,15 @@ bench/gpu.sh)."""
 
 from __future__ import annotations
 
-import shutil
+import os
+
+# Under `make test` two test processes share the machine's cores (pytest-xdist): each computes
+# on one thread, and so do the servers and workers it starts (OpenMP threads beyond the cores
+# spin against each other). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,7 +101,8 @@ def _settings(data_dir: Path) -> Settings:
 # made once for the session (tests/support/templates.py), the first one asked for winning.
 TEMPLATES = {"grown_model": "grown_folder", "model": "registered_folder"}
 TEMPLATE_FOLDERS: list[Path] = []  # made so far; removed once the last test using them is done
-TEMPLATE_USERS = pytest.StashKey[int]()
+LAST_TEMPLATE_USER = pytest.StashKey[int]()
+POSITION = pytest.StashKey[dict[str, int]]()
 
 
 def _uses_template(item: pytest.Item) -> bool:
@@ -101,18 +110,21 @@ def _uses_template(item: pytest.Item) -> bool:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    session.stash[TEMPLATE_USERS] = sum(1 for item in session.items if _uses_template(item))
+    users = [i for i, item in enumerate(session.items) if _uses_template(item)]
+    session.stash[LAST_TEMPLATE_USER] = users[-1] if users else -1
+    session.stash[POSITION] = {item.nodeid: i for i, item in enumerate(session.items)}
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """The template folders go as soon as no test left in the run will copy them (the suite's
-    temporary files are a budget: the docs walkthrough, later, needs 1.8 GB of its own)."""
-    if not _uses_template(item):
-        return
-    item.session.stash[TEMPLATE_USERS] -= 1
-    if item.session.stash[TEMPLATE_USERS] == 0:
+    """The template folders go once a test at or past the last one (in collection order) that
+    copies them is done (the suite's temporary files are a budget: the docs walkthrough, later,
+    needs 1 GB of its own). Under pytest-xdist every process collects the whole suite and is
+    handed test modules in that order, so none is handed a template's user after this."""
+    position = item.session.stash[POSITION].get(item.nodeid, -1)
+    if TEMPLATE_FOLDERS and position >= item.session.stash[LAST_TEMPLATE_USER]:
         for folder in TEMPLATE_FOLDERS:
             shutil.rmtree(folder, ignore_errors=True)
+        TEMPLATE_FOLDERS.clear()
 
 
 @pytest.fixture()
