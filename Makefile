@@ -7,9 +7,11 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-fast test-docker lint format install bench bench-gpu clean
 
 # `make test` runs the suite in this many processes, a test module at a time each (a module's
-# server is started once, its tests run in order); about half the suite waits on processes,
-# servers and outages rather than computing. TEST_WORKERS=0 runs it in this one process.
+# server is started once, its tests run in order), handed out in the order of pyproject's
+# testpaths; about half the suite waits on processes, servers and outages rather than
+# computing. TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 run: $(STAMP)
 	$(BIN)/graft serve
@@ -17,14 +19,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q $(XDIST)
 
 # The inner loop: everything but the tests that start real servers and processes
 # (tests/e2e, tests/services); `make test` (and CI) runs everything.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile \
-		--ignore=tests/e2e --ignore=tests/services
+	$(BIN)/pytest -q -p no:cacheprovider $(XDIST) tests/test_*.py tests/engine tests/core \
+		tests/app tests/worker
 
 # The production images and compose stack, for real (needs root: installs and starts Docker if
 # absent). Builds both images, then runs tests/docker against `docker-compose up`.

@@ -30,6 +30,12 @@ def copy_data_folder(template: Path, data_dir: Path) -> None:
     """``template``'s database (copied), artifacts (hard-linked: the store never writes into a
     file it has stored, it replaces or deletes it, so no test can change the template's; and
     they take no disk twice) and (empty) queue and scratch folders, at ``data_dir``."""
+    if not template.is_dir():
+        raise RuntimeError(
+            f"the template {template} was removed before this test: tests/conftest.py removes "
+            "it after the last test that copies it, and pytest-xdist must hand out test "
+            "modules in collection order (--no-loadscope-reorder, as `make test` does)"
+        )
     shutil.copytree(
         template,
         data_dir,
