@@ -8,7 +8,8 @@ was last written ``orphan_grace_s`` ago, a job's as soon as its job is not runni
 Owners: a dataset's images (``datasets/<id>/``) belong to its row until it is deleted; a
 version's files (``models/<m>/<v>/``) to the version's row; a model's reference images
 (``models/<m>/reference/<sha256>``) to the manifests of its versions; its feature caches
-(``models/<m>/features/``) to the model.
+(``models/<m>/features/``) to the model; a dataset's decoded pixels (``decoded/<id>/``,
+see ``engine.decoded``) to its row until it is deleted.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def clean(settings: Settings, storage: Storage | None = None) -> Cleaned:
     """One pass over the temporary folder and the store; returns what was removed."""
     storage = storage or open_storage(settings)
     cutoff = utcnow() - timedelta(seconds=settings.orphan_grace_s)
-    cleaned = Cleaned(folders=clean_tmp(settings, cutoff))
+    cleaned = Cleaned(folders=clean_tmp(settings, cutoff) + clean_decoded(settings))
     cleaned.objects = _clean_store(settings, storage, cutoff)
     if cleaned.folders or cleaned.objects:
         log.info(
@@ -98,6 +99,32 @@ def clean_tmp(settings: Settings, cutoff: datetime | None = None) -> int:
         except FileNotFoundError:  # gone meanwhile
             continue
     return removed
+
+
+def remove_decoded(settings: Settings, dataset_id: str) -> None:
+    """Delete a dataset's decoded pixels (once its deletion is committed)."""
+    folder = settings.decoded_dir / dataset_id
+    if folder.parent == settings.decoded_dir and dataset_id not in ("", ".", ".."):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def clean_decoded(settings: Settings) -> int:
+    """Remove the decoded pixels of datasets that are deleted (or were never recorded)."""
+    if not settings.decoded_dir.is_dir():
+        return 0
+    folders = [p.name for p in settings.decoded_dir.iterdir() if p.is_dir()]
+    if not folders:
+        return 0
+    with session_scope(settings.resolved_database_url) as session:
+        live = set(
+            session.scalars(
+                select(Dataset.id).where(Dataset.id.in_(folders), Dataset.deleted_at.is_(None))
+            )
+        )
+    gone = [name for name in folders if name not in live]
+    for name in gone:
+        remove_decoded(settings, name)
+    return len(gone)
 
 
 def _clean_store(settings: Settings, storage: Storage, cutoff: datetime) -> int:

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     extract_batch_size: int = Field(64, ge=1, le=4096)
     # Cached features of a job beyond this many MiB are memory-mapped from files under tmp/.
     feature_memory_mb: int = Field(2048, ge=0)
+    # Images decoded and resized to a model's input size, kept under decoded/ for the next job
+    # or evaluation on the same dataset, at most this many MiB in all (0: none kept).
+    decoded_cache_mb: int = Field(4096, ge=0)
     # Reference sets: images of a version's labels kept for later jobs (per label at most).
     reference_per_label: int = Field(100, ge=1, le=100_000)
     reference_selection: Literal["random", "herding"] = "random"
@@ -128,6 +131,10 @@ class Settings(BaseSettings):
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir.resolve() / "tmp"
+
+    @property
+    def decoded_dir(self) -> Path:
+        return self.data_dir.resolve() / "decoded"
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.queue_dir, self.tmp_dir):

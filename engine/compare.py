@@ -26,13 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine.data import ImageDataset, Sample, eval_transform
+from engine.decoded import DecodedCache
 from engine.device import compute_dtype, pick_device, precision_name, release_memory
 from engine.errors import JobCancelled
 from engine.evaluate import classification_metrics
 from engine.evidence import Paired, f1_interval, holm, mcnemar_exact, paired, wilson
 from engine.features import FeatureCache, extract_features
 from engine.preprocessing import Preprocessing
-from engine.reference import backbone_fingerprint
+from engine.reference import backbone_fingerprint, file_digest
 from engine.weights import load_classifier
 
 CHANGED_SHOWN = 200  # images listed per pair; the counts cover them all
@@ -58,6 +59,7 @@ class CompareConfig:
     feature_memory_bytes: int = 2 << 30
     spill_dir: Path | None = None
     alpha: float = 0.05
+    decoded: DecodedCache | None = None  # the images' pixels kept between passes (decoded.py)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def compare_versions(
         for key, members in groups.items()
     }
     passes, done_before = sum(len(k) for k in known.values()), 0
+    decoded: list[dict] = []  # what the decoded-pixels cache did, a pass each
     try:
         with FeatureCache(cfg.feature_memory_bytes, cfg.spill_dir) as cache:
             for key, members in groups.items():
@@ -109,7 +112,7 @@ def compare_versions(
 
                 feats = _features(
                     model, head, prep, samples, known[key], cfg, device, dtype, cache,
-                    on_batch, should_stop,
+                    on_batch, should_stop, decoded,
                 )  # fmt: skip
                 done_before += len(known[key])
                 del model
@@ -128,6 +131,7 @@ def compare_versions(
     result["timing"] = {"total_s": round(time.perf_counter() - started, 3)}
     result["device"], result["precision"] = str(device), precision_name(dtype)
     result["backbone_passes"] = len(groups)
+    result["decoded_cache"] = decoded
     return result
 
 
@@ -148,18 +152,29 @@ def _features(
     cache: FeatureCache,
     on_batch: Callable[[int, int], None],
     should_stop: Callable[[], bool],
+    decoded: list[dict],
 ) -> torch.Tensor:
     """The classifier layer's inputs for ``samples[known]``, in that order."""
-    dataset = ImageDataset([samples[i] for i in known], prep, eval_transform(prep))
+    picked = [samples[i] for i in known]
+    entry = cfg.decoded.entry([file_digest(s.path) for s in picked], prep) if cfg.decoded else None
+    dataset = ImageDataset(picked, prep, eval_transform(prep), decoded=entry and entry.rows)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
-    feats, order = extract_features(
-        model, head, loader, device, on_batch, should_stop, cache.allocate, dtype
-    )
+    try:
+        feats, order = extract_features(
+            model, head, loader, device, on_batch, should_stop, cache.allocate, dtype
+        )
+    except BaseException:
+        if entry:
+            entry.abort()
+        raise
+    if entry:
+        entry.commit()
+        decoded.append(entry.report())
     model.cpu()
     rows = torch.empty_like(order)
     rows[order] = torch.arange(len(order))

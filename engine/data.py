@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
+from engine.decoded import DecodedRows
 from engine.errors import DataError
 from engine.preprocessing import Preprocessing
 
@@ -91,8 +92,8 @@ def _interpolation(name: str) -> InterpolationMode:
         return InterpolationMode.BILINEAR
 
 
-def eval_transform(prep: Preprocessing) -> v2.Compose:
-    """The deterministic path from a PIL image to the model's normalised input tensor."""
+def resize_transform(prep: Preprocessing) -> v2.Compose:
+    """The first half of ``eval_transform``: a PIL image to uint8 pixels at the input size."""
     _, height, width = prep.input_size
     return v2.Compose(
         [
@@ -100,10 +101,23 @@ def eval_transform(prep: Preprocessing) -> v2.Compose:
             v2.Resize(
                 (height, width), interpolation=_interpolation(prep.interpolation), antialias=True
             ),
+        ]
+    )
+
+
+def normalise_transform(prep: Preprocessing) -> v2.Compose:
+    """The second half of ``eval_transform``: uint8 pixels to the normalised float input."""
+    return v2.Compose(
+        [
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(prep.mean), std=list(prep.std)),
         ]
     )
+
+
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    """The deterministic path from a PIL image to the model's normalised input tensor."""
+    return v2.Compose(resize_transform(prep).transforms + normalise_transform(prep).transforms)
 
 
 def augment_transform(prep: Preprocessing, aug: Augmentation) -> v2.Compose:
@@ -144,6 +158,8 @@ class ImageDataset(Dataset):
     (the first copy through ``first_view`` when given: the clean image among its augmentations).
     With a ``seed`` every item's random transform is seeded by the seed and the item's index,
     so a job's views are the same whatever the number of loader workers, run after run.
+    With ``decoded`` the clean views (the first copies given ``first_view``, else every item:
+    ``transform`` is then ``eval_transform``) take their pixels from there (engine/decoded.py).
     """
 
     samples: Sequence[Sample]
@@ -152,16 +168,24 @@ class ImageDataset(Dataset):
     views: int = 1
     first_view: v2.Compose | None = None
     seed: int | None = None
+    decoded: DecodedRows | None = None
     _len: int = field(init=False)
 
     def __post_init__(self) -> None:
         self._len = len(self.samples) * self.views
+        self._resize, self._normalise = resize_transform(self.prep), normalise_transform(self.prep)
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         index = i % len(self.samples)
+        if self.decoded is not None and (self.first_view is None or i < len(self.samples)):
+            sample = self.samples[index]
+            pixels = self.decoded.pixels(
+                index, lambda: self._resize(open_image(sample.path, self.prep))
+            )
+            return self._normalise(pixels), index
         transform = self.first_view if self.first_view and i < len(self.samples) else self.transform
         image = open_image(self.samples[index].path, self.prep)
         if self.seed is None:

@@ -148,6 +148,7 @@ def _expand(
             on_batch=on_batch,
             should_stop=should_stop,
             dtype=compute.dtype,
+            decoded=cfg.decoded,
         )
 
     rows = compute.run("extract", "extracting features", extract, progress, "extracting")
@@ -177,6 +178,7 @@ def _expand(
             "disk_bytes": cache.spilled_bytes,
             "reference_cached": images.cached_count,
         },
+        "decoded_cache": images.decoded or {"state": "off"},
         "device": str(device),
         "precision": precision_name(compute.dtype),  # the backbone's; the layer's is fp32
         "batch_size": dict(compute.batch_sizes),

@@ -22,6 +22,7 @@ from engine.data import (
     augment_transform,
     eval_transform,
 )
+from engine.decoded import DecodedCache
 from engine.errors import DataError
 from engine.features import FeatureCache, extract_features
 from engine.heads import Head
@@ -45,6 +46,7 @@ class Gathered:
     clean_row: dict[int, int] = field(default_factory=dict)  # group -> row (set by extract_rows)
     extracted: int = 0  # rows the backbone produced
     conflicts: list[dict] = field(default_factory=list)  # images under two labels, left out
+    decoded: dict = field(default_factory=dict)  # what engine/decoded.py did (extract_rows)
 
     @property
     def cached_count(self) -> int:
@@ -173,10 +175,13 @@ def extract_rows(
     on_batch: Callable[[int, int], None],
     should_stop: Callable[[], bool],
     dtype: torch.dtype | None = None,
+    decoded: DecodedCache | None = None,
 ) -> Rows:
     """Feature rows of every image: ``views`` rows (the clean view first) for the job's own
     training images, one clean row for reference and held-out images, and the cached rows.
-    One DataLoader, one pass of the backbone (under autocast to ``dtype`` on a GPU)."""
+    One DataLoader, one pass of the backbone (under autocast to ``dtype`` on a GPU). The clean
+    views' pixels come from ``decoded`` when it holds these images, and are kept there when
+    it does not (engine/decoded.py)."""
     in_train = set(train)
     viewed = [
         g
@@ -192,6 +197,8 @@ def extract_rows(
     cached = sorted(images.cached)
     clean = eval_transform(prep)
     views = max(1, views)
+    entry = decoded.entry([images.digests[g] for g in viewed + plain], prep) if decoded else None
+    rows = entry.rows if entry else None
     parts = ConcatDataset(
         [
             ImageDataset(
@@ -201,8 +208,14 @@ def extract_rows(
                 views,
                 first_view=clean,
                 seed=seed,
+                decoded=rows,
             ),
-            ImageDataset([images.samples[g] for g in plain], prep, clean),
+            ImageDataset(
+                [images.samples[g] for g in plain],
+                prep,
+                clean,
+                decoded=rows.part(len(viewed)) if rows else None,
+            ),
         ]
     )
     loader = DataLoader(  # one loader (one set of workers) for every image to extract
@@ -213,16 +226,24 @@ def extract_rows(
         persistent_workers=False,
     )
     total = len(parts)
-    feats, local = extract_features(
-        model,
-        head,
-        loader,
-        device,
-        on_batch,
-        should_stop,
-        lambda rows, dim: cache.allocate(rows + len(cached), dim),
-        dtype,
-    )
+    try:
+        feats, local = extract_features(
+            model,
+            head,
+            loader,
+            device,
+            on_batch,
+            should_stop,
+            lambda n, dim: cache.allocate(n + len(cached), dim),
+            dtype,
+        )
+    except BaseException:
+        if entry:
+            entry.abort()
+        raise
+    if entry:
+        entry.commit()
+        images.decoded = entry.report()
     if not total:
         feats = cache.allocate(len(cached), head.in_features)
     with torch.inference_mode():  # the rows were allocated as inference tensors

@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.calibrate import Calibration
 from engine.data import Augmentation, Sample
+from engine.decoded import DecodedCache
 from engine.device import (
     DEFAULT_PRECISION,
     halving_on_oom,
@@ -55,6 +56,7 @@ class ExpansionConfig:
     calibration: Calibration = field(default_factory=Calibration)
     feature_memory_bytes: int = 2 << 30  # cached features beyond this spill to disk
     spill_dir: Path | None = None  # where they spill (default: the system's temp folder)
+    decoded: DecodedCache | None = None  # clean views' pixels kept between jobs (decoded.py)
     folds: int = 5  # cross-fitting rounds that measure the layer (freeze=head)
     reference_per_label: int = 100  # the new version's reference set, per label
     reference_selection: str = "random"  # random | herding

@@ -25,7 +25,7 @@ from engine.lineage import Lineage
 from engine.preprocessing import Preprocessing
 from engine.reference import conflicting, file_digest
 from worker.lifecycle import Heartbeat, fenced_finish, job_folder, not_recorded, with_retries
-from worker.spec import unpack_dataset_tar
+from worker.spec import decoded_cache, unpack_dataset_tar
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ def _score(
         num_workers=settings.extract_workers,
         feature_memory_bytes=settings.feature_memory_mb << 20,
         spill_dir=tmp / "features",
+        decoded=decoded_cache(settings, spec.dataset_id),
     )
 
     def report(stage: Stage) -> None:

@@ -18,6 +18,7 @@ from core.settings import Settings
 from core.storage import Storage
 from engine.calibrate import Calibration
 from engine.data import Augmentation, scan_image_folder
+from engine.decoded import DecodedCache
 from engine.errors import EngineError
 from engine.expand import ExpansionConfig, ExpansionRequest
 from engine.formats import SAFETENSORS
@@ -39,6 +40,7 @@ class JobSpec:
     preprocessing: dict[str, Any]
     weights_key: str
     dataset_key: str | None
+    dataset_id: str
     new_labels: list[str]
     config: ResolvedJobConfig
     reference: dict[str, Any] | None  # the base version's reference set
@@ -62,6 +64,7 @@ def load_spec(settings: Settings, job_id: str) -> JobSpec:
             preprocessing=dict(base.preprocessing),
             weights_key=base.artifacts[SAFETENSORS]["key"],
             dataset_key=job.dataset.storage_key if job.dataset.deleted_at is None else None,
+            dataset_id=job.dataset_id,
             new_labels=list(job.new_labels),
             config=read_job_config(job.config, settings.min_retention_images),
             reference=base.reference,
@@ -70,7 +73,10 @@ def load_spec(settings: Settings, job_id: str) -> JobSpec:
 
 
 def expansion_config(
-    config: ResolvedJobConfig, settings: Settings, spill_dir: Path | None = None
+    config: ResolvedJobConfig,
+    settings: Settings,
+    spill_dir: Path | None = None,
+    dataset_id: str | None = None,
 ) -> ExpansionConfig:
     """The engine's view of a job's config and of the worker's settings (the one place the
     engine's dataclasses are built for a job)."""
@@ -104,11 +110,20 @@ def expansion_config(
         ),
         feature_memory_bytes=settings.feature_memory_mb << 20,
         spill_dir=spill_dir,  # the job's own folder: a killed attempt's files go with it
+        decoded=decoded_cache(settings, dataset_id),
         folds=config.folds,
         solver=config.solver,
         reference_per_label=settings.reference_per_label,
         reference_selection=settings.reference_selection,
     )
+
+
+def decoded_cache(settings: Settings, dataset_id: str | None) -> DecodedCache | None:
+    """Where a dataset's decoded images are kept between jobs and evaluations (a folder per
+    dataset, deleted with it), within ``decoded_cache_mb`` in all."""
+    if dataset_id is None or settings.decoded_cache_mb <= 0:
+        return None
+    return DecodedCache(settings.decoded_dir, dataset_id, settings.decoded_cache_mb << 20)
 
 
 def expansion_request(
@@ -128,7 +143,9 @@ def expansion_request(
         preprocessing=Preprocessing.from_dict(spec.preprocessing),
         samples=samples,
         new_labels=spec.new_labels,
-        config=expansion_config(spec.config, settings, spill_dir=tmp / "features"),
+        config=expansion_config(
+            spec.config, settings, spill_dir=tmp / "features", dataset_id=spec.dataset_id
+        ),
         reference=base_reference(storage, spec.model_id, spec.reference, tmp / "reference"),
         lineage=base_lineage(storage, spec.lineage),
     )

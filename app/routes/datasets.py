@@ -18,6 +18,7 @@ from app.uploads import upload_size
 from core.disk import ensure_room
 from core.errors import Invalid, TooLarge
 from core.inputs import Text
+from core.janitor import remove_decoded
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -126,8 +127,11 @@ async def get_dataset(dataset_id: str, db: DbDep) -> Response:
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)
-async def delete_dataset(dataset_id: str, db: DbDep, storage: StorageDep) -> Response:
+async def delete_dataset(
+    dataset_id: str, db: DbDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
     # ``db`` commits before it returns: the images go only once the deletion stands.
     key = await db(lambda session, owner: datasets.delete_dataset(session, owner, dataset_id))
     await run_in_threadpool(datasets.remove_images, storage, key)
+    await run_in_threadpool(remove_decoded, settings, dataset_id)
     return Response(status_code=204)

@@ -68,6 +68,19 @@ def test_two_versions_are_scored_and_compared_on_the_same_images(client, setting
     assert [e["id"] for e in listed] == [done["id"]]
 
 
+def test_a_second_evaluation_reads_the_kept_pixels_and_scores_the_same(client, settings, lineage):
+    body = {"model": "digits", "versions": [1, 2], "dataset_id": lineage["id"]}
+    first = evaluate(client, settings, body)["result"]
+    images = lineage["num_images"]
+    assert first["decoded_cache"] == [
+        {"state": "stored", "images": images, "bytes": images * 3 * 32 * 32}
+    ]
+    second = evaluate(client, settings, body)["result"]
+    assert [p["state"] for p in second["decoded_cache"]] == ["hit"]
+    assert second["versions"] == first["versions"]
+    assert second["comparisons"] == first["comparisons"]
+
+
 def test_the_report_shows_the_versions_side_by_side(client, settings, lineage):
     body = {"model": "digits", "versions": [2, 1], "dataset_id": lineage["id"]}
     done = evaluate(client, settings, body)

@@ -16,8 +16,8 @@ from PIL import Image
 from sqlalchemy import select
 
 from core import janitor
-from core.db import session_scope
-from core.models import Model, new_id
+from core.db import session_scope, utcnow
+from core.models import Dataset, Model, new_id
 from core.storage import open_storage
 from devkit import digits as D
 from devkit.digits import digits_archive
@@ -84,6 +84,23 @@ def test_leftovers_go_after_their_grace_and_owned_files_stay(settings, client, l
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
     after = janitor.clean(settings.model_copy(update={"orphan_grace_s": 0}))
     assert (after.folders, after.objects) == (0, 0)
+
+
+def test_decoded_pixels_go_once_their_dataset_is_deleted(settings, leftovers):
+    """An API that died between deleting a dataset and removing its decoded pixels (or pixels
+    of a dataset never recorded) leaves folders the next pass removes; a live one's stay."""
+    with session_scope(settings.resolved_database_url) as s:
+        dataset_id = s.scalar(select(Dataset.id))
+    live, unknown = settings.decoded_dir / dataset_id, settings.decoded_dir / new_id()
+    for folder in (live, unknown):
+        folder.mkdir(parents=True)
+        (folder / "pixels.u8").write_bytes(bytes(3 * 32 * 32))
+    janitor.clean(settings)
+    assert live.exists() and not unknown.exists()
+    with session_scope(settings.resolved_database_url) as s:
+        s.get(Dataset, dataset_id).deleted_at = utcnow()
+    janitor.clean(settings)
+    assert not live.exists()
 
 
 def test_a_running_jobs_folder_is_left_alone(settings, leftovers):

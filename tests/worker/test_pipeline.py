@@ -67,6 +67,27 @@ def test_a_job_runs_once_and_adds_one_version(settings, client, job_id):
     assert any("took 10 minutes on the CPU" in w and "GPU worker" in w for w in said), said
 
 
+def test_a_second_job_on_a_dataset_reads_the_pixels_the_first_decoded(settings, client, job_id):
+    pipeline.run_job(job_id, settings)
+    first = client.get(f"/v1/jobs/{job_id}").json()
+    assert first["metrics"]["decoded_cache"]["state"] == "stored", first["metrics"]
+    body = {"model": "digits", "base_version": 1, "dataset_id": first["dataset_id"]}
+    again = client.post("/v1/jobs", json=body | {"config": {"gate": {"min_retention": 0.9}}})
+    pipeline.run_job(again.json()["id"], settings)
+    second = client.get(f"/v1/jobs/{again.json()['id']}").json()
+    assert second["status"] == "succeeded", second["error"]
+    decoded = first["metrics"]["decoded_cache"]
+    assert second["metrics"]["decoded_cache"] == decoded | {"state": "hit"}
+    assert decoded["images"] == 9 * 20 + 10  # every image of the dataset, once
+    # the same pixels, so the same figures
+    assert second["metrics"]["old_classes"] == first["metrics"]["old_classes"]
+    assert second["metrics"]["gate"]["decision"] == first["metrics"]["gate"]["decision"]
+    folder = settings.decoded_dir / first["dataset_id"]
+    assert [p.suffix for p in folder.iterdir()] == [".u8"]
+    assert client.delete(f"/v1/datasets/{first['dataset_id']}").status_code == 204
+    assert not folder.exists()  # the dataset's pixels go with it
+
+
 def test_a_job_over_the_feature_memory_budget_spills_and_cleans_up(settings, client, job_id):
     config = client.get(f"/v1/jobs/{job_id}").json()["config"]
     set_job(settings, job_id, config={**config, "calibration": "weight_aligning"})

@@ -1,0 +1,158 @@
+"""Decoded images kept between jobs: a set of images' pixels at the model's input size, so that
+the next job or evaluation on the same images reads them instead of decoding and resizing.
+
+A job's clean views (every image once, untouched by augmentation) go through the model's eval
+transform: decode, antialiased resize to the input size (uint8), then to float and normalise.
+The cache keeps the uint8 step, which is where the work is: one memory-mapped file per set of
+images (``<key>.u8``, ``images x C x H x W`` bytes), its key the images' digests in order and
+what shapes the pixels (channels, size, interpolation). Mean and std are applied after it, so
+models that differ only in those share an entry; the features are bit for bit those of a pass
+that decoded (tests/engine/test_decoded.py).
+
+Entries live in one folder per scope (the worker names one per dataset, and deletes it with the
+dataset) under a root whose total is bounded: writing an entry first removes the least
+recently used ones (by modification time, which a read renews) until it fits, and an entry that
+cannot fit is not written. An entry is written under a temporary name by the pass that decodes
+(its loader processes write their rows), and renamed into place only when the pass succeeded,
+so a reader never sees half of one; a file of the wrong size is ignored and removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.preprocessing import Preprocessing
+
+SUFFIX = ".u8"
+
+
+def pixels_key(digests: Sequence[str], prep: Preprocessing) -> str:
+    """The key of a set of images (in this order) at the pixels ``prep`` asks for."""
+    h = hashlib.sha256()
+    h.update(repr((tuple(prep.input_size), prep.interpolation)).encode())
+    for digest in digests:
+        h.update(digest.encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class DecodedRows:
+    """Rows ``offset ..`` of one entry, for one dataset of images: read from a complete entry
+    (``stored``), or written into one being made, one image at a time, from whichever process
+    decodes it. Each process maps the file for itself (a loader worker gets the path)."""
+
+    shape: tuple[int, int, int]
+    path: Path
+    stored: bool
+    offset: int = 0
+    _mapped: np.memmap | None = field(default=None, init=False, repr=False)
+
+    def __getstate__(self) -> dict:  # to a loader process: the path, not the mapping
+        return self.__dict__ | {"_mapped": None}
+
+    def pixels(self, index: int, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The uint8 ``C x H x W`` pixels of image ``index``: stored, or ``decode()``d (and
+        written, when the entry is being made)."""
+        if self._mapped is None:
+            # "c": a read-only view torch takes without a warning; "r+": rows are written
+            self._mapped = np.memmap(self.path, dtype=np.uint8, mode="c" if self.stored else "r+")
+        row = int(np.prod(self.shape))
+        start = (self.offset + index) * row
+        if self.stored:
+            return torch.from_numpy(self._mapped[start : start + row]).view(self.shape).clone()
+        pixels = decode()
+        if tuple(pixels.shape) != self.shape or pixels.dtype != torch.uint8:
+            raise ValueError(
+                f"decoded {pixels.dtype} pixels of {list(pixels.shape)}, not uint8 {self.shape}"
+            )
+        self._mapped[start : start + row] = pixels.numpy().reshape(-1)
+        return pixels
+
+    def part(self, offset: int) -> DecodedRows:
+        """The same entry from row ``offset`` on (the next dataset of the pass)."""
+        return DecodedRows(self.shape, self.path, self.stored, self.offset + offset)
+
+
+@dataclass
+class Entry:
+    """What a pass found or is making: ``rows`` to hand its datasets; ``commit()`` once the
+    pass succeeded (a new entry becomes readable), ``abort()`` otherwise."""
+
+    key: str
+    images: int
+    rows: DecodedRows | None  # None: no cache (disabled, or the entry cannot fit)
+    hit: bool = False
+    bytes: int = 0
+    final: Path | None = None
+
+    def commit(self) -> None:
+        if self.rows is not None and not self.rows.stored and self.final is not None:
+            os.replace(self.rows.path, self.final)
+            self.rows = None
+
+    def abort(self) -> None:
+        if self.rows is not None and not self.rows.stored:
+            self.rows.path.unlink(missing_ok=True)
+            self.rows = None
+
+    def report(self) -> dict:
+        """For a job's metrics: whether the pixels were read (``hit``), written, or neither."""
+        state = "hit" if self.hit else "stored" if self.final is not None else "off"
+        return {"state": state, "images": self.images, "bytes": self.bytes}
+
+
+class DecodedCache:
+    """Entries under ``root / scope``, all of ``root`` at most ``budget_bytes``."""
+
+    def __init__(self, root: Path, scope: str, budget_bytes: int) -> None:
+        self.root = root
+        self.folder = root / scope
+        self.budget_bytes = budget_bytes
+
+    def entry(self, digests: Sequence[str], prep: Preprocessing) -> Entry:
+        """The stored entry of these images at ``prep``'s pixels, or a new one to make."""
+        channels, height, width = prep.input_size
+        shape = (channels, height, width)
+        key = pixels_key(digests, prep)
+        size = len(digests) * channels * height * width
+        final = self.folder / f"{key}{SUFFIX}"
+        if not digests or self.budget_bytes <= 0:
+            return Entry(key, len(digests), None)
+        with contextlib.suppress(FileNotFoundError):
+            if final.stat().st_size == size:
+                os.utime(final)  # the most recently used
+                rows = DecodedRows(shape, final, stored=True)
+                return Entry(key, len(digests), rows, hit=True, bytes=size)
+            final.unlink()  # the wrong size: not an entry of these images
+        if size > self.budget_bytes or not self._make_room(size):
+            return Entry(key, len(digests), None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f"{key}.{secrets.token_hex(4)}.partial"
+        with partial.open("wb") as f:
+            f.truncate(size)
+        rows = DecodedRows(shape, partial, stored=False)
+        return Entry(key, len(digests), rows, bytes=size, final=final)
+
+    def _make_room(self, size: int) -> bool:
+        """Remove the least recently used entries until ``size`` more bytes fit."""
+        entries = []
+        for path in self.root.glob(f"*/*{SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                entries.append((stat.st_mtime, stat.st_size, path))
+        used = sum(s for _, s, _ in entries)
+        for _, stored, path in sorted(entries):
+            if used + size <= self.budget_bytes:
+                break
+            path.unlink(missing_ok=True)  # a pass reading it keeps its mapping
+            used -= stored
+        return used + size <= self.budget_bytes
