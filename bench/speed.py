@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -39,14 +40,17 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.decode_profile import make_photos  # noqa: E402
 from devkit import digits as D  # noqa: E402
 from engine.architectures import build_model  # noqa: E402
 from engine.data import (  # noqa: E402
     Augmentation,
     ImageDataset,
+    Sample,
     eval_transform,
     scan_image_folder,
 )
+from engine.decoded import DecodedCache  # noqa: E402
 from engine.device import PRECISIONS, compute_dtype, precision_name  # noqa: E402
 from engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
 from engine.features import autocast_for, extract_features, pick_device  # noqa: E402
@@ -98,10 +102,11 @@ def graft_job(
     device: str,
     workers: int = 2,
     precision: str = "auto",
+    decoded: DecodedCache | None = None,
 ) -> float:
     aug = Augmentation(views=views, rotation_degrees=5, scale=(0.9, 1.1))
     config = ExpansionConfig(
-        augmentation=aug, device=device, num_workers=workers, precision=precision
+        augmentation=aug, device=device, num_workers=workers, precision=precision, decoded=decoded
     )
     request = ExpansionRequest(arch, OLD, weights, PREP, samples, ["9"], config)
     started = time.perf_counter()
@@ -226,6 +231,16 @@ def main() -> None:
     parser.add_argument(
         "--extraction", action="store_true", help="also: extraction pass against a pure forward"
     )
+    parser.add_argument(
+        "--second-job",
+        action="store_true",
+        help="also: a second job on the same images, reading the pixels the first decoded",
+    )
+    parser.add_argument(
+        "--photos",
+        action="store_true",
+        help="500x375 JPEG photos (bench/decode_profile.py's) instead of digit scans",
+    )
     args = parser.parse_args()
     dtype = compute_dtype(torch.device(args.device), args.precision)
     print(
@@ -238,7 +253,14 @@ def main() -> None:
         f"{'graft/infer':>11} {'seed/graft':>10}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        samples = images(Path(tmp) / "images", args.images)
+        if args.photos:
+            made = make_photos(
+                Path(tmp) / "photos", args.images, 0, (500, 375), os.cpu_count() or 1
+            )
+            labels = OLD + ["9"]
+            samples = [Sample(s.path, labels[i % 10]) for i, s in enumerate(made["jpeg"])]
+        else:
+            samples = images(Path(tmp) / "images", args.images)
         for arch in args.arch:
             torch.manual_seed(0)
             model = build_model(arch, len(OLD))
@@ -264,6 +286,18 @@ def main() -> None:
                 f"{graft_s / infer_s:>11.2f} {ratio}",
                 flush=True,
             )
+            if args.second_job:
+                decoded = DecodedCache(Path(tmp) / "decoded", arch.replace(":", "-"), 1 << 40)
+                graft_job(arch, weights, samples, args.views, device, workers, precision, decoded)
+                second_s = graft_job(
+                    arch, weights, samples, args.views, device, workers, precision, decoded
+                )
+                print(
+                    f"  a second job on the same images, their pixels kept by the first: "
+                    f"{second_s:.2f} s ({second_s / graft_s:.2f} of the first job, "
+                    f"{second_s / infer_s:.2f} of one inference pass)",
+                    flush=True,
+                )
             if args.extraction:
                 torch.manual_seed(0)
                 backbone = build_model(arch, len(OLD))
