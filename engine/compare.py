@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine.data import ImageDataset, Sample, eval_transform
-from engine.decoded import DecodedCache
+from engine.decoded import DecodedCache, filling
 from engine.device import compute_dtype, pick_device, precision_name, release_memory
 from engine.errors import JobCancelled
 from engine.evaluate import classification_metrics
@@ -164,16 +164,11 @@ def _features(
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
-    try:
+    with filling(entry):
         feats, order = extract_features(
             model, head, loader, device, on_batch, should_stop, cache.allocate, dtype
         )
-    except BaseException:
-        if entry:
-            entry.abort()
-        raise
     if entry:
-        entry.commit()
         decoded.append(entry.report())
     model.cpu()
     rows = torch.empty_like(order)

@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +108,20 @@ class Entry:
         """For a job's metrics: whether the pixels were read (``hit``), written, or neither."""
         state = "hit" if self.hit else "stored" if self.final is not None else "off"
         return {"state": state, "images": self.images, "bytes": self.bytes}
+
+
+@contextlib.contextmanager
+def filling(entry: Entry | None) -> Iterator[None]:
+    """Around the pass that reads or makes ``entry``: a new one is committed if the pass
+    succeeds, and removed if it does not."""
+    try:
+        yield
+    except BaseException:
+        if entry is not None:
+            entry.abort()
+        raise
+    if entry is not None:
+        entry.commit()
 
 
 class DecodedCache:

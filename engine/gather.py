@@ -22,7 +22,7 @@ from engine.data import (
     augment_transform,
     eval_transform,
 )
-from engine.decoded import DecodedCache
+from engine.decoded import DecodedCache, filling
 from engine.errors import DataError
 from engine.features import FeatureCache, extract_features
 from engine.heads import Head
@@ -226,7 +226,7 @@ def extract_rows(
         persistent_workers=False,
     )
     total = len(parts)
-    try:
+    with filling(entry):
         feats, local = extract_features(
             model,
             head,
@@ -237,12 +237,7 @@ def extract_rows(
             lambda n, dim: cache.allocate(n + len(cached), dim),
             dtype,
         )
-    except BaseException:
-        if entry:
-            entry.abort()
-        raise
     if entry:
-        entry.commit()
         images.decoded = entry.report()
     if not total:
         feats = cache.allocate(len(cached), head.in_features)
