@@ -3,23 +3,25 @@
 #
 #   1. the environment: .venv (made by `make install` only if it is missing), nvidia-smi,
 #      torch's view of the GPU and the precision Graft will choose there;
-#   2. the CUDA tests (tests/engine/test_cuda.py, `-m cuda`: skipped on machines without one):
+#   2. bench/speed.py on the GPU, on 10,000 JPEG photos (500x375, as users send them): a job
+#      against one inference pass over them, a second job on the same images (their pixels
+#      kept by the first: the decoded cache), and the engine's extraction pass against a pure
+#      forward of the same backbone in the same dtype;
+#   3. the CUDA tests (tests/engine/test_cuda.py, `-m cuda`: skipped on machines without one):
 #      a fine-tuning job under autocast (auto, fp16 with loss scaling, fp32), the dtype chosen
 #      on the real device, no out-of-memory retry on a normal job, GPU memory given back after
 #      a job (and after a cancelled one);
-#   3. bench/speed.py on the GPU: a job on 10,000 images against one inference pass over them,
-#      and the engine's extraction pass against a pure forward of the same backbone in the
-#      same dtype;
-#   4. bench/decode_profile.py on the GPU: where the extraction pass's time goes on 10,000
+#   4. bench/refit_scale.py on the GPU: one cross-fitted refit of a layer of 1,000 old and 200
+#      new labels over 2,048 features of 100,000 images (iterations, gradient, seconds, memory);
+#   5. bench/decode_profile.py on the GPU: where the extraction pass's time goes on 10,000
 #      JPEG photos (and 2,000 PNGs of them): each CPU stage of a loader item, the engine's
 #      loader alone, the extraction pass, nvjpeg decoding with resizing on the GPU (alone and
-#      feeding the same pass), a pure forward, and the host-to-device copy;
-#   5. bench/refit_scale.py on the GPU: one cross-fitted refit of a layer of 1,000 old and 200
-#      new labels over 2,048 features of 100,000 images (iterations, gradient, seconds, memory).
+#      feeding the same pass), a pure forward, and the host-to-device copy.
 #
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu.log (the tests' JUnit report to
-# $OUT/cuda-tests.xml). Every step has a time limit (about 11 minutes in all, past `make
-# install`), so the script cannot hang. Exits non-zero if any step failed; later steps still run.
+# $OUT/cuda-tests.xml). Every step has a time limit (9 minutes in all, past `make install`:
+# one call of the device tool), so the script cannot hang; the steps go in the order of what
+# they decide. Exits non-zero if any step failed; later steps still run.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -80,23 +82,23 @@ if (( ${#failed[@]} )); then
   exit 1
 fi
 
+step "bench/speed.py: a job, a second job and the extraction pass on 10,000 JPEG photos"
+run "speed" 200 "$PY" bench/speed.py --device cuda --photos --images 10000 --views 1 \
+  --repeat 1 --arch timm:resnet18 timm:resnet50 timm:vit_base_patch16_224 --no-seed \
+  --extraction --second-job --workers "$WORKERS"
+
 step "CUDA tests"
 junit=()
 [[ -n "${OUT:-}" ]] && junit=(--junitxml "$OUT/cuda-tests.xml")
-run "CUDA tests" 140 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
+run "CUDA tests" 110 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
   -rs --durations=5 ${junit[@]+"${junit[@]}"}
 
-step "bench/speed.py: a job on 10,000 images, and the extraction pass, on the GPU"
-run "speed" 200 "$PY" bench/speed.py --device cuda --images 10000 --views 1 --repeat 1 \
-  --arch timm:resnet18 timm:resnet50 timm:vit_base_patch16_224 --no-seed --extraction \
-  --workers "$WORKERS"
+step "bench/refit_scale.py: one cross-fitted refit, 1,000 + 200 labels, 2,048 features, 100k images"
+run "refit at scale" 90 "$PY" bench/refit_scale.py --device cuda --images 100000
 
 step "bench/decode_profile.py: where the extraction pass's time goes, on JPEG and PNG photos"
-run "decode profile" 130 "$PY" bench/decode_profile.py --device cuda --images 10000 \
-  --workers "$WORKERS" --budget 105
-
-step "bench/refit_scale.py: one cross-fitted refit, 1,000 + 200 labels, 2,048 features, 100k images"
-run "refit at scale" 150 "$PY" bench/refit_scale.py --device cuda --images 100000
+run "decode profile" 95 "$PY" bench/decode_profile.py --device cuda --images 10000 \
+  --workers "$WORKERS" --budget 75
 
 step "done"
 if (( ${#failed[@]} )); then
