@@ -14,6 +14,7 @@ see ``engine.decoded``) to its row until it is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def clean(settings: Settings, storage: Storage | None = None) -> Cleaned:
     """One pass over the temporary folder and the store; returns what was removed."""
     storage = storage or open_storage(settings)
     cutoff = utcnow() - timedelta(seconds=settings.orphan_grace_s)
-    cleaned = Cleaned(folders=clean_tmp(settings, cutoff) + clean_decoded(settings))
+    cleaned = Cleaned(folders=clean_tmp(settings, cutoff) + clean_decoded(settings, cutoff))
     cleaned.objects = _clean_store(settings, storage, cutoff)
     if cleaned.folders or cleaned.objects:
         log.info(
@@ -108,10 +109,17 @@ def remove_decoded(settings: Settings, dataset_id: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def clean_decoded(settings: Settings) -> int:
-    """Remove the decoded pixels of datasets that are deleted (or were never recorded)."""
+def clean_decoded(settings: Settings, cutoff: datetime | None = None) -> int:
+    """Remove the decoded pixels of datasets that are deleted (or were never recorded), and the
+    unfinished entries of passes that were killed (written before ``cutoff``, by default
+    ``orphan_grace_s`` ago)."""
     if not settings.decoded_dir.is_dir():
         return 0
+    cutoff = cutoff or utcnow() - timedelta(seconds=settings.orphan_grace_s)
+    for partial in settings.decoded_dir.glob("*/*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            if _last_written(partial) < cutoff:
+                partial.unlink()
     folders = [p.name for p in settings.decoded_dir.iterdir() if p.is_dir()]
     if not folders:
         return 0

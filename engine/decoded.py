@@ -12,9 +12,10 @@ that decoded (tests/engine/test_decoded.py).
 Entries live in one folder per scope (the worker names one per dataset, and deletes it with the
 dataset) under a root whose total is bounded: writing an entry first removes the least
 recently used ones (by modification time, which a read renews) until it fits, and an entry that
-cannot fit is not written. An entry is written under a temporary name by the pass that decodes
-(its loader processes write their rows), and renamed into place only when the pass succeeded,
-so a reader never sees half of one; a file of the wrong size is ignored and removed.
+cannot fit (in the budget, or on the disk above its reserve) is not written. An entry is
+written under a temporary name, its blocks taken at once, by the pass that decodes (its loader
+processes write their rows), and renamed into place only when the pass succeeded, so a reader
+never sees half of one; a file of the wrong size is ignored and removed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +98,10 @@ class Entry:
 
     def commit(self) -> None:
         if self.rows is not None and not self.rows.stored and self.final is not None:
-            os.replace(self.rows.path, self.final)
+            try:
+                os.replace(self.rows.path, self.final)
+            except FileNotFoundError:  # the sweep took it for a killed pass's: not kept
+                self.final = None
             self.rows = None
 
     def abort(self) -> None:
@@ -125,12 +130,14 @@ def filling(entry: Entry | None) -> Iterator[None]:
 
 
 class DecodedCache:
-    """Entries under ``root / scope``, all of ``root`` at most ``budget_bytes``."""
+    """Entries under ``root / scope``, all of ``root`` at most ``budget_bytes``; none is
+    written that would leave less than ``reserve_bytes`` free on its disk."""
 
-    def __init__(self, root: Path, scope: str, budget_bytes: int) -> None:
+    def __init__(self, root: Path, scope: str, budget_bytes: int, reserve_bytes: int = 0) -> None:
         self.root = root
         self.folder = root / scope
         self.budget_bytes = budget_bytes
+        self.reserve_bytes = reserve_bytes
 
     def entry(self, digests: Sequence[str], prep: Preprocessing) -> Entry:
         """The stored entry of these images at ``prep``'s pixels, or a new one to make."""
@@ -150,9 +157,17 @@ class DecodedCache:
         if size > self.budget_bytes or not self._make_room(size):
             return Entry(key, len(digests), None)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(self.folder).free - size < self.reserve_bytes:
+            return Entry(key, len(digests), None)  # the disk's floor comes first
         partial = self.folder / f"{key}.{secrets.token_hex(4)}.partial"
-        with partial.open("wb") as f:
-            f.truncate(size)
+        try:
+            # the blocks are taken now: a full disk is an error here, not a SIGBUS in a
+            # loader process writing into a mapped hole later
+            with partial.open("wb") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            return Entry(key, len(digests), None)
         rows = DecodedRows(shape, partial, stored=False)
         return Entry(key, len(digests), rows, bytes=size, final=final)
 

@@ -123,7 +123,12 @@ def decoded_cache(settings: Settings, dataset_id: str | None) -> DecodedCache | 
     dataset, deleted with it), within ``decoded_cache_mb`` in all."""
     if dataset_id is None or settings.decoded_cache_mb <= 0:
         return None
-    return DecodedCache(settings.decoded_dir, dataset_id, settings.decoded_cache_mb << 20)
+    return DecodedCache(
+        settings.decoded_dir,
+        dataset_id,
+        settings.decoded_cache_mb << 20,
+        reserve_bytes=settings.min_free_disk_mb << 20,  # GRAFT_MIN_FREE_DISK_MB's floor
+    )
 
 
 def expansion_request(

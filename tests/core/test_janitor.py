@@ -4,6 +4,7 @@ has passed; nothing a row owns is ever touched."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -95,8 +96,14 @@ def test_decoded_pixels_go_once_their_dataset_is_deleted(settings, leftovers):
     for folder in (live, unknown):
         folder.mkdir(parents=True)
         (folder / "pixels.u8").write_bytes(bytes(3 * 32 * 32))
-    janitor.clean(settings)
+    killed, writing = live / "a.1234.partial", live / "b.5678.partial"
+    for partial in (killed, writing):
+        partial.write_bytes(bytes(3 * 32 * 32))
+    an_hour_ago = time.time() - 3600  # a pass killed before the grace
+    os.utime(killed, (an_hour_ago, an_hour_ago))
+    janitor.clean(settings.model_copy(update={"orphan_grace_s": 600}))
     assert live.exists() and not unknown.exists()
+    assert sorted(p.name for p in live.iterdir()) == ["b.5678.partial", "pixels.u8"]
     with session_scope(settings.resolved_database_url) as s:
         s.get(Dataset, dataset_id).deleted_at = utcnow()
     janitor.clean(settings)

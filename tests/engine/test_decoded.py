@@ -4,6 +4,7 @@ fails keeps nothing; the folder stays within its budget."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,14 @@ def test_the_folder_keeps_to_its_budget_least_recently_used_first(
     rows = extract(classifier, big, DecodedCache(root, "dataset-big", 2 * one_set))
     assert big.decoded["state"] == "off" and len(rows.x) == 70
     assert sorted(p.parent.name for p in root.rglob("*.u8")) == ["dataset-a", "dataset-c"]
+
+
+def test_pixels_that_would_take_the_disk_below_its_reserve_are_not_kept(
+    tmp_path, classifier, digit_splits
+):
+    images = image_set(tmp_path / "images", digit_splits[1], 3)
+    free = shutil.disk_usage(tmp_path).free
+    root = tmp_path / "decoded"
+    rows = extract(classifier, images, DecodedCache(root, "dataset-1", 1 << 30, free))
+    assert images.decoded["state"] == "off" and len(rows.x) == 30
+    assert not list(root.rglob("*.*"))  # no entry, no partial file
