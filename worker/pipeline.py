@@ -21,7 +21,7 @@ from sqlalchemy import select
 from core import job_state
 from core.db import session_scope
 from core.disk import below_floor
-from core.janitor import clean_tmp
+from core.janitor import clean_decoded, clean_tmp
 from core.logs import current_job
 from core.models import Job, JobKind, JobStatus, Model, ModelVersion, VersionStatus, new_id
 from core.settings import Settings
@@ -71,8 +71,10 @@ def run_job(job_id: str, settings: Settings) -> None:
         _run_job(job_id, settings)
     finally:
         current_job.reset(token)
-        try:  # what killed attempts of any job left on this worker's disk
+        try:  # what killed attempts of any job left on this worker's disk, and the decoded
+            # pixels of deleted datasets (a worker with a disk of its own: the API's is not it)
             clean_tmp(settings)
+            clean_decoded(settings)
         except Exception:
             log.warning("could not clean the temporary folder", exc_info=True)
 

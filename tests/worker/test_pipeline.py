@@ -87,6 +87,12 @@ def test_a_second_job_on_a_dataset_reads_the_pixels_the_first_decoded(settings, 
     assert client.delete(f"/v1/datasets/{first['dataset_id']}").status_code == 204
     assert not folder.exists()  # the dataset's pixels go with it
 
+    # a worker with a disk of its own still holds them: they go when it ends its next job
+    (folder / "pixels.u8").parent.mkdir(parents=True)
+    (folder / "pixels.u8").write_bytes(bytes(10))
+    pipeline.run_job(job_id, settings)  # a duplicate delivery: nothing to run, but it ends
+    assert not folder.exists()
+
 
 def test_a_job_over_the_feature_memory_budget_spills_and_cleans_up(settings, client, job_id):
     config = client.get(f"/v1/jobs/{job_id}").json()["config"]
