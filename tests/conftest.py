@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import safetensors.torch
+from filelock import FileLock
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
@@ -68,13 +69,22 @@ def digit_splits() -> tuple[D.Digits, D.Digits]:
 
 @pytest.fixture(scope="session")
 def base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path:
-    """A resnet18 trained from scratch on digits 0-8 (about 99% held-out accuracy)."""
-    base, _ = digit_splits
-    model = D.train_base(base, OLD, ARCH)
-    path = tmp_path_factory.mktemp("base") / "digits.safetensors"
-    safetensors.torch.save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path)
-    )
+    """A resnet18 trained from scratch on digits 0-8 (about 99% held-out accuracy), once per
+    run: under pytest-xdist the first process that needs it trains it, the others wait for it
+    (about 40 s of training each, otherwise)."""
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run = run.parent  # the run's folder, above each process's own
+    path = run / "base" / "digits.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            model = D.train_base(digit_splits[0], OLD, ARCH)
+            partial = path.with_suffix(".partial")
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, str(partial)
+            )
+            partial.replace(path)
     return path
 
 
