@@ -27,6 +27,7 @@ from engine.preprocessing import Preprocessing
 
 OLD = list(range(9))  # the base model knows 0-8; "9" is the label Graft teaches it
 ARCH = "timm:resnet18"
+SMALL_ARCH = "timm:resnet10t"  # 20 MB a file, against resnet18's 45
 SIZE = 32
 PREP = Preprocessing(input_size=(3, SIZE, SIZE), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -123,12 +124,14 @@ def register_digits(
     reference: str | None = None,
     headers: dict[str, str] | None = None,
     gate: str | None = None,
+    architecture: str = ARCH,
 ) -> Any:
     """Register the digits 0-8 model through ``client`` (a TestClient or an httpx.Client);
-    ``reference``: a dataset id for its reference set; ``gate``: its gate settings (JSON)."""
+    ``reference``: a dataset id for its reference set; ``gate``: its gate settings (JSON);
+    ``architecture``: what ``weights`` are of."""
     data = {
         "name": name,
-        "architecture": ARCH,
+        "architecture": architecture,
         "labels": json.dumps([str(d) for d in OLD]),
         "preprocessing": json.dumps(PREP.to_dict()),
     }

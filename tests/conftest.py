@@ -24,7 +24,7 @@ import safetensors.torch
 from filelock import FileLock
 
 from devkit import digits as D
-from devkit.digits import ARCH, OLD
+from devkit.digits import ARCH, OLD, SMALL_ARCH
 from engine.data import scan_image_folder
 from engine.expand import ExpansionConfig, ExpansionRequest
 
@@ -67,25 +67,43 @@ def digit_splits() -> tuple[D.Digits, D.Digits]:
     return D.load()
 
 
-@pytest.fixture(scope="session")
-def base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path:
-    """A resnet18 trained from scratch on digits 0-8 (about 99% held-out accuracy), once per
-    run: under pytest-xdist the first process that needs it trains it, the others wait for it
-    (about 40 s of training each, otherwise)."""
+def trained_once(tmp_path_factory: pytest.TempPathFactory, name: str, train) -> Path:
+    """``train()``'s model saved as ``name``, once per run: under pytest-xdist the first process
+    that needs it trains it, the others wait for it (and do not train their own)."""
     run = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run = run.parent  # the run's folder, above each process's own
-    path = run / "base" / "digits.safetensors"
+    path = run / "base" / name
     path.parent.mkdir(exist_ok=True)
     with FileLock(f"{path}.lock"):
         if not path.exists():
-            model = D.train_base(digit_splits[0], OLD, ARCH)
+            model = train()
             partial = path.with_suffix(".partial")
             safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in model.state_dict().items()}, str(partial)
             )
             partial.replace(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path:
+    """A resnet18 trained from scratch on digits 0-8 (about 99% held-out accuracy), once per
+    run (about 40 s)."""
+    return trained_once(
+        tmp_path_factory, "digits.safetensors", lambda: D.train_base(digit_splits[0], OLD, ARCH)
+    )
+
+
+@pytest.fixture(scope="session")
+def small_base_weights(tmp_path_factory: pytest.TempPathFactory, digit_splits) -> Path:
+    """A resnet10t trained on digits 0-8: for tests that store many versions and look at how
+    jobs run, not at what they learn (the crash and fault tests' clusters)."""
+    return trained_once(
+        tmp_path_factory,
+        "digits-small.safetensors",
+        lambda: D.train_base(digit_splits[0], OLD, SMALL_ARCH),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from core.migrate import db_upgrade
 from core.settings import Settings
-from devkit.digits import digits_archive, register_digits
+from devkit.digits import SMALL_ARCH, digits_archive, register_digits
 from devkit.services import RedisServer, ServiceUnavailable, unavailable
 from tests.support.cluster import Cluster
 
@@ -37,7 +37,10 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture()
-def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits, request):
+def cluster(postgres_url, redis_url, tmp_path, small_base_weights, digit_splits, request):
+    """API, sweep and workers on a private PostgreSQL and Redis; the digits model registered
+    as a resnet10t (the ten-jobs test stores eleven versions: 0.7 GB, against 1.5 as a
+    resnet18) and a dataset to grow it with."""
     env = {
         "GRAFT_DATABASE_URL": postgres_url,
         "GRAFT_BROKER_URL": redis_url,
@@ -56,7 +59,8 @@ def cluster(postgres_url, redis_url, tmp_path, base_weights, digit_splits, reque
     )
     db_upgrade(settings)
     c = Cluster(settings, env, tmp_path)
-    assert register_digits(c.client, base_weights).status_code == 201
+    registered = register_digits(c.client, small_base_weights, architecture=SMALL_ARCH)
+    assert registered.status_code == 201, registered.text
     archive = digits_archive(digit_splits[1], old_per_class=10, new_shots=10)
     c.dataset_id = c.client.post("/v1/datasets", files={"archive": ("d.zip", archive)}).json()["id"]
     try:

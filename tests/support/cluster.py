@@ -20,7 +20,8 @@ from core.settings import Settings
 from devkit.faults import Pollers
 
 FINAL = {"succeeded", "failed", "cancelled"}
-SLOW = {"augmentation": {"views": 24, "rotation_degrees": 5}}  # long enough to interrupt
+# long enough to interrupt: about as long on the clusters' resnet10t as 24 views on a resnet18
+SLOW = {"augmentation": {"views": 48, "rotation_degrees": 5}}
 
 
 class Cluster:
