@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +75,12 @@ def compare_versions(
     cfg: CompareConfig,
     progress: Callable[[Stage], None] = lambda _: None,
     should_stop: Callable[[], bool] = lambda: False,
+    digests: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Score ``versions`` (in the order given; the first is the baseline) on ``samples``."""
+    """Score ``versions`` (in the order given; the first is the baseline) on ``samples``
+    (``digests``: their files' sha256, where the caller has them; read again otherwise)."""
+    if cfg.decoded is not None and digests is None:
+        digests = [file_digest(s.path) for s in samples]
     started = time.perf_counter()
     device = pick_device(cfg.device)
     dtype = compute_dtype(device, cfg.precision)
@@ -112,7 +116,7 @@ def compare_versions(
 
                 feats = _features(
                     model, head, prep, samples, known[key], cfg, device, dtype, cache,
-                    on_batch, should_stop, decoded,
+                    on_batch, should_stop, decoded, digests,
                 )  # fmt: skip
                 done_before += len(known[key])
                 del model
@@ -153,10 +157,13 @@ def _features(
     on_batch: Callable[[int, int], None],
     should_stop: Callable[[], bool],
     decoded: list[dict],
+    digests: Sequence[str] | None,
 ) -> torch.Tensor:
     """The classifier layer's inputs for ``samples[known]``, in that order."""
     picked = [samples[i] for i in known]
-    entry = cfg.decoded.entry([file_digest(s.path) for s in picked], prep) if cfg.decoded else None
+    entry = None
+    if cfg.decoded is not None and digests is not None:
+        entry = cfg.decoded.entry([digests[i] for i in known], prep)
     dataset = ImageDataset(picked, prep, eval_transform(prep), decoded=entry and entry.rows)
     loader = DataLoader(
         dataset,

@@ -70,7 +70,8 @@ class DecodedRows:
         row = int(np.prod(self.shape))
         start = (self.offset + index) * row
         if self.stored:
-            return torch.from_numpy(self._mapped[start : start + row]).view(self.shape).clone()
+            # no copy: normalising makes the float tensor that leaves this item
+            return torch.from_numpy(self._mapped[start : start + row]).view(self.shape)
         pixels = decode()
         if tuple(pixels.shape) != self.shape or pixels.dtype != torch.uint8:
             raise ValueError(

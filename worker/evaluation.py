@@ -133,8 +133,8 @@ def _score(
     def report(stage: Stage) -> None:
         heartbeat.report(Progress(stage.stage, stage.fraction, message=stage.message))
 
-    result = compare_versions(files, samples, config, report, heartbeat.should_stop)
-    overlap = {str(v.version): _overlap(storage, v, digests) for v in spec.versions}
+    result = compare_versions(files, samples, config, report, heartbeat.should_stop, digests)
+    overlap = {str(v.version): _overlap(storage, v, set(digests)) for v in spec.versions}
     return (
         {"model": spec.model_name, "dataset_id": spec.dataset_id}
         | result
@@ -145,26 +145,26 @@ def _score(
     )
 
 
-def distinct_samples(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any], set[str]]:
+def distinct_samples(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any], list[str]]:
     """Each image once: copies under one label count once (else they narrow the intervals as
     if they were evidence), and an image under two labels is left out (it cannot be right
-    under both). Returns the samples, what was removed, and the digests kept."""
+    under both). Returns the samples, what was removed, and the samples' digests."""
     digest_of = [file_digest(s.path) for s in samples]
     conflicted = conflicting(zip(digest_of, (s.label for s in samples), strict=True))
-    kept, seen, copies = [], set(), 0
+    kept, seen, copies = [], {}, 0  # seen: digest -> its sample, in order
     for sample, digest in zip(samples, digest_of, strict=True):
         if digest in conflicted:
             continue
         if digest in seen:
             copies += 1
             continue
-        seen.add(digest)
+        seen[digest] = sample
         kept.append(sample)
     hygiene = {
         "copies_removed": copies,
         "conflicts": [{"digest": d, "labels": labels} for d, labels in sorted(conflicted.items())],
     }
-    return kept, hygiene, seen
+    return kept, hygiene, list(seen)
 
 
 def _overlap(storage: Storage, version: StoredVersion, digests: set[str]) -> dict[str, Any]:
