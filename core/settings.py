@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # On a GPU: auto (bf16 from compute capability 8.0, fp16 with loss scaling below it), or
     # bf16, fp16 or fp32 (no autocast). CPUs always run float32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Where images are decoded, resized and normalised: auto (on a GPU: JPEGs by nvJPEG, every
+    # image resized there; on a CPU: the extract_workers loader processes), device (on the
+    # compute device whatever it is) or loaders (always the loader processes).
+    decode: Literal["auto", "device", "loaders"] = "auto"
     # Images per pass of the backbone; a pass out of GPU memory is retried once at half of it.
     extract_batch_size: int = Field(64, ge=1, le=4096)
     # Cached features of a job beyond this many MiB are memory-mapped from files under tmp/.

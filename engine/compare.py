@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from engine.data import ImageDataset, Sample, eval_transform
 from engine.decoded import DecodedCache, filling
 from engine.device import compute_dtype, pick_device, precision_name, release_memory
+from engine.device_decode import DEVICE_THREADS, DeviceBatches, plan
 from engine.errors import JobCancelled
 from engine.evaluate import classification_metrics
 from engine.evidence import Paired, f1_interval, holm, mcnemar_exact, paired, wilson
@@ -60,6 +61,7 @@ class CompareConfig:
     spill_dir: Path | None = None
     alpha: float = 0.05
     decoded: DecodedCache | None = None  # the images' pixels kept between passes (decoded.py)
+    decode: str = "auto"  # where the images are decoded: auto | device | loaders (device_decode)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ def compare_versions(
         for key, members in groups.items()
     }
     passes, done_before = sum(len(k) for k in known.values()), 0
-    decoded: list[dict] = []  # what the decoded-pixels cache did, a pass each
+    # a pass each: what the decoded-pixels cache did, and where the images were decoded
+    passes_log: dict[str, list[dict]] = {"decoded_cache": [], "decoding": []}
     try:
         with FeatureCache(cfg.feature_memory_bytes, cfg.spill_dir) as cache:
             for key, members in groups.items():
@@ -116,7 +119,7 @@ def compare_versions(
 
                 feats = _features(
                     model, head, prep, samples, known[key], cfg, device, dtype, cache,
-                    on_batch, should_stop, decoded, digests,
+                    on_batch, should_stop, passes_log, digests,
                 )  # fmt: skip
                 done_before += len(known[key])
                 del model
@@ -135,7 +138,7 @@ def compare_versions(
     result["timing"] = {"total_s": round(time.perf_counter() - started, 3)}
     result["device"], result["precision"] = str(device), precision_name(dtype)
     result["backbone_passes"] = len(groups)
-    result["decoded_cache"] = decoded
+    result.update(passes_log)
     return result
 
 
@@ -156,27 +159,36 @@ def _features(
     cache: FeatureCache,
     on_batch: Callable[[int, int], None],
     should_stop: Callable[[], bool],
-    decoded: list[dict],
+    passes_log: dict[str, list[dict]],
     digests: Sequence[str] | None,
 ) -> torch.Tensor:
     """The classifier layer's inputs for ``samples[known]``, in that order."""
     picked = [samples[i] for i in known]
+    decoding = plan(cfg.decode, device, prep)
     entry = None
     if cfg.decoded is not None and digests is not None:
-        entry = cfg.decoded.entry([digests[i] for i in known], prep)
-    dataset = ImageDataset(picked, prep, eval_transform(prep), decoded=entry and entry.rows)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+        entry = cfg.decoded.entry([digests[i] for i in known], prep, decoding.decoder)
+    stored = entry.rows if entry else None
+    loader: DataLoader | DeviceBatches
+    if decoding.on_device:
+        threads = cfg.num_workers or DEVICE_THREADS
+        loader = DeviceBatches(
+            picked, prep, device, cfg.batch_size, threads, stored, decoding.jpeg_on_device
+        )
+    else:
+        loader = DataLoader(
+            ImageDataset(picked, prep, eval_transform(prep), decoded=stored),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
     with filling(entry):
         feats, order = extract_features(
             model, head, loader, device, on_batch, should_stop, cache.allocate, dtype
         )
     if entry:
-        decoded.append(entry.report())
+        passes_log["decoded_cache"].append(entry.report())
+    passes_log["decoding"].append(decoding.report([loader] if decoding.on_device else []))
     model.cpu()
     rows = torch.empty_like(order)
     rows[order] = torch.arange(len(order))

@@ -35,12 +35,15 @@ import torch
 from engine.preprocessing import Preprocessing
 
 SUFFIX = ".u8"
+PIL = "pil"  # the loaders' decoder (engine/data.py: open_image, resize_transform)
 
 
-def pixels_key(digests: Sequence[str], prep: Preprocessing) -> str:
-    """The key of a set of images (in this order) at the pixels ``prep`` asks for."""
+def pixels_key(digests: Sequence[str], prep: Preprocessing, decoder: str = PIL) -> str:
+    """The key of a set of images (in this order) at the pixels ``prep`` asks for, as
+    ``decoder`` makes them (engine/device_decode.py: nvJPEG's pixels are not libjpeg's)."""
     h = hashlib.sha256()
-    h.update(repr((tuple(prep.input_size), prep.interpolation)).encode())
+    shaping = (tuple(prep.input_size), prep.interpolation)
+    h.update(repr(shaping if decoder == PIL else (*shaping, decoder)).encode())
     for digest in digests:
         h.update(digest.encode() + b"\n")
     return h.hexdigest()[:32]
@@ -64,21 +67,36 @@ class DecodedRows:
     def pixels(self, index: int, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The uint8 ``C x H x W`` pixels of image ``index``: stored, or ``decode()``d (and
         written, when the entry is being made)."""
+        if self.stored:
+            # no copy: normalising makes the float tensor that leaves this item
+            return self.block(index, index + 1)[0]
+        pixels = decode()
+        self.write(index, pixels.unsqueeze(0))
+        return pixels
+
+    def _map(self) -> np.memmap:
         if self._mapped is None:
             # "c": a read-only view torch takes without a warning; "r+": rows are written
             self._mapped = np.memmap(self.path, dtype=np.uint8, mode="c" if self.stored else "r+")
+        return self._mapped
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Stored images ``start .. stop`` as one uint8 ``N x C x H x W`` tensor (no copy)."""
         row = int(np.prod(self.shape))
-        start = (self.offset + index) * row
-        if self.stored:
-            # no copy: normalising makes the float tensor that leaves this item
-            return torch.from_numpy(self._mapped[start : start + row]).view(self.shape)
-        pixels = decode()
-        if tuple(pixels.shape) != self.shape or pixels.dtype != torch.uint8:
+        first = (self.offset + start) * row
+        rows = self._map()[first : first + (stop - start) * row]
+        return torch.from_numpy(rows).view(stop - start, *self.shape)
+
+    def write(self, start: int, pixels: torch.Tensor) -> None:
+        """Write the uint8 ``N x C x H x W`` pixels of images ``start ..`` (an entry being
+        made)."""
+        if tuple(pixels.shape[1:]) != self.shape or pixels.dtype != torch.uint8:
             raise ValueError(
-                f"decoded {pixels.dtype} pixels of {list(pixels.shape)}, not uint8 {self.shape}"
+                f"decoded {pixels.dtype} pixels of {list(pixels.shape[1:])}, not uint8 {self.shape}"
             )
-        self._mapped[start : start + row] = pixels.numpy().reshape(-1)
-        return pixels
+        row = int(np.prod(self.shape))
+        first = (self.offset + start) * row
+        self._map()[first : first + len(pixels) * row] = pixels.cpu().numpy().reshape(-1)
 
     def part(self, offset: int) -> DecodedRows:
         """The same entry from row ``offset`` on (the next dataset of the pass)."""
@@ -140,11 +158,12 @@ class DecodedCache:
         self.budget_bytes = budget_bytes
         self.reserve_bytes = reserve_bytes
 
-    def entry(self, digests: Sequence[str], prep: Preprocessing) -> Entry:
-        """The stored entry of these images at ``prep``'s pixels, or a new one to make."""
+    def entry(self, digests: Sequence[str], prep: Preprocessing, decoder: str = PIL) -> Entry:
+        """The stored entry of these images at ``prep``'s pixels as ``decoder`` makes them, or
+        a new one to make."""
         channels, height, width = prep.input_size
         shape = (channels, height, width)
-        key = pixels_key(digests, prep)
+        key = pixels_key(digests, prep, decoder)
         size = len(digests) * channels * height * width
         final = self.folder / f"{key}{SUFFIX}"
         if not digests or self.budget_bytes <= 0:

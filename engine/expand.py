@@ -149,6 +149,7 @@ def _expand(
             should_stop=should_stop,
             dtype=compute.dtype,
             decoded=cfg.decoded,
+            decode=cfg.decode,
         )
 
     rows = compute.run("extract", "extracting features", extract, progress, "extracting")
@@ -179,6 +180,7 @@ def _expand(
             "reference_cached": images.cached_count,
         },
         "decoded_cache": images.decoded or {"state": "off"},
+        "decoding": images.decoding,
         "device": str(device),
         "precision": precision_name(compute.dtype),  # the backbone's; the layer's is fp32
         "batch_size": dict(compute.batch_sizes),

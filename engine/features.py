@@ -88,7 +88,8 @@ def extract_features(
     allocate: Callable[[int, int], torch.Tensor] = _in_memory,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features, indices)``: the classifier layer's float32 inputs, one row per loader item,
+    """``(features, indices)``: the classifier layer's float32 inputs, one row per loader item
+    (``loader``: a DataLoader, or batches made on the device, engine/device_decode.py),
     written into a tensor from ``allocate(rows, dim)`` (see :class:`FeatureCache`). On a GPU
     the backbone runs under autocast to ``dtype`` (default: the ``auto`` choice, see
     ``device.autocast_dtype``); its features are cast to float32 before the classifier layer,
@@ -109,9 +110,10 @@ def extract_features(
     # channels_last: convolutions run 1.3-1.4x faster on CPUs and tensor cores alike. The
     # parameters are converted outside inference mode, so that they stay trainable.
     model.to(device, memory_format=torch.channels_last).eval()
+    batches = iter(loader)
     try:
         with torch.inference_mode(), float32_head(model, head):
-            for batch, index in loader:
+            for batch, index in batches:
                 if should_stop():
                     raise JobCancelled()
                 batch = batch.to(device, non_blocking=True)
@@ -131,6 +133,9 @@ def extract_features(
                 if on_batch:
                     on_batch(done, total)
     finally:
+        close = getattr(batches, "close", None)  # a generator's threads (device_decode.py)
+        if close is not None:
+            close()
         hook.remove()
         model.to(memory_format=torch.contiguous_format)
     if feats is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from engine.data import (
     Augmentation,
@@ -23,6 +23,7 @@ from engine.data import (
     eval_transform,
 )
 from engine.decoded import DecodedCache, filling
+from engine.device_decode import DEVICE_THREADS, Chained, DeviceBatches, plan
 from engine.errors import DataError
 from engine.features import FeatureCache, extract_features
 from engine.heads import Head
@@ -47,6 +48,7 @@ class Gathered:
     extracted: int = 0  # rows the backbone produced
     conflicts: list[dict] = field(default_factory=list)  # images under two labels, left out
     decoded: dict = field(default_factory=dict)  # what engine/decoded.py did (extract_rows)
+    decoding: dict = field(default_factory=dict)  # where the clean views were decoded
 
     @property
     def cached_count(self) -> int:
@@ -154,6 +156,16 @@ def gather_images(
     return out
 
 
+def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(  # one set of workers for the images of a pass
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
 def train_transform(prep: Preprocessing, aug: Augmentation) -> Callable:
     return eval_transform(prep) if aug.is_identity else augment_transform(prep, aug)
 
@@ -176,12 +188,14 @@ def extract_rows(
     should_stop: Callable[[], bool],
     dtype: torch.dtype | None = None,
     decoded: DecodedCache | None = None,
+    decode: str = "auto",
 ) -> Rows:
     """Feature rows of every image: ``views`` rows (the clean view first) for the job's own
     training images, one clean row for reference and held-out images, and the cached rows.
     One DataLoader, one pass of the backbone (under autocast to ``dtype`` on a GPU). The clean
     views' pixels come from ``decoded`` when it holds these images, and are kept there when
-    it does not (engine/decoded.py)."""
+    it does not (engine/decoded.py). ``decode`` says where the clean views are decoded
+    (engine/device_decode.py: on a GPU, by nvJPEG)."""
     in_train = set(train)
     viewed = [
         g
@@ -197,35 +211,52 @@ def extract_rows(
     cached = sorted(images.cached)
     clean = eval_transform(prep)
     views = max(1, views)
-    entry = decoded.entry([images.digests[g] for g in viewed + plain], prep) if decoded else None
+    viewed_samples = [images.samples[g] for g in viewed]
+    plain_samples = [images.samples[g] for g in plain]
+    decoding = plan(decode, device, prep)
+    digests = [images.digests[g] for g in viewed + plain]
+    entry = decoded.entry(digests, prep, decoding.decoder) if decoded else None
     rows = entry.rows if entry else None
-    parts = ConcatDataset(
-        [
-            ImageDataset(
-                [images.samples[g] for g in viewed],
+    augmented_views = ImageDataset(
+        viewed_samples,
+        prep,
+        train_transform(prep, aug),
+        views,
+        first_view=clean,
+        seed=seed,
+        decoded=rows,
+    )
+    made: list[DeviceBatches] = []
+    if decoding.on_device:  # clean views made on the device; augmented ones by the loaders
+        made = [
+            DeviceBatches(
+                samples,
                 prep,
-                train_transform(prep, aug),
-                views,
-                first_view=clean,
-                seed=seed,
-                decoded=rows,
-            ),
-            ImageDataset(
-                [images.samples[g] for g in plain],
-                prep,
-                clean,
-                decoded=rows.part(len(viewed)) if rows else None,
-            ),
+                device,
+                batch_size,
+                threads=num_workers or DEVICE_THREADS,
+                rows=part,
+                jpeg_on_device=decoding.jpeg_on_device,
+            )
+            for samples, part in (
+                (viewed_samples, rows),
+                (plain_samples, rows.part(len(viewed)) if rows else None),
+            )
         ]
-    )
-    loader = DataLoader(  # one loader (one set of workers) for every image to extract
-        parts,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    total = len(parts)
+        extra = Subset(augmented_views, range(len(viewed), len(viewed) * views))
+        loader: DataLoader | Chained = Chained(
+            [made[0], _loader(extra, batch_size, num_workers, device), made[1]]
+            if len(extra)
+            else made
+        )
+    else:
+        plain_views = ImageDataset(
+            plain_samples, prep, clean, decoded=rows.part(len(viewed)) if rows else None
+        )
+        loader = _loader(
+            ConcatDataset([augmented_views, plain_views]), batch_size, num_workers, device
+        )
+    total = len(viewed) * views + len(plain)
     with filling(entry):
         feats, local = extract_features(
             model,
@@ -239,6 +270,7 @@ def extract_rows(
         )
     if entry:
         images.decoded = entry.report()
+    images.decoding = decoding.report(made)
     if not total:
         feats = cache.allocate(len(cached), head.in_features)
     with torch.inference_mode():  # the rows were allocated as inference tensors

@@ -57,6 +57,7 @@ class ExpansionConfig:
     feature_memory_bytes: int = 2 << 30  # cached features beyond this spill to disk
     spill_dir: Path | None = None  # where they spill (default: the system's temp folder)
     decoded: DecodedCache | None = None  # clean views' pixels kept between jobs (decoded.py)
+    decode: str = "auto"  # where clean views are decoded: auto | device | loaders (device_decode)
     folds: int = 5  # cross-fitting rounds that measure the layer (freeze=head)
     reference_per_label: int = 100  # the new version's reference set, per label
     reference_selection: str = "random"  # random | herding

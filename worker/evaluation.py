@@ -123,6 +123,7 @@ def _score(
     config = CompareConfig(
         device=settings.device,
         precision=settings.precision,
+        decode=settings.decode,
         batch_size=settings.extract_batch_size,
         num_workers=settings.extract_workers,
         feature_memory_bytes=settings.feature_memory_mb << 20,

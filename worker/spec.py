@@ -104,6 +104,7 @@ def expansion_config(
         num_workers=settings.extract_workers,
         device=settings.device,
         precision=settings.precision,
+        decode=settings.decode,
         freeze=config.freeze,
         calibration=Calibration(
             method=config.calibration, max_old_drop=config.max_old_accuracy_drop

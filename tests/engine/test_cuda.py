@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
 from engine.architectures import build_model
-from engine.data import eval_transform, open_image, stratified_split
+from engine.data import ImageDataset, eval_transform, open_image, stratified_split
+from engine.decoded import DecodedCache
 from engine.device import autocast_for, compute_dtype, precision_name
+from engine.device_decode import DeviceBatches, plan
 from engine.errors import JobCancelled
 from engine.evaluate import confusion_matrix
 from engine.expand import ExpansionConfig, Progress, expand_classifier
+from engine.features import extract_features
 from engine.gather import gather_images
 from engine.train import HeadTraining
-from engine.weights import read_state_dict
+from engine.weights import load_classifier, read_state_dict
 from tests.conftest import digits_request
+from tests.engine.test_device_decode import SAME_SIZE_COSINE, SCALED_COSINE
+from tests.support.photos import write_photos
 
 pytestmark = [
     pytest.mark.cuda,
@@ -81,8 +89,13 @@ def test_a_fine_tuning_job_runs_on_the_gpu_in_its_precision(
     changed = [k for k, v in backbone.items() if not torch.equal(state[k], v)]
     assert changed and all(k.startswith("layer4.1.") for k in changed)  # the last block only
 
-    # what was reported is what the exported float32 file predicts (on the CPU), up to the
-    # backbone's rounding on a few borderline images
+    assert_reported_is_exported(request, result)
+
+
+def assert_reported_is_exported(request, result) -> None:
+    """What was reported is what the exported float32 file predicts (on the CPU, its images
+    decoded by PIL), up to the backbone's rounding on a few borderline images."""
+    m = result.metrics
     images_ = gather_images(request.samples, result.labels, 9, [], lambda _: [], {}, 512)
     _, val = stratified_split(images_.targets.tolist(), 0.2, 0)
     transform = eval_transform(D.PREP)
@@ -199,3 +212,57 @@ def test_an_evaluation_on_the_gpu_scores_as_the_cpu_does(images, base_weights, t
         right_gpu = gpu["overall"]["accuracy"] * gpu["overall"]["n"]
         right_cpu = cpu["overall"]["accuracy"] * cpu["overall"]["n"]
         assert abs(right_gpu - right_cpu) <= 1
+
+
+@pytest.fixture(scope="module")
+def jpeg_images(images, tmp_path_factory):
+    """The digits, as JPEG files."""
+    root = tmp_path_factory.mktemp("cuda-jpegs")
+    for png in images.rglob("*.png"):
+        (root / png.parent.name).mkdir(exist_ok=True)
+        Image.open(png).convert("RGB").save(root / png.parent.name / f"{png.stem}.jpg", quality=95)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("size", "least"), [((48, 36), SAME_SIZE_COSINE), ((192, 144), SCALED_COSINE)]
+)
+def test_jpeg_photos_decoded_by_nvjpeg_give_the_loaders_features(
+    tmp_path, base_weights, size, least
+):
+    samples = write_photos(tmp_path, 50, size)
+    model, head = load_classifier(ARCH, len(OLD), base_weights)
+    cuda, fp32 = torch.device("cuda"), torch.float32
+    loader = DataLoader(ImageDataset(samples, D.PREP, eval_transform(D.PREP)), batch_size=16)
+    loaders, _ = extract_features(model, head, loader, cuda, dtype=fp32)
+    batches = DeviceBatches(samples, D.PREP, cuda, 16)
+    assert plan("auto", cuda, D.PREP).jpeg_on_device and batches.jpeg_on_device
+    on_gpu, order = extract_features(model, head, batches, cuda, dtype=fp32)
+    assert order.tolist() == list(range(50))
+    assert batches.decoded == {"device": 30, "cpu": 20}  # CMYK and PNG: on the CPU threads
+    cosine = F.cosine_similarity(on_gpu, loaders)
+    print(f"{size}: least cosine {cosine.min():.5f}, mean {cosine.mean():.5f}")
+    assert cosine.min() >= least
+
+
+def test_a_job_on_jpegs_decodes_them_on_the_gpu_and_reports_the_exported_files_figures(
+    jpeg_images, base_weights, tmp_path
+):
+    config = ExpansionConfig(
+        freeze="last_block",
+        training=HeadTraining(epochs=2, learning_rate=1e-3, batch_size=32),
+        device="cuda",
+        precision="fp32",
+        decoded=DecodedCache(tmp_path / "decoded", "dataset-1", 1 << 30),
+    )
+    request = digits_request(base_weights, jpeg_images, config)
+    result = expand_classifier(request)
+    decoding = result.metrics["decoding"]
+    assert decoding["where"] == "device" and decoding["decoder"] == "decode_jpeg:cuda"
+    assert decoding["images"] == {"device": len(request.samples)}
+    assert result.metrics["decoded_cache"]["state"] == "stored"
+    assert_reported_is_exported(request, result)
+
+    again = expand_classifier(digits_request(base_weights, jpeg_images, config))
+    assert again.metrics["decoded_cache"]["state"] == "hit"
+    assert again.metrics["decoding"]["images"] == {"stored": len(request.samples)}

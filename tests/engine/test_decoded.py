@@ -46,7 +46,7 @@ def extract(
         prep=D.PREP,
         views=kw.pop("views", 1),
         aug=kw.pop("aug", Augmentation()),
-        batch_size=16,
+        batch_size=kw.pop("batch_size", 16),
         num_workers=workers,
         seed=0,
         device=torch.device("cpu"),
@@ -54,6 +54,7 @@ def extract(
         on_batch=lambda *_: None,
         should_stop=kw.pop("should_stop", lambda: False),
         decoded=decoded,
+        decode=kw.pop("decode", "auto"),
     )
 
 

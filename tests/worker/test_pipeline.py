@@ -73,12 +73,20 @@ def test_a_second_job_on_a_dataset_reads_the_pixels_the_first_decoded(settings, 
     assert first["metrics"]["decoded_cache"]["state"] == "stored", first["metrics"]
     body = {"model": "digits", "base_version": 1, "dataset_id": first["dataset_id"]}
     again = client.post("/v1/jobs", json=body | {"config": {"gate": {"min_retention": 0.9}}})
-    pipeline.run_job(again.json()["id"], settings)
+    # GRAFT_DECODE=device: batches made in the worker's process (on a GPU, by nvJPEG); on a
+    # CPU from the loaders' pixels, so it reads what they kept
+    pipeline.run_job(again.json()["id"], settings.model_copy(update={"decode": "device"}))
     second = client.get(f"/v1/jobs/{again.json()['id']}").json()
     assert second["status"] == "succeeded", second["error"]
     decoded = first["metrics"]["decoded_cache"]
     assert second["metrics"]["decoded_cache"] == decoded | {"state": "hit"}
     assert decoded["images"] == 9 * 20 + 10  # every image of the dataset, once
+    assert first["metrics"]["decoding"] == {"where": "loaders", "decoder": "pil"}
+    assert second["metrics"]["decoding"] == {
+        "where": "device",
+        "decoder": "pil",
+        "images": {"stored": decoded["images"]},
+    }
     # the same pixels, so the same figures
     assert second["metrics"]["old_classes"] == first["metrics"]["old_classes"]
     assert second["metrics"]["gate"]["decision"] == first["metrics"]["gate"]["decision"]
