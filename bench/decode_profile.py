@@ -17,17 +17,19 @@ the first --png-images of the same pixels as PNG files. Then, per format:
                 copy to the device, the backbone under autocast, float32 features to the host)
   gpu-decode    images/s of `torchvision.io.decode_jpeg(list, device="cuda")` (nvjpeg) on
                 batches of file bytes already in memory
-  gpu-prep      images/s from files to a normalised batch on the GPU: files read on a thread
-                pool one batch ahead, decoded on the GPU, resized there (`interpolate`,
-                antialiased) and normalised
-  gpu+fwd       gpu-prep feeding the same `extract_features` (only the loader swapped)
+  gpu-prep      images/s from files to a normalised batch on the GPU through the engine's
+                device path (engine/device_decode.py, `DeviceBatches`): files read on a
+                thread pool two batches ahead, decoded by nvjpeg, resized there (antialiased)
+                and normalised, on a side thread and CUDA stream one batch ahead
+  gpu+fwd       gpu-prep feeding the same `extract_features` (as a job with GRAFT_DECODE=auto)
   pure-fwd      the backbone alone, in the same dtype, on a batch already on the GPU: the most
                 the GPU gives (as bench/speed.py --extraction measures it)
 
 and extr/fwd, gpu/fwd: extraction and gpu+fwd as fractions of pure-fwd. PNG has no GPU
-decoder (nvjpeg is JPEG only): its gpu columns decode on --threads CPU threads (torchvision),
-copy the uint8 pixels and resize and normalise on the GPU. Once per run, on a GPU: the
-host-to-device copy of a pinned uint8 batch against a float32 one (GB/s).
+decoder (nvjpeg is JPEG only): its gpu columns decode and resize on --threads CPU threads as
+the loaders do (PIL), copy the uint8 pixels and normalise on the GPU: the engine's path for
+every file nvjpeg does not take. Once per run, on a GPU: the host-to-device copy of a pinned
+uint8 batch against a float32 one (GB/s).
 
 Every throughput runs over --timed images or --max-seconds, whichever ends first, after a
 warm-up, with `torch.cuda.synchronize()` around its timer; loaders are timed from their start
@@ -53,15 +55,14 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
@@ -76,6 +77,7 @@ from engine.device import (  # noqa: E402
     one_thread,
     precision_name,
 )
+from engine.device_decode import DeviceBatches  # noqa: E402
 from engine.errors import JobCancelled  # noqa: E402
 from engine.features import autocast_for, extract_features, pick_device  # noqa: E402
 from engine.heads import find_head  # noqa: E402
@@ -237,81 +239,6 @@ def stage_costs(samples: Sequence[Sample], fmt: str, prep: Preprocessing) -> Non
     print(f"  one loader process: at most {1 / item:.0f} images/s", flush=True)
 
 
-# --- the GPU path -------------------------------------------------------------------------
-
-
-def to_input(images: list[torch.Tensor], prep: Preprocessing, device: torch.device) -> torch.Tensor:
-    """uint8 CHW images (any sizes, any device) -> the model's normalised float32 batch on
-    ``device``, channels_last: images of one size are stacked, moved, resized together."""
-    _, height, width = prep.input_size
-    mode = "bicubic" if prep.interpolation == "bicubic" else "bilinear"
-    mean = torch.tensor(prep.mean, device=device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(prep.std, device=device).view(1, -1, 1, 1) * 255
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, image in enumerate(images):
-        groups[tuple(image.shape)].append(i)
-    parts = []
-    for index in groups.values():
-        x = torch.stack([images[i] for i in index])
-        if x.device.type != device.type:
-            x = x.pin_memory() if device.type == "cuda" else x
-            x = x.to(device, non_blocking=True)
-        x = x.float()
-        if tuple(x.shape[-2:]) != (height, width):
-            x = F.interpolate(x, (height, width), mode=mode, antialias=True, align_corners=False)
-        parts.append((index, x))
-    if len(parts) == 1:
-        batch = parts[0][1]
-    else:
-        batch = torch.empty(len(images), prep.input_size[0], height, width, device=device)
-        for index, x in parts:
-            batch[torch.tensor(index, device=device)] = x
-    batch = batch.sub_(mean).div_(std)
-    return batch.contiguous(memory_format=torch.channels_last)
-
-
-@dataclass
-class DecodingLoader:
-    """What `extract_features` needs of a DataLoader (``dataset`` for its length; batches of
-    ``(inputs, indices)``), the inputs made on ``device``: files read on a thread pool one batch
-    ahead, decoded by nvjpeg (``gpu_decode``) or on the pool's threads, then `to_input`."""
-
-    dataset: Sequence[Sample]
-    prep: Preprocessing
-    device: torch.device
-    batch_size: int
-    threads: int
-    gpu_decode: bool
-
-    def _load(self, path: Path) -> torch.Tensor:
-        data = read_file(str(path))
-        return data if self.gpu_decode else decode_image(data, ImageReadMode.RGB)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        starts = list(range(0, len(self.dataset), self.batch_size))
-        with ThreadPoolExecutor(self.threads) as pool:
-
-            def submit(start: int) -> list[Future]:
-                batch = self.dataset[start : start + self.batch_size]
-                return [pool.submit(self._load, s.path) for s in batch]
-
-            ahead = deque(submit(s) for s in starts[:2])
-            for k, start in enumerate(starts):
-                futures = ahead.popleft()
-                if k + 2 < len(starts):
-                    ahead.append(submit(starts[k + 2]))
-                items = [f.result() for f in futures]
-                if self.gpu_decode:
-                    items = decode_jpeg(items, mode=ImageReadMode.RGB, device=self.device)
-                yield (
-                    to_input(items, self.prep, self.device),
-                    torch.arange(start, start + len(items)),
-                )
-
-
 # --- measurements -------------------------------------------------------------------------
 
 
@@ -408,9 +335,10 @@ class Bench:
         extract_features(model, head, warm, self.device, dtype=self.dtype)  # warm-up
         return self.extraction_rate(model, self.loader(self.take(samples)))
 
-    def decoding_loader(self, samples: Sequence[Sample], gpu_decode: bool) -> DecodingLoader:
-        return DecodingLoader(
-            samples, self.prep, self.device, self.batch_size, self.threads, gpu_decode
+    def decoding_loader(self, samples: Sequence[Sample], gpu_decode: bool) -> DeviceBatches:
+        """The engine's device path (engine/device_decode.py), as a job takes it."""
+        return DeviceBatches(
+            samples, self.prep, self.device, self.batch_size, self.threads, None, gpu_decode
         )
 
     def gpu_extraction(
@@ -536,7 +464,9 @@ def profile_format(
     print(f"\n## {fmt.upper()}", flush=True)
     bench.measure(f"{fmt} CPU stages", lambda: stage_costs(samples[:sample], fmt, bench.prep))
     gpu_decode = fmt == "jpeg" and bench.cuda and gpu_decoder_works(bench, samples)
-    where = "nvjpeg on the GPU" if gpu_decode else f"{bench.threads} CPU threads (torchvision)"
+    where = (
+        "nvjpeg on the GPU" if gpu_decode else f"{bench.threads} CPU threads (PIL, as the loaders)"
+    )
     print(
         f"gpu columns: decoded by {where}, resized (antialiased {bench.prep.interpolation}) and "
         f"normalised on {bench.device}" + ("" if bench.cuda else " (no GPU: to check the code)")

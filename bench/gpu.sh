@@ -3,20 +3,24 @@
 #
 #   1. the environment: .venv (made by `make install` only if it is missing), nvidia-smi,
 #      torch's view of the GPU and the precision Graft will choose there;
-#   2. bench/speed.py on the GPU, on 10,000 JPEG photos (500x375, as users send them): a job
-#      against one inference pass over them, a second job on the same images (their pixels
-#      kept by the first: the decoded cache), and the engine's extraction pass against a pure
-#      forward of the same backbone in the same dtype;
+#   2. bench/speed.py on the GPU, on 10,000 JPEG photos (500x375, as users send them), their
+#      images decoded where a job decodes them by default (GRAFT_DECODE=auto: nvJPEG, resized
+#      and normalised on the GPU, engine/device_decode.py): a job against one inference pass
+#      over them, a second job on the same images (their pixels kept by the first: the decoded
+#      cache) against a pure forward, and the engine's extraction pass against a pure forward
+#      of the same backbone in the same dtype;
 #   3. the CUDA tests (tests/engine/test_cuda.py, `-m cuda`: skipped on machines without one):
 #      a fine-tuning job under autocast (auto, fp16 with loss scaling, fp32), the dtype chosen
 #      on the real device, no out-of-memory retry on a normal job, GPU memory given back after
-#      a job (and after a cancelled one);
+#      a job (and after a cancelled one); JPEG photos decoded by nvJPEG against the loaders
+#      (features within the stated cosine), a job on JPEGs decoded there whose figures are the
+#      exported file's, and its second job reading the kept pixels;
 #   4. bench/refit_scale.py on the GPU: one cross-fitted refit of a layer of 1,000 old and 200
 #      new labels over 2,048 features of 100,000 images (iterations, gradient, seconds, memory);
 #   5. bench/decode_profile.py on the GPU: where the extraction pass's time goes on 10,000
 #      JPEG photos (and 2,000 PNGs of them): each CPU stage of a loader item, the engine's
-#      loader alone, the extraction pass, nvjpeg decoding with resizing on the GPU (alone and
-#      feeding the same pass), a pure forward, and the host-to-device copy.
+#      loader alone, the extraction pass through the loaders, nvjpeg decoding alone, the engine's
+#      device path (alone and feeding the same pass), a pure forward, and the host-to-device copy.
 #
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu.log (the tests' JUnit report to
 # $OUT/cuda-tests.xml). Every step has a time limit (9 minutes in all, past `make install`:
@@ -90,15 +94,15 @@ run "speed" 200 "$PY" bench/speed.py --device cuda --photos --images 10000 --vie
 step "CUDA tests"
 junit=()
 [[ -n "${OUT:-}" ]] && junit=(--junitxml "$OUT/cuda-tests.xml")
-run "CUDA tests" 110 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
+run "CUDA tests" 130 "$PY" -m pytest -q -m cuda tests/engine/test_cuda.py -p no:cacheprovider \
   -rs --durations=5 ${junit[@]+"${junit[@]}"}
 
 step "bench/refit_scale.py: one cross-fitted refit, 1,000 + 200 labels, 2,048 features, 100k images"
 run "refit at scale" 90 "$PY" bench/refit_scale.py --device cuda --images 100000
 
 step "bench/decode_profile.py: where the extraction pass's time goes, on JPEG and PNG photos"
-run "decode profile" 95 "$PY" bench/decode_profile.py --device cuda --images 10000 \
-  --workers "$WORKERS" --budget 75
+run "decode profile" 80 "$PY" bench/decode_profile.py --device cuda --images 10000 \
+  --workers "$WORKERS" --budget 60
 
 step "done"
 if (( ${#failed[@]} )); then

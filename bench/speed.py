@@ -52,6 +52,12 @@ from engine.data import (  # noqa: E402
 )
 from engine.decoded import DecodedCache  # noqa: E402
 from engine.device import PRECISIONS, compute_dtype, precision_name  # noqa: E402
+from engine.device_decode import (  # noqa: E402
+    DECODE_CHOICES,
+    DEVICE_THREADS,
+    DeviceBatches,
+    plan,
+)
 from engine.expand import ExpansionConfig, ExpansionRequest, expand_classifier  # noqa: E402
 from engine.features import autocast_for, extract_features, pick_device  # noqa: E402
 from engine.heads import expand_head, find_head  # noqa: E402
@@ -103,15 +109,22 @@ def graft_job(
     workers: int = 2,
     precision: str = "auto",
     decoded: DecodedCache | None = None,
-) -> float:
+    decode: str = "auto",
+) -> tuple[float, dict]:
+    """Seconds, and where the job decoded its images (its metrics' ``decoding``)."""
     aug = Augmentation(views=views, rotation_degrees=5, scale=(0.9, 1.1))
     config = ExpansionConfig(
-        augmentation=aug, device=device, num_workers=workers, precision=precision, decoded=decoded
+        augmentation=aug,
+        device=device,
+        num_workers=workers,
+        precision=precision,
+        decoded=decoded,
+        decode=decode,
     )
     request = ExpansionRequest(arch, OLD, weights, PREP, samples, ["9"], config)
     started = time.perf_counter()
-    expand_classifier(request)
-    return time.perf_counter() - started
+    result = expand_classifier(request)
+    return time.perf_counter() - started, result.metrics["decoding"]
 
 
 @torch.inference_mode()
@@ -149,18 +162,26 @@ def extraction(
     dtype: torch.dtype,
     workers: int,
     batch_size: int = 64,
+    decode: str = "auto",
 ) -> tuple[float, float]:
-    """Images per second: the engine's extraction pass over ``samples``, and a pure forward of
-    the same backbone in the same dtype over as many images, on a batch already on the device
-    (same memory format; no decoding, no copies)."""
+    """Images per second: the engine's extraction pass over ``samples`` (its images decoded
+    where ``decode`` puts them, as in a job), and a pure forward of the same backbone in the
+    same dtype over as many images, on a batch already on the device (same memory format; no
+    decoding, no copies)."""
     dev = torch.device(device)
     head = find_head(model)
-    loader = DataLoader(
+    decoding = plan(decode, dev, PREP)
+    loader: DataLoader | DeviceBatches = DataLoader(
         ImageDataset(samples, PREP, eval_transform(PREP)),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=dev.type == "cuda",
     )
+    if decoding.on_device:
+        threads = workers or DEVICE_THREADS
+        loader = DeviceBatches(
+            samples, PREP, dev, batch_size, threads, None, decoding.jpeg_on_device
+        )
     started = time.perf_counter()
     feats, _ = extract_features(model, head, loader, dev, dtype=dtype)
     if dev.type == "cuda":
@@ -237,6 +258,12 @@ def main() -> None:
         help="also: a second job on the same images, reading the pixels the first decoded",
     )
     parser.add_argument(
+        "--decode",
+        choices=DECODE_CHOICES,
+        default="auto",
+        help="where the job decodes its images (GRAFT_DECODE)",
+    )
+    parser.add_argument(
         "--photos",
         action="store_true",
         help="500x375 JPEG photos (bench/decode_profile.py's) instead of digit scans",
@@ -269,11 +296,14 @@ def main() -> None:
                 {k: v.contiguous() for k, v in model.state_dict().items()}, str(weights)
             )
             workers, device, precision = args.workers, args.device, args.precision
+            decode = args.decode
             inference_pass(model, samples[:64], 1, device, workers, dtype)  # warm-up, full batch
             extracted = extracted_by_graft(samples, args.views)
             graft_s, infer_s = float("inf"), float("inf")
             for _ in range(args.repeat):  # interleaved; the best of each
-                job_s = graft_job(arch, weights, samples, args.views, device, workers, precision)
+                job_s, decoding = graft_job(
+                    arch, weights, samples, args.views, device, workers, precision, None, decode
+                )
                 graft_s = min(graft_s, job_s)
                 infer_s = min(infer_s, inference_pass(model, extracted, 1, device, workers, dtype))
             if args.no_seed:
@@ -286,28 +316,41 @@ def main() -> None:
                 f"{graft_s / infer_s:>11.2f} {ratio}",
                 flush=True,
             )
+            print(f"  the job decoded its images: {_where(decoding)}", flush=True)
+            second_s = None
             if args.second_job:
                 decoded = DecodedCache(Path(tmp) / "decoded", arch.replace(":", "-"), 1 << 40)
-                graft_job(arch, weights, samples, args.views, device, workers, precision, decoded)
-                second_s = graft_job(
-                    arch, weights, samples, args.views, device, workers, precision, decoded
-                )
+                job = (arch, weights, samples, args.views, device, workers, precision, decoded)
+                graft_job(*job, decode)
+                second_s, decoding = graft_job(*job, decode)
                 print(
                     f"  a second job on the same images, their pixels kept by the first: "
                     f"{second_s:.2f} s ({second_s / graft_s:.2f} of the first job, "
-                    f"{second_s / infer_s:.2f} of one inference pass)",
+                    f"{second_s / infer_s:.2f} of one inference pass; {_where(decoding)})",
                     flush=True,
                 )
             if args.extraction:
                 torch.manual_seed(0)
                 backbone = build_model(arch, len(OLD))
-                ours, pure = extraction(backbone, samples, device, dtype, workers)
+                ours, pure = extraction(backbone, samples, device, dtype, workers, decode=decode)
                 print(
                     f"  extraction of {len(samples)} images: graft {ours:.0f} images/s, "
                     f"pure {precision_name(dtype)} forward {pure:.0f} images/s "
                     f"({ours / pure:.2f} of it)",
                     flush=True,
                 )
+                if second_s is not None:
+                    forward_s = len(samples) / pure
+                    print(
+                        f"  the second job took {second_s / forward_s:.2f} times a pure forward "
+                        f"over its {len(samples)} images ({forward_s:.2f} s)",
+                        flush=True,
+                    )
+
+
+def _where(decoding: dict) -> str:
+    counts = ", ".join(f"{n} {k}" for k, n in decoding.get("images", {}).items())
+    return f"{decoding['where']} ({decoding['decoder']}{': ' + counts if counts else ''})"
 
 
 def _gpu() -> str:
