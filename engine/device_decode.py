@@ -13,8 +13,9 @@ per batch of images:
   (``open_image``, with libjpeg's DCT scaling of large JPEGs, then ``resize_transform``) and
   their uint8 pixels copied over;
 * each image is resized on the device to the input size, antialiased like ``v2.Resize``, and
-  rounded to uint8: the pixels engine/decoded.py keeps, read instead of all this when it holds
-  them;
+  rounded to uint8 (one at least twice the input size first shrunk by block means, by the factor
+  libjpeg's DCT scaling takes in ``open_image``; one the device cannot resize goes to the CPU):
+  the pixels engine/decoded.py keeps, read instead of all this when it holds them;
 * the uint8 batch is normalised there, as ``normalise_transform`` does it.
 
 A side thread makes batch k+1 (on its own CUDA stream) while the backbone runs batch k.
@@ -24,10 +25,9 @@ there, for bilinear and bicubic models; ``device`` takes it on any device (on a 
 is then decoded on the threads as the loaders would, their pixels bit for bit); ``loaders``
 never. Augmented views always go through the loaders: their transforms work on PIL images.
 
-nvJPEG's IDCT and chroma upsampling are not libjpeg's, and a large JPEG is decoded whole here
-where ``open_image`` has libjpeg decode it scaled down, so pixels differ by a few levels: the
-features agree with the loaders' within the tolerance tests/engine/test_cuda.py states, and
-decoded pixels are kept under their decoder's name.
+nvJPEG's IDCT and chroma upsampling are not libjpeg's, nor block means its DCT scaling, so
+pixels differ by a level or so: the features agree with the loaders' within the tolerance
+tests/engine/test_cuda.py states, and decoded pixels are kept under their decoder's name.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import math
 import os
 import queue
 import threading
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ from engine.preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 DECODE_CHOICES = ("auto", "device", "loaders")
-CHUNK = 32  # JPEGs per decode_jpeg call
+CHUNK = 16  # JPEGs per decode_jpeg call (16 photos of 12 MP: 0.6 GB decoded)
 DEVICE_THREADS = min(8, os.cpu_count() or 1)  # file readers when no loader count is set
 RESIZABLE = ("bilinear", "bicubic")  # what F.interpolate antialiases
 
@@ -117,6 +117,12 @@ class DeviceBatches:
         self._mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
         self._resize = resize_transform(self.prep)
         self._cuda = self.device.type == "cuda"
+        if self._cuda and self.device.index is None:  # one nvJPEG decoder per named device
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._interpolation = "bicubic" if self.prep.interpolation == "bicubic" else "bilinear"
+        shape = (1, -1, 1, 1)
+        self._mean = torch.tensor(self.prep.mean, device=self.device).view(shape)
+        self._std = torch.tensor(self.prep.std, device=self.device).view(shape)
 
     @property
     def dataset(self) -> Sequence[Sample]:
@@ -163,16 +169,19 @@ class DeviceBatches:
         try:
             streamed = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
             with ThreadPoolExecutor(self.threads) as pool, torch.inference_mode(), streamed:
-                for start, items in self._read_ahead(pool, stop):
-                    pixels = self._pixels(start, items)
-                    inputs = self._normalise(pixels)
-                    ready = None
-                    if side is not None:
-                        ready = torch.cuda.Event()
-                        ready.record(side)
-                    index = torch.arange(start, start + len(pixels))
-                    if not hand((inputs, index, ready)):
-                        return
+                try:
+                    for start, items in self._read_ahead(pool, stop):
+                        pixels = self._pixels(start, items)
+                        inputs = self._normalise(pixels)
+                        ready = None
+                        if side is not None:
+                            ready = torch.cuda.Event()
+                            ready.record(side)
+                        index = torch.arange(start, start + len(pixels))
+                        if not hand((inputs, index, ready)):
+                            return
+                finally:
+                    pool.shutdown(cancel_futures=True)  # reads not begun are not waited for
         except BaseException as error:  # noqa: BLE001 -- raised where the batches are taken
             hand(error)
             return
@@ -221,57 +230,71 @@ class DeviceBatches:
             assert self.rows is not None
             return self._to_device(self.rows.block(start, stop))
         items = [f.result() for f in reads]
-        channels, height, width = self.prep.input_size
-        shape = (len(items), channels, height, width)
-        pixels = torch.empty(shape, dtype=torch.uint8, device=self.device)
+        made: list[torch.Tensor | None] = [None] * len(items)
         jpegs = [i for i, item in enumerate(items) if item.ndim == 1]
         for first in range(0, len(jpegs), CHUNK):
             chunk = jpegs[first : first + CHUNK]
-            images = self._decode([items[i] for i in chunk])
-            done = [(i, image) for i, image in zip(chunk, images, strict=True) if image is not None]
-            for i, image in zip(chunk, images, strict=True):
+            for i, image in zip(chunk, self._decode([items[i] for i in chunk]), strict=True):
+                if image is not None:
+                    image = self._fit(image)
                 if image is None:  # refused by decode_jpeg: decoded as the loaders do
                     items[i] = self._on_cpu(self.samples[start + i])
-            if done:
-                self._fit([i for i, _ in done], [image for _, image in done], pixels)
-            self.decoded["device"] += len(done)
+                else:
+                    made[i] = image
+                    self.decoded["device"] += 1
         on_cpu = [i for i, item in enumerate(items) if item.ndim == 3]
         if on_cpu:
-            pixels[torch.tensor(on_cpu, device=self.device)] = self._to_device(
-                torch.stack([items[i] for i in on_cpu])
-            )
+            copied = self._to_device(torch.stack([items[i] for i in on_cpu]))
+            for i, image in zip(on_cpu, copied, strict=True):
+                made[i] = image
             self.decoded["cpu"] += len(on_cpu)
+        pixels = torch.stack(made)  # type: ignore[arg-type] -- every image is made by now
         if self.rows is not None:
             self.rows.write(start, pixels)  # a copy back: what the next pass reads
         return pixels
 
     def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """``decode_jpeg`` on the device; None for a file it refuses."""
         try:
-            return list(decode_jpeg(data, mode=self._mode, device=self.device))
-        except RuntimeError:  # one file spoils the call: each alone
+            return list(self._decode_jpeg(data))
+        except RuntimeError as error:  # one file spoils the call: each alone
+            _raise_if_device_failed(error)
             images: list[torch.Tensor | None] = []
             for one in data:
                 try:
-                    images.append(decode_jpeg(one, mode=self._mode, device=self.device))
-                except RuntimeError:
+                    images.append(self._decode_jpeg([one])[0])
+                except RuntimeError as each:
+                    _raise_if_device_failed(each)
                     images.append(None)
             return images
 
-    def _fit(self, where: list[int], images: list[torch.Tensor], out: torch.Tensor) -> None:
-        """Resize decoded images to the input size into ``out[where]``, as uint8: antialiased
-        (as ``v2.Resize``), images of one size together."""
-        mode = "bicubic" if self.prep.interpolation == "bicubic" else "bilinear"
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for k, image in enumerate(images):
-            groups[tuple(image.shape)].append(k)
-        for members in groups.values():
-            x = torch.stack([images[k] for k in members])
-            if tuple(x.shape[-2:]) != self._size:
-                x = F.interpolate(
-                    x.float(), self._size, mode=mode, antialias=True, align_corners=False
-                )
-                x = x.round_().clamp_(0, 255).to(torch.uint8)
-            out[torch.tensor([where[k] for k in members], device=self.device)] = x
+    def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._cuda:
+            # decode_jpeg allocates its outputs on this (the side) stream but decodes on a
+            # stream of its own that does not wait for this one first (pytorch/vision#9606):
+            # memory freed here with kernels still queued could be written under them
+            torch.cuda.current_stream(self.device).synchronize()
+        return decode_jpeg(data, mode=self._mode, device=self.device)
+
+    def _fit(self, image: torch.Tensor) -> torch.Tensor | None:
+        """A decoded ``C x h x w`` image at the input size, as uint8, or None where the device
+        cannot resize it. An image at least twice the input size is first shrunk by the
+        factor libjpeg's DCT scaling takes in ``open_image`` (2, 4 or 8: block means), then
+        resized antialiased, as ``v2.Resize``."""
+        height, width = self._size
+        if tuple(image.shape[-2:]) == self._size:
+            return image
+        x = image.unsqueeze(0).float()
+        factor = min(image.shape[-1] // width, image.shape[-2] // height)
+        factor = next((f for f in (8, 4, 2) if factor >= f), 1)
+        try:
+            if factor > 1:
+                x = F.avg_pool2d(x, factor, factor, ceil_mode=True).round_()
+            x = F.interpolate(x, self._size, mode=self._interpolation, antialias=True)
+        except RuntimeError as error:  # e.g. a panorama past the kernel's shared memory
+            _raise_if_device_failed(error)
+            return None
+        return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self._cuda:
@@ -280,11 +303,15 @@ class DeviceBatches:
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """As ``normalise_transform``: to float in [0, 1], less the mean, over the std."""
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.prep.mean, device=self.device).view(shape)
-        std = torch.tensor(self.prep.std, device=self.device).view(shape)
-        inputs = pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+        inputs = pixels.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
         return inputs.contiguous(memory_format=torch.channels_last)
+
+
+def _raise_if_device_failed(error: RuntimeError) -> None:
+    """A file's failure is left to the CPU; the device's own (a sticky CUDA error, out of
+    memory) is raised."""
+    if isinstance(error, torch.AcceleratorError | torch.OutOfMemoryError):
+        raise error
 
 
 @dataclass

@@ -25,11 +25,14 @@ warnings.filterwarnings(
 
 
 def jpeg_components(data: bytes) -> int | None:
-    """The colour components of a Huffman-coded JPEG nvJPEG can take (1 or 3), else None:
-    not a JPEG, four components (CMYK, YCCK), arithmetic or lossless coding, a broken header."""
+    """The colour components of an 8-bit Huffman-coded JPEG nvJPEG can take (1, or 3 in
+    YCbCr), else None: not a JPEG, four components (CMYK, YCCK), three stored as RGB (Adobe's
+    transform 0, which PIL honours), 12-bit samples, arithmetic or lossless coding, a broken
+    header."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     at = 2
+    adobe_rgb = False
     while at + 4 <= len(data):
         if data[at] != 0xFF:
             return None
@@ -41,10 +44,14 @@ def jpeg_components(data: bytes) -> int | None:
             at += 2
             continue
         length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xEE and length >= 12 and data[at + 4 : at + 9] == b"Adobe":
+            adobe_rgb = at + 15 < len(data) and data[at + 15] == 0
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if marker not in _SOF or at + 10 > len(data):
+            if marker not in _SOF or at + 10 > len(data) or data[at + 4] != 8:
                 return None
             components = data[at + 9]
+            if components == 3 and adobe_rgb:
+                return None
             return components if components in (1, 3) else None
         if marker == 0xDA or length < 2:  # image data before a frame header: broken
             return None

@@ -31,11 +31,13 @@ from tests.engine.test_decoded import extract
 from tests.support.photos import KINDS, write_photos
 
 CPU = torch.device("cpu")
-# The features of a JPEG decoded by decode_jpeg against the loaders' (PIL, libjpeg's DCT
-# scaling for photos twice the input size or more): the least cosine similarity of an image's
-# two feature vectors (measured here: 0.9995 and 0.997).
-SAME_SIZE_COSINE = 0.999  # photos under twice the input: the decoders' rounding alone
-SCALED_COSINE = 0.99  # photos of 6x the input: decoded whole and resized, against DCT-scaled
+# The features of a JPEG decoded by decode_jpeg against the loaders' (PIL): the least cosine
+# similarity of an image's two feature vectors. libjpeg decodes a photo twice the input size or
+# more scaled down (DCT scaling); the device path takes block means by the same factor. Measured
+# here with torchvision's CPU decoder: 0.99984 (48x36 photos) and 0.99977 (192x144), so 0.999;
+# nvJPEG's IDCT and chroma upsampling are not libjpeg's, so on a GPU 0.995 (test_cuda.py).
+CPU_DECODER_COSINE = 0.999
+NVJPEG_COSINE = 0.995
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,9 @@ def test_the_jpeg_header_says_what_the_device_may_decode(tmp_path):
     whole = samples[0].path.read_bytes()
     assert jpeg_components(whole[:20]) is None  # cut before its frame header
     assert jpeg_components(b"\xff\xd8\xff\xe0\x00\x01") is None  # a length that cannot be
+    adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"  # APP14, then its transform
+    assert jpeg_components(whole[:2] + adobe + b"\x00" + whole[2:]) is None  # RGB-coded
+    assert jpeg_components(whole[:2] + adobe + b"\x01" + whole[2:]) == 3  # YCbCr
 
 
 def test_the_device_path_on_a_cpu_gives_the_loaders_features_bit_for_bit(tmp_path, classifier):
@@ -84,10 +89,8 @@ def test_the_device_path_on_a_cpu_gives_the_loaders_features_bit_for_bit(tmp_pat
     assert plan("device", CPU, nearest).on_device is False  # not resizable on the device
 
 
-@pytest.mark.parametrize(
-    ("size", "least"), [((48, 36), SAME_SIZE_COSINE), ((192, 144), SCALED_COSINE)]
-)
-def test_jpegs_given_to_decode_jpeg_agree_with_the_loaders(tmp_path, classifier, size, least):
+@pytest.mark.parametrize("size", [(48, 36), (192, 144)])
+def test_jpegs_given_to_decode_jpeg_agree_with_the_loaders(tmp_path, classifier, size):
     samples = write_photos(tmp_path, 25, size)
     loaders = features(
         classifier, DataLoader(ImageDataset(samples, D.PREP, eval_transform(D.PREP)), batch_size=8)
@@ -100,7 +103,7 @@ def test_jpegs_given_to_decode_jpeg_agree_with_the_loaders(tmp_path, classifier,
     assert torch.equal(device[on_cpu], loaders[on_cpu])
     cosine = F.cosine_similarity(device, loaders)
     print(f"{size}: least cosine {cosine.min():.5f}, mean {cosine.mean():.5f}")
-    assert cosine.min() >= least
+    assert cosine.min() >= CPU_DECODER_COSINE
     assert not torch.equal(device, loaders)  # decode_jpeg did decode the others
 
 
