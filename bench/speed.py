@@ -246,7 +246,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs of graft and inference")
     parser.add_argument("--workers", type=int, default=2, help="loader processes")
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="the GPU's (GRAFT_PRECISION)"
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="GRAFT_PRECISION (on a CPU: bf16 where its matrix units take it, else fp32)",
     )
     parser.add_argument("--no-seed", action="store_true", help="skip the seed-style loop")
     parser.add_argument(
@@ -273,7 +276,8 @@ def main() -> None:
     print(
         f"{args.images} images at 224 px, {args.views} views per training image, "
         f"device {args.device}, torch {torch.__version__}"
-        + (f", {_gpu()}, backbone in {precision_name(dtype)}" if args.device != "cpu" else "")
+        + (f", {_gpu()}" if args.device != "cpu" else "")
+        + f", backbone in {precision_name(dtype)} (the seed-style loop in fp32, as written)"
     )
     print(
         f"{'architecture':<28} {'graft s':>8} {'infer s':>8} {'seed s':>8} "

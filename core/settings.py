@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     extract_workers: int = 0
     # On a GPU: auto (bf16 from compute capability 8.0, fp16 with loss scaling below it), or
-    # bf16, fp16 or fp32 (no autocast). CPUs always run float32.
+    # bf16, fp16 or fp32 (no autocast). CPUs run float32, or bf16 when it is asked for and
+    # their matrix units take it (AMX, AVX512-BF16).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Where images are decoded, resized and normalised: auto (on a GPU: JPEGs by nvJPEG, every
     # image resized there; on a CPU: the extract_workers loader processes), device (on the

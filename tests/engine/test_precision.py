@@ -20,6 +20,7 @@ from engine.data import (
 )
 from engine.device import (
     autocast_dtype,
+    cpu_has_bf16,
     float32_head,
     loss_scaling,
 )
@@ -55,7 +56,7 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
         ("cuda", (9, 0), "fp16", FP16),
         ("cuda", (7, 5), "bf16", BF16),
         ("cuda", (8, 0), "bf16", BF16),
-        # a CPU runs float32 whatever the setting (it is the GPU's)
+        # a CPU runs float32 unless bf16 is asked for (and its matrix units take it)
         ("cpu", None, "auto", FP32),
         ("cpu", None, "bf16", FP32),
         ("cpu", None, "fp16", FP32),
@@ -67,6 +68,10 @@ def test_the_backbone_dtype_follows_the_capability_and_the_setting(
     device, capability, precision, expected
 ):
     assert autocast_dtype(device, capability, precision) == expected
+    native = precision == "bf16" and device == "cpu"
+    assert autocast_dtype(device, capability, precision, native_bf16=True) == (
+        BF16 if native else expected
+    )
 
 
 def test_fp16_training_alone_scales_its_loss():
@@ -209,3 +214,29 @@ def test_one_thread_gives_the_thread_count_back_even_after_an_error():
     assert torch.equal(factor, factor.tril())
     assert torch.allclose(factor @ factor.T, matrix, atol=1e-6)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with AMX or AVX512-BF16")
+def test_a_cpu_job_asked_for_bf16_runs_its_backbone_in_it(tmp_path, digit_splits, base_weights):
+    """GRAFT_PRECISION=bf16 on a CPU whose matrix units take bf16: the backbone runs in bf16,
+    its features are cached apart from float32's and are float32 for the layer, and the job's
+    figures are the float32 job's up to the backbone's rounding on a few borderline images."""
+    _, held = digit_splits
+    folders = {str(d): held.of(d)[:10] for d in OLD} | {"9": held.of(9)[:10]}
+    root = D.write_image_folder(tmp_path / "images", folders)
+    jobs = {
+        precision: expand_classifier(
+            digits_request(base_weights, root, ExpansionConfig(device="cpu", precision=precision))
+        )
+        for precision in ("auto", "bf16")
+    }
+    fp32, bf16 = jobs["auto"], jobs["bf16"]
+    assert (fp32.metrics["precision"], bf16.metrics["precision"]) == ("fp32", "bf16")
+    assert bf16.fingerprint != fp32.fingerprint
+    features = torch.stack(list(bf16.features.values()))
+    assert features.dtype == FP32
+    assert not torch.equal(features, torch.stack([fp32.features[d] for d in bf16.features]))
+    matrices = [torch.tensor(j.metrics["confusion_matrix"]["matrix"]) for j in (fp32, bf16)]
+    n = int(matrices[0].sum())
+    assert int(matrices[1].sum()) == n
+    assert (matrices[0] - matrices[1]).abs().sum().item() <= 2 * max(2, n // 25)
