@@ -7,14 +7,16 @@ per batch of images:
 
 * the files are read on a thread pool, two batches ahead;
 * JPEGs are decoded together by ``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on a
-  GPU), ``CHUNK`` at a time (a batch of large photos decoded at once would hold gigabytes). A
+  GPU), in runs bounded in count and pixels (engine/nvjpeg.py: a batch of large photos decoded
+  at once would hold gigabytes). A
   JPEG it should not or cannot decode (four colour components, arithmetic coding, a file it
   refuses) and every other format are decoded on the pool's threads as the loaders do
   (``open_image``, with libjpeg's DCT scaling of large JPEGs, then ``resize_transform``) and
   their uint8 pixels copied over;
-* each image is resized on the device to the input size, antialiased like ``v2.Resize``, and
-  rounded to uint8 (one at least twice the input size first shrunk by block means, by the factor
-  libjpeg's DCT scaling takes in ``open_image``; one the device cannot resize goes to the CPU):
+* the images are resized on the device to the input size, those of one size together,
+  antialiased like ``v2.Resize``, and rounded to uint8 (one at least twice the input size first
+  shrunk by block means, by the factor libjpeg's DCT scaling takes in ``open_image``; one the
+  device cannot resize goes to the CPU):
   the pixels engine/decoded.py keeps, read instead of all this when it holds them;
 * the uint8 batch is normalised there, as ``normalise_transform`` does it.
 
@@ -38,24 +40,30 @@ import math
 import os
 import queue
 import threading
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
 
 from engine.data import Sample, open_image, resize_transform
 from engine.decoded import PIL, DecodedRows
-from engine.nvjpeg import decodes_jpeg_on, jpeg_components
+from engine.nvjpeg import (
+    chunks,
+    decode_on,
+    decodes_jpeg_on,
+    jpeg_frame,
+    raise_if_device_failed,
+)
 from engine.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 DECODE_CHOICES = ("auto", "device", "loaders")
-CHUNK = 16  # JPEGs per decode_jpeg call (16 photos of 12 MP: 0.6 GB decoded)
+FIT_PIXELS = 50_000_000  # resized together at most (0.6 GB as float32 RGB)
 DEVICE_THREADS = min(8, os.cpu_count() or 1)  # file readers when no loader count is set
 RESIZABLE = ("bilinear", "bicubic")  # what F.interpolate antialiases
 
@@ -210,14 +218,17 @@ class DeviceBatches:
                 ahead.append(submit(starts[k + 2]))
             yield start, reads
 
-    def _read(self, sample: Sample) -> torch.Tensor:
-        """On a pool thread: a JPEG's bytes for ``decode_jpeg`` (1-D), or the resized uint8
-        pixels of any other file (3-D)."""
+    def _read(self, sample: Sample) -> tuple[torch.Tensor, int]:
+        """On a pool thread: a JPEG's bytes for ``decode_jpeg`` (1-D) and its pixel count, or
+        the resized uint8 pixels of any other file (3-D) and 0."""
         if self.jpeg_on_device:
             data = sample.path.read_bytes()
-            if jpeg_components(data) is not None:
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return self._on_cpu(sample)
+            frame = jpeg_frame(data)
+            if frame is not None:
+                return torch.frombuffer(
+                    bytearray(data), dtype=torch.uint8
+                ), frame.height * frame.width
+        return self._on_cpu(sample), 0
 
     def _on_cpu(self, sample: Sample) -> torch.Tensor:
         return self._resize(open_image(sample.path, self.prep)).as_subclass(torch.Tensor)
@@ -229,72 +240,67 @@ class DeviceBatches:
             self.decoded["stored"] += stop - start
             assert self.rows is not None
             return self._to_device(self.rows.block(start, stop))
-        items = [f.result() for f in reads]
-        made: list[torch.Tensor | None] = [None] * len(items)
-        jpegs = [i for i, item in enumerate(items) if item.ndim == 1]
-        for first in range(0, len(jpegs), CHUNK):
-            chunk = jpegs[first : first + CHUNK]
-            for i, image in zip(chunk, self._decode([items[i] for i in chunk]), strict=True):
-                if image is not None:
-                    image = self._fit(image)
-                if image is None:  # refused by decode_jpeg: decoded as the loaders do
-                    items[i] = self._on_cpu(self.samples[start + i])
+        items, sizes = zip(*(f.result() for f in reads), strict=True)
+        made: list[torch.Tensor] = list(items)
+        on_cpu = {i for i, size in enumerate(sizes) if not size}  # decoded as the loaders do
+        for chunk in chunks([i for i, size in enumerate(sizes) if size], sizes):
+            decoded = decode_on(self.device, [items[i] for i in chunk], self._mode)
+            fitted = iter(self._fit_all([image for image in decoded if image is not None]))
+            for i, image in zip(chunk, decoded, strict=True):
+                image = None if image is None else next(fitted)
+                if image is None:  # refused by decode_jpeg, or not resizable there
+                    made[i] = self._on_cpu(self.samples[start + i])
+                    on_cpu.add(i)
                 else:
                     made[i] = image
-                    self.decoded["device"] += 1
-        on_cpu = [i for i, item in enumerate(items) if item.ndim == 3]
+        if len(made) > len(on_cpu):
+            self.decoded["device"] += len(made) - len(on_cpu)
         if on_cpu:
-            copied = self._to_device(torch.stack([items[i] for i in on_cpu]))
-            for i, image in zip(on_cpu, copied, strict=True):
+            order = sorted(on_cpu)
+            copied = self._to_device(torch.stack([made[i] for i in order]))
+            for i, image in zip(order, copied, strict=True):
                 made[i] = image
-            self.decoded["cpu"] += len(on_cpu)
-        pixels = torch.stack(made)  # type: ignore[arg-type] -- every image is made by now
+            self.decoded["cpu"] += len(order)
+        pixels = torch.stack(made)
         if self.rows is not None:
             self.rows.write(start, pixels)  # a copy back: what the next pass reads
         return pixels
 
-    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """``decode_jpeg`` on the device; None for a file it refuses."""
-        try:
-            return list(self._decode_jpeg(data))
-        except RuntimeError as error:  # one file spoils the call: each alone
-            _raise_if_device_failed(error)
-            images: list[torch.Tensor | None] = []
-            for one in data:
-                try:
-                    images.append(self._decode_jpeg([one])[0])
-                except RuntimeError as each:
-                    _raise_if_device_failed(each)
-                    images.append(None)
-            return images
+    def _fit_all(self, images: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decoded images at the input size: images of one size resized together (at most
+        ``FIT_PIXELS`` at a time); None for those the device cannot resize."""
+        out: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for k, image in enumerate(images):
+            groups[tuple(image.shape)].append(k)
+        for shape, members in groups.items():
+            step = max(1, FIT_PIXELS // (shape[-1] * shape[-2]))
+            for first in range(0, len(members), step):
+                part = members[first : first + step]
+                fitted = self._fit(torch.stack([images[k] for k in part]))
+                for n, k in enumerate(part):
+                    out[k] = None if fitted is None else fitted[n]
+        return out
 
-    def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self._cuda:
-            # decode_jpeg allocates its outputs on this (the side) stream but decodes on a
-            # stream of its own that does not wait for this one first (pytorch/vision#9606):
-            # memory freed here with kernels still queued could be written under them
-            torch.cuda.current_stream(self.device).synchronize()
-        return decode_jpeg(data, mode=self._mode, device=self.device)
-
-    def _fit(self, image: torch.Tensor) -> torch.Tensor | None:
-        """A decoded ``C x h x w`` image at the input size, as uint8, or None where the device
-        cannot resize it. An image at least twice the input size is first shrunk by the
-        factor libjpeg's DCT scaling takes in ``open_image`` (2, 4 or 8: block means), then
-        resized antialiased, as ``v2.Resize``."""
+    def _fit(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Decoded ``N x C x h x w`` images at the input size, as uint8, or None where the
+        device cannot resize them. Images at least twice the input size are first shrunk by
+        the factor libjpeg's DCT scaling takes in ``open_image`` (2, 4 or 8: block means),
+        then resized antialiased, as ``v2.Resize``."""
         height, width = self._size
-        if tuple(image.shape[-2:]) == self._size:
-            return image
-        x = image.unsqueeze(0).float()
-        factor = min(image.shape[-1] // width, image.shape[-2] // height)
+        if tuple(x.shape[-2:]) == self._size:
+            return x
+        factor = min(x.shape[-1] // width, x.shape[-2] // height)
         factor = next((f for f in (8, 4, 2) if factor >= f), 1)
         try:
+            y = x.float()
             if factor > 1:
-                x = F.avg_pool2d(x, factor, factor, ceil_mode=True).round_()
-            x = F.interpolate(x, self._size, mode=self._interpolation, antialias=True)
+                y = F.avg_pool2d(y, factor, factor, ceil_mode=True).round_()
+            y = F.interpolate(y, self._size, mode=self._interpolation, antialias=True)
         except RuntimeError as error:  # e.g. a panorama past the kernel's shared memory
-            _raise_if_device_failed(error)
+            raise_if_device_failed(error)
             return None
-        return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+        return y.round_().clamp_(0, 255).to(torch.uint8)
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self._cuda:
@@ -305,13 +311,6 @@ class DeviceBatches:
         """As ``normalise_transform``: to float in [0, 1], less the mean, over the std."""
         inputs = pixels.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
         return inputs.contiguous(memory_format=torch.channels_last)
-
-
-def _raise_if_device_failed(error: RuntimeError) -> None:
-    """A file's failure is left to the CPU; the device's own (a sticky CUDA error, out of
-    memory) is raised."""
-    if isinstance(error, torch.AcceleratorError | torch.OutOfMemoryError):
-        raise error
 
 
 @dataclass

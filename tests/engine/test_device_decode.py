@@ -24,7 +24,7 @@ from engine.device_decode import DeviceBatches, plan
 from engine.errors import JobCancelled
 from engine.features import extract_features
 from engine.gather import Gathered, gather_images
-from engine.nvjpeg import jpeg_components
+from engine.nvjpeg import Frame, jpeg_frame
 from engine.preprocessing import Preprocessing
 from engine.weights import load_classifier
 from tests.engine.test_decoded import extract
@@ -64,14 +64,20 @@ def decode_threads() -> list[threading.Thread]:
 
 def test_the_jpeg_header_says_what_the_device_may_decode(tmp_path):
     samples = write_photos(tmp_path, len(KINDS), (40, 30))
-    found = {s.path.stem.split("-")[1]: jpeg_components(s.path.read_bytes()) for s in samples}
-    assert found == {"baseline": 3, "progressive": 3, "grey": 1, "cmyk": None, "png": None}
+    found = {s.path.stem.split("-")[1]: jpeg_frame(s.path.read_bytes()) for s in samples}
+    assert found == {
+        "baseline": Frame(3, 30, 40),
+        "progressive": Frame(3, 30, 40),
+        "grey": Frame(1, 30, 40),
+        "cmyk": None,
+        "png": None,
+    }
     whole = samples[0].path.read_bytes()
-    assert jpeg_components(whole[:20]) is None  # cut before its frame header
-    assert jpeg_components(b"\xff\xd8\xff\xe0\x00\x01") is None  # a length that cannot be
+    assert jpeg_frame(whole[:20]) is None  # cut before its frame header
+    assert jpeg_frame(b"\xff\xd8\xff\xe0\x00\x01") is None  # a length that cannot be
     adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"  # APP14, then its transform
-    assert jpeg_components(whole[:2] + adobe + b"\x00" + whole[2:]) is None  # RGB-coded
-    assert jpeg_components(whole[:2] + adobe + b"\x01" + whole[2:]) == 3  # YCbCr
+    assert jpeg_frame(whole[:2] + adobe + b"\x00" + whole[2:]) is None  # RGB-coded
+    assert jpeg_frame(whole[:2] + adobe + b"\x01" + whole[2:]) == Frame(3, 30, 40)  # YCbCr
 
 
 def test_the_device_path_on_a_cpu_gives_the_loaders_features_bit_for_bit(tmp_path, classifier):
