@@ -68,11 +68,12 @@ class Settings(BaseSettings):
     extract_workers: int = 0
     # On a GPU: auto (bf16 from compute capability 8.0, fp16 with loss scaling below it), or
     # bf16, fp16 or fp32 (no autocast). CPUs run float32, or bf16 when it is asked for and
-    # their matrix units take it (AMX, AVX512-BF16).
+    # their matrix units take it (AMX, AVX512-BF16), for timm and torchvision backbones'
+    # frozen passes (fine-tuning stays float32 there).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # Where images are decoded, resized and normalised: auto (on a GPU: JPEGs by nvJPEG, every
-    # image resized there; on a CPU: the extract_workers loader processes), device (on the
-    # compute device whatever it is) or loaders (always the loader processes).
+    # Where images are decoded, resized and normalised: auto (on a GPU: JPEGs by nvJPEG and
+    # resized there, other files on threads; on a CPU: the extract_workers loader processes),
+    # device (in the worker's process whatever the device) or loaders (the loader processes).
     decode: Literal["auto", "device", "loaders"] = "auto"
     # Images per pass of the backbone; a pass out of GPU memory is retried once at half of it.
     extract_batch_size: int = Field(64, ge=1, le=4096)

@@ -27,7 +27,13 @@ from torch.utils.data import DataLoader
 
 from engine.data import ImageDataset, Sample, eval_transform
 from engine.decoded import DecodedCache, filling
-from engine.device import compute_dtype, pick_device, precision_name, release_memory
+from engine.device import (
+    backbone_dtype,
+    compute_dtype,
+    pick_device,
+    precision_name,
+    release_memory,
+)
 from engine.device_decode import DEVICE_THREADS, DeviceBatches, plan
 from engine.errors import JobCancelled
 from engine.evaluate import classification_metrics
@@ -88,19 +94,20 @@ def compare_versions(
     dtype = compute_dtype(device, cfg.precision)
     predicted: dict[int, torch.Tensor] = {}
     groups: dict[str, list[tuple[VersionFile, torch.Tensor, torch.Tensor | None]]] = {}
-    backbones: dict[str, tuple[torch.nn.Module, Any, Preprocessing]] = {}
+    backbones: dict[str, tuple[torch.nn.Module, Any, Preprocessing, torch.dtype]] = {}
     for i, v in enumerate(versions):
         progress(Stage("loading", i / len(versions), f"loading version {v.version}"))
         model, head = load_classifier(v.architecture, len(v.labels), v.weights)
         model.requires_grad_(False)
-        key = backbone_fingerprint(model, head, v.preprocessing, dtype)
+        runs_in = backbone_dtype(dtype, device, model)
+        key = backbone_fingerprint(model, head, v.preprocessing, runs_in)
         bias = head.module.bias
         layer = (
             head.module.weight.detach().float().clone(),
             None if bias is None else bias.detach().float().clone(),
         )
         groups.setdefault(key, []).append((v, *layer))
-        backbones.setdefault(key, (model, head, v.preprocessing))
+        backbones.setdefault(key, (model, head, v.preprocessing, runs_in))
     known = {
         key: sorted({i for v, *_ in members for i in _known(samples, v.labels)})
         for key, members in groups.items()
@@ -111,14 +118,14 @@ def compare_versions(
     try:
         with FeatureCache(cfg.feature_memory_bytes, cfg.spill_dir) as cache:
             for key, members in groups.items():
-                model, head, prep = backbones.pop(key)
+                model, head, prep, runs_in = backbones.pop(key)
 
                 def on_batch(done: int, _total: int, base: int = done_before) -> None:
                     message = f"{base + done}/{passes} images"
                     progress(Stage("extracting", (base + done) / max(passes, 1), message))
 
                 feats = _features(
-                    model, head, prep, samples, known[key], cfg, device, dtype, cache,
+                    model, head, prep, samples, known[key], cfg, device, runs_in, cache,
                     on_batch, should_stop, passes_log, digests,
                 )  # fmt: skip
                 done_before += len(known[key])

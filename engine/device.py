@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from engine.errors import OutOfMemory
+from engine.families import family_of
 from engine.heads import Head
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,15 @@ def compute_dtype(device: torch.device, precision: str = DEFAULT_PRECISION) -> t
     if device.type == "cuda":
         return autocast_dtype("cuda", torch.cuda.get_device_capability(device), precision)
     return autocast_dtype(device.type, None, precision, native_bf16=cpu_has_bf16())
+
+
+def backbone_dtype(dtype: torch.dtype, device: torch.device, model: nn.Module) -> torch.dtype:
+    """``dtype`` for ``model``'s backbone on ``device``: on a CPU, bf16 is for timm and
+    torchvision backbones only (an ONNX graph runs in onnxruntime, in float32 whatever torch
+    autocasts; Keras and Hugging Face models are not checked in bf16 on a CPU)."""
+    if device.type == "cpu" and family_of(model) is not None:
+        return torch.float32
+    return dtype
 
 
 def precision_name(dtype: torch.dtype) -> str:

@@ -1,5 +1,5 @@
-"""Clean views made where the backbone runs: JPEGs decoded by nvJPEG, every image resized and
-normalised on the GPU, the next batch made while the current one runs.
+"""Clean views made where the backbone runs: JPEGs decoded by nvJPEG and resized on the GPU,
+other files on threads, every batch normalised there, the next made while the current one runs.
 
 On a GPU the loader processes (engine/data.py: PIL decodes, resizes and normalises on the CPU,
 then a float32 batch is copied over) are the wall, not the backbone (bench/RESULTS.md). Here,

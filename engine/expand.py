@@ -21,6 +21,7 @@ import torch
 
 from engine.data import stratified_split
 from engine.device import (
+    backbone_dtype,
     compute_dtype,
     pick_device,
     precision_name,
@@ -96,6 +97,7 @@ def _expand(
     progress(Progress("loading", 0.0, message=f"building {request.architecture}"))
     model, head = load_classifier(request.architecture, len(request.labels), request.weights)
     model.requires_grad_(False)
+    compute.dtype = backbone_dtype(compute.dtype, device, model)
     fingerprint = backbone_fingerprint(model, head, request.preprocessing, compute.dtype)
     labels = list(request.labels) + list(request.new_labels)
     tuned = cfg.freeze != "head"

@@ -110,8 +110,9 @@ def extract_features(
     # channels_last: convolutions run 1.3-1.4x faster on CPUs and tensor cores alike. The
     # parameters are converted outside inference mode, so that they stay trainable.
     model.to(device, memory_format=torch.channels_last).eval()
-    batches = iter(loader)
+    batches = None
     try:
+        batches = iter(loader)
         with torch.inference_mode(), float32_head(model, head):
             for batch, index in batches:
                 if should_stop():

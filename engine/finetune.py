@@ -150,7 +150,7 @@ def finetune(
                     raise JobCancelled()
                 batch = batch.to(device, non_blocking=True)
                 y = targets[index].to(device, non_blocking=True)
-                with autocast_for(device, dtype):
+                with autocast_for(device, _dtype(device, dtype)):  # float32 on a CPU
                     logits = model(batch)
                     with torch.no_grad():
                         taught = teacher(batch)
@@ -201,14 +201,15 @@ def predict(
     dtype: torch.dtype | None = None,
     num_workers: int = 0,
 ) -> torch.Tensor:
-    """The model's predictions: the backbone under autocast to ``dtype`` on a GPU, the
-    classifier layer in float32 on float32 features (as exported)."""
+    """The model's predictions: the backbone under autocast to ``dtype`` on a GPU (float32 on
+    a CPU, as fine-tuning there), the classifier layer in float32 on float32 features (as
+    exported)."""
     loader = image_loader(ImageDataset(samples, prep, transform), batch_size, device, num_workers)
     model.to(device).eval()
     out = []
     with float32_head(model, find_head(model)):
         for batch, _ in loader:
-            with autocast_for(device, dtype):
+            with autocast_for(device, _dtype(device, dtype)):
                 logits = model(batch.to(device, non_blocking=True))
             out.append(logits.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

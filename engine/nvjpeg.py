@@ -20,6 +20,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 log = logging.getLogger(__name__)
 CHUNK = 64  # JPEGs per decode_jpeg call, and at most CHUNK_PIXELS decoded (0.6 GB of RGB)
 CHUNK_PIXELS = 200_000_000
+# a sticky CUDA error and out of memory (the first is torch 2.8's: getattr for older ones)
+_DEVICE_ERRORS = tuple(
+    e
+    for e in (getattr(torch, "AcceleratorError", None), torch.cuda.OutOfMemoryError)
+    if e is not None
+)
 _SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman: what nvJPEG decodes
 _NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
 # torchvision 0.29 warns on every decode that TorchCodec will take its decoders over; until
@@ -126,7 +132,7 @@ def _decode_jpeg(
 def raise_if_device_failed(error: RuntimeError) -> None:
     """A file's failure is left to the CPU; the device's own (a sticky CUDA error, out of
     memory) is raised."""
-    if isinstance(error, torch.AcceleratorError | torch.OutOfMemoryError):
+    if isinstance(error, _DEVICE_ERRORS):
         raise error
 
 

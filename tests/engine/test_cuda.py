@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader
 from devkit import digits as D
 from devkit.digits import ARCH, OLD
 from engine.architectures import build_model
-from engine.data import ImageDataset, eval_transform, open_image, stratified_split
+from engine.data import (
+    ImageDataset,
+    eval_transform,
+    open_image,
+    scan_image_folder,
+    stratified_split,
+)
 from engine.decoded import DecodedCache
 from engine.device import autocast_for, compute_dtype, precision_name
 from engine.device_decode import DeviceBatches, plan
@@ -20,6 +26,7 @@ from engine.evaluate import confusion_matrix
 from engine.expand import ExpansionConfig, Progress, expand_classifier
 from engine.features import extract_features
 from engine.gather import gather_images
+from engine.heads import find_head
 from engine.train import HeadTraining
 from engine.weights import load_classifier, read_state_dict
 from tests.conftest import digits_request
@@ -241,16 +248,11 @@ def test_jpeg_photos_decoded_by_nvjpeg_give_the_loaders_features(tmp_path, base_
     assert cosine.min() >= NVJPEG_COSINE
 
 
-def test_a_job_on_jpegs_decodes_them_on_the_gpu_and_reports_the_exported_files_figures(
+def test_a_head_job_on_jpegs_decodes_them_on_the_gpu_with_the_exported_files_predictions(
     jpeg_images, base_weights, tmp_path
 ):
-    config = ExpansionConfig(
-        freeze="last_block",
-        training=HeadTraining(epochs=2, learning_rate=1e-3, batch_size=32),
-        device="cuda",
-        precision="fp32",
-        decoded=DecodedCache(tmp_path / "decoded", "dataset-1", 1 << 30),
-    )
+    decoded = DecodedCache(tmp_path / "decoded", "dataset-1", 1 << 30)
+    config = ExpansionConfig(device="cuda", precision="fp32", decoded=decoded)
     request = digits_request(base_weights, jpeg_images, config)
     result = expand_classifier(request)
     decoding = result.metrics["decoding"]
@@ -258,7 +260,19 @@ def test_a_job_on_jpegs_decodes_them_on_the_gpu_and_reports_the_exported_files_f
     kept = result.metrics["decoded_cache"]
     assert kept["state"] == "stored"
     assert decoding["images"] == {"device": kept["images"]}  # every distinct image, once
-    assert_reported_is_exported(request, result)
+
+    # the job's layer on its features (nvJPEG's pixels, what its figures rest on) predicts
+    # what the exported float32 file predicts on the CPU from PIL's pixels, up to the
+    # decoders' rounding on a few borderline images
+    samples = {s.path: s for s in scan_image_folder(jpeg_images)}
+    images = [k for k in result.reference if k.path in samples]
+    features = torch.stack([result.features[k.digest] for k in images])
+    transform = eval_transform(D.PREP)
+    x = torch.stack([transform(open_image(k.path, D.PREP)) for k in images])
+    with torch.inference_mode():
+        on_gpu = find_head(result.model).module(features).argmax(1)
+        exported = result.model.float()(x).argmax(1)
+    assert (on_gpu != exported).sum().item() <= max(2, len(images) // 25)
 
     again = expand_classifier(digits_request(base_weights, jpeg_images, config))
     assert again.metrics["decoded_cache"]["state"] == "hit"

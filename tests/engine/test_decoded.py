@@ -42,7 +42,7 @@ def extract(
         model,
         head,
         images,
-        train=list(range(len(images.targets))),
+        train=kw.pop("train", list(range(len(images.targets)))),
         prep=D.PREP,
         views=kw.pop("views", 1),
         aug=kw.pop("aug", Augmentation()),

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from devkit import digits as D
@@ -81,15 +80,23 @@ def test_the_jpeg_header_says_what_the_device_may_decode(tmp_path):
 
 
 def test_the_device_path_on_a_cpu_gives_the_loaders_features_bit_for_bit(tmp_path, classifier):
-    images = photo_set(tmp_path, 20, (48, 36))
+    images = photo_set(tmp_path / "photos", 20, (48, 36))
     aug = Augmentation(views=3, hflip=True, rotation_degrees=10)
-    loaders = extract(classifier, images, None, decode="loaders", views=3, aug=aug)
+    # 12 images trained on (three views each, the clean one first), 8 held out (one view)
+    kw = {"views": 3, "aug": aug, "train": list(range(12))}
+    loaders = extract(classifier, images, None, decode="loaders", **kw)
     assert images.decoding == {"where": "loaders", "decoder": "pil"}
-    device = extract(classifier, images, None, 2, decode="device", views=3, aug=aug)
+    cache = DecodedCache(tmp_path / "decoded", "dataset-1", 1 << 30)
+    device = extract(classifier, images, cache, 2, decode="device", **kw)
     assert images.decoding == {"where": "device", "decoder": "pil", "images": {"cpu": 20}}
+    assert images.decoded["state"] == "stored"
     assert torch.equal(device.x, loaders.x)  # augmented views from the same seeded loaders
     assert torch.equal(device.group, loaders.group)
     assert torch.equal(device.clean, loaders.clean)
+    # the loaders read the pixels the device path kept, both parts at their offsets
+    again = extract(classifier, images, cache, decode="loaders", **kw)
+    assert images.decoded["state"] == "hit"
+    assert torch.equal(again.x, loaders.x)
     assert plan("auto", CPU, D.PREP).on_device is False  # a CPU decodes in its loaders
     nearest = Preprocessing(input_size=(3, 32, 32), interpolation="nearest")
     assert plan("device", CPU, nearest).on_device is False  # not resizable on the device
@@ -160,13 +167,20 @@ def test_a_stopped_pass_leaves_no_thread_and_keeps_no_pixels(tmp_path, classifie
     assert not [p for p in (tmp_path / "decoded").rglob("*") if p.is_file()]
 
 
-def test_an_undecodable_file_fails_the_pass_as_in_the_loaders(tmp_path, classifier):
+@pytest.mark.parametrize("broken", ["not a JPEG", "cut short"])
+def test_an_undecodable_file_fails_the_pass_as_in_the_loaders(tmp_path, classifier, broken):
     samples = write_photos(tmp_path, 10, (48, 36))
-    samples[7].path.write_bytes(b"\xff\xd8\xff not a JPEG after all")
-    for jpeg_on_device in (False, True):
+    whole = samples[5].path.read_bytes()  # a baseline JPEG: its header intact when cut short
+    bad = (
+        b"\xff\xd8\xff not a JPEG after all"
+        if broken == "not a JPEG"
+        else whole[: len(whole) * 3 // 4]
+    )
+    samples[5].path.write_bytes(bad)
+    for jpeg_on_device in (False, True):  # decode_jpeg refuses it too, then PIL does
         batches = DeviceBatches(samples, D.PREP, CPU, 4, jpeg_on_device=jpeg_on_device)
-        with pytest.raises(UnidentifiedImageError):
+        with pytest.raises(OSError, match="cannot identify|truncated"):
             features(classifier, batches)
         assert decode_threads() == []
-    with pytest.raises(UnidentifiedImageError):
+    with pytest.raises(OSError, match="cannot identify|truncated"):
         features(classifier, DataLoader(ImageDataset(samples, D.PREP, eval_transform(D.PREP))))

@@ -219,7 +219,7 @@ def test_one_thread_gives_the_thread_count_back_even_after_an_error():
 @pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with AMX or AVX512-BF16")
 def test_a_cpu_job_asked_for_bf16_runs_its_backbone_in_it(tmp_path, digit_splits, base_weights):
     """GRAFT_PRECISION=bf16 on a CPU whose matrix units take bf16: the backbone runs in bf16,
-    its features are cached apart from float32's and are float32 for the layer, and the job's
+    its features are cached apart from float32's and differ from them, and the job's
     figures are the float32 job's up to the backbone's rounding on a few borderline images."""
     _, held = digit_splits
     folders = {str(d): held.of(d)[:10] for d in OLD} | {"9": held.of(9)[:10]}
@@ -234,7 +234,6 @@ def test_a_cpu_job_asked_for_bf16_runs_its_backbone_in_it(tmp_path, digit_splits
     assert (fp32.metrics["precision"], bf16.metrics["precision"]) == ("fp32", "bf16")
     assert bf16.fingerprint != fp32.fingerprint
     features = torch.stack(list(bf16.features.values()))
-    assert features.dtype == FP32
     assert not torch.equal(features, torch.stack([fp32.features[d] for d in bf16.features]))
     matrices = [torch.tensor(j.metrics["confusion_matrix"]["matrix"]) for j in (fp32, bf16)]
     n = int(matrices[0].sum())
