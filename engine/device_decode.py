@@ -6,26 +6,23 @@ then a float32 batch is copied over) are the wall, not the backbone (bench/RESUL
 per batch of images:
 
 * the files are read on a thread pool, two batches ahead;
-* JPEGs are decoded together by ``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on a
-  GPU), in runs bounded in count and pixels (engine/nvjpeg.py: a batch of large photos decoded
-  at once would hold gigabytes). A
-  JPEG it should not or cannot decode (four colour components, arithmetic coding, a file it
-  refuses) and every other format are decoded on the pool's threads as the loaders do
-  (``open_image``, with libjpeg's DCT scaling of large JPEGs, then ``resize_transform``) and
-  their uint8 pixels copied over;
-* the images are resized on the device to the input size, those of one size together,
-  antialiased like ``v2.Resize``, and rounded to uint8 (one at least twice the input size first
-  shrunk by block means, by the factor libjpeg's DCT scaling takes in ``open_image``; one the
-  device cannot resize goes to the CPU):
-  the pixels engine/decoded.py keeps, read instead of all this when it holds them;
+* JPEGs are decoded by ``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on a GPU) in
+  runs bounded in count and pixels (engine/nvjpeg.py). JPEGs it should not or cannot decode
+  (four colour components, arithmetic coding, a file it refuses) and every other format are
+  decoded on the pool's threads as the loaders do (``open_image``, with libjpeg's DCT scaling
+  of large JPEGs, then ``resize_transform``), their uint8 pixels copied over;
+* the images are resized on the device, those of one size together, antialiased like
+  ``v2.Resize``, to uint8 (one twice the input size or more first shrunk by block means, by the
+  factor of libjpeg's DCT scaling in ``open_image``; one the device cannot resize goes to the
+  CPU): the pixels engine/decoded.py keeps, and reads instead of all this when it holds them;
 * the uint8 batch is normalised there, as ``normalise_transform`` does it.
 
 A side thread makes batch k+1 (on its own CUDA stream) while the backbone runs batch k.
 
-``plan``: ``auto`` takes this path on a CUDA device whose torchvision decodes JPEGs
-there, for bilinear and bicubic models; ``device`` takes it on any device (on a CPU every file
-is then decoded on the threads as the loaders would, their pixels bit for bit); ``loaders``
-never. Augmented views always go through the loaders: their transforms work on PIL images.
+``plan``: ``auto`` takes this path on a CUDA device whose torchvision decodes JPEGs there, for
+bilinear and bicubic models; ``device`` on any device (on a CPU every file is then decoded on
+the threads as the loaders would, their pixels bit for bit); ``loaders`` never. Augmented views
+always go through the loaders: their transforms work on PIL images.
 
 nvJPEG's IDCT and chroma upsampling are not libjpeg's, nor block means its DCT scaling, so
 pixels differ by a level or so: the features agree with the loaders' within the tolerance
@@ -311,24 +308,3 @@ class DeviceBatches:
         """As ``normalise_transform``: to float in [0, 1], less the mean, over the std."""
         inputs = pixels.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
         return inputs.contiguous(memory_format=torch.channels_last)
-
-
-@dataclass
-class Chained:
-    """Batch sources one after another, as one loader for ``extract_features``."""
-
-    parts: list[Iterable]
-
-    @property
-    def dataset(self) -> range:
-        return range(sum(len(part.dataset) for part in self.parts))  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for part in self.parts:
-            batches = iter(part)
-            try:
-                yield from batches
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from engine.device import autocast_for, float32_head, pick_device
 from engine.errors import DataError, JobCancelled, UnsupportedHead
 from engine.heads import Head
 
-__all__ = ["FeatureCache", "autocast_for", "extract_features", "pick_device"]
+__all__ = ["Chained", "FeatureCache", "autocast_for", "extract_features", "pick_device"]
 
 BatchDone = Callable[[int, int], None]  # (images done, images total)
 
@@ -72,6 +73,27 @@ class FeatureCache:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+@dataclass
+class Chained:
+    """Batch sources one after another, as one loader for ``extract_features``."""
+
+    parts: list[Iterable]
+
+    @property
+    def dataset(self) -> range:
+        return range(sum(len(part.dataset) for part in self.parts))  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for part in self.parts:
+            batches = iter(part)
+            try:
+                yield from batches
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
 
 
 def _in_memory(rows: int, dim: int) -> torch.Tensor:

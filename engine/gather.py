@@ -23,9 +23,9 @@ from engine.data import (
     eval_transform,
 )
 from engine.decoded import DecodedCache, filling
-from engine.device_decode import DEVICE_THREADS, Chained, DeviceBatches, plan
+from engine.device_decode import DEVICE_THREADS, DeviceBatches, plan
 from engine.errors import DataError
-from engine.features import FeatureCache, extract_features
+from engine.features import Chained, FeatureCache, extract_features
 from engine.heads import Head
 from engine.preprocessing import Preprocessing
 from engine.recipe import Rows
