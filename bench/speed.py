@@ -54,7 +54,6 @@ from engine.decoded import DecodedCache  # noqa: E402
 from engine.device import PRECISIONS, compute_dtype, precision_name  # noqa: E402
 from engine.device_decode import (  # noqa: E402
     DECODE_CHOICES,
-    DEVICE_THREADS,
     DeviceBatches,
     plan,
 )
@@ -171,16 +170,17 @@ def extraction(
     dev = torch.device(device)
     head = find_head(model)
     decoding = plan(decode, dev, PREP)
-    loader: DataLoader | DeviceBatches = DataLoader(
-        ImageDataset(samples, PREP, eval_transform(PREP)),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=dev.type == "cuda",
-    )
-    if decoding.on_device:
-        threads = workers or DEVICE_THREADS
+    loader: DataLoader | DeviceBatches
+    if decoding.on_device:  # as a job would
         loader = DeviceBatches(
-            samples, PREP, dev, batch_size, threads, None, decoding.jpeg_on_device
+            samples, PREP, dev, batch_size, workers, None, decoding.jpeg_on_device
+        )
+    else:
+        loader = DataLoader(
+            ImageDataset(samples, PREP, eval_transform(PREP)),
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=dev.type == "cuda",
         )
     started = time.perf_counter()
     feats, _ = extract_features(model, head, loader, dev, dtype=dtype)

@@ -34,7 +34,7 @@ from engine.device import (
     precision_name,
     release_memory,
 )
-from engine.device_decode import DEVICE_THREADS, DeviceBatches, plan
+from engine.device_decode import DeviceBatches, plan
 from engine.errors import JobCancelled
 from engine.evaluate import classification_metrics
 from engine.evidence import Paired, f1_interval, holm, mcnemar_exact, paired, wilson
@@ -178,9 +178,8 @@ def _features(
     stored = entry.rows if entry else None
     loader: DataLoader | DeviceBatches
     if decoding.on_device:
-        threads = cfg.num_workers or DEVICE_THREADS
         loader = DeviceBatches(
-            picked, prep, device, cfg.batch_size, threads, stored, decoding.jpeg_on_device
+            picked, prep, device, cfg.batch_size, cfg.num_workers, stored, decoding.jpeg_on_device
         )
     else:
         loader = DataLoader(

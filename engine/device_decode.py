@@ -32,7 +32,6 @@ tests/engine/test_cuda.py states, and decoded pixels are kept under their decode
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import queue
@@ -56,8 +55,6 @@ from engine.nvjpeg import (
     raise_if_device_failed,
 )
 from engine.preprocessing import Preprocessing
-
-log = logging.getLogger(__name__)
 
 DECODE_CHOICES = ("auto", "device", "loaders")
 FIT_PIXELS = 50_000_000  # resized together at most (0.6 GB as float32 RGB)
@@ -109,7 +106,7 @@ class DeviceBatches:
     prep: Preprocessing
     device: torch.device
     batch_size: int
-    threads: int = 8
+    threads: int = 0  # file readers (0: DEVICE_THREADS)
     rows: DecodedRows | None = None
     jpeg_on_device: bool | None = None
     decoded: Counter = field(default_factory=Counter)
@@ -117,6 +114,7 @@ class DeviceBatches:
     def __post_init__(self) -> None:
         if self.jpeg_on_device is None:
             self.jpeg_on_device = decodes_jpeg_on(self.device)
+        self.threads = self.threads or DEVICE_THREADS
         channels, height, width = self.prep.input_size
         self._size = (height, width)
         self._mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY

@@ -23,7 +23,7 @@ from engine.data import (
     eval_transform,
 )
 from engine.decoded import DecodedCache, filling
-from engine.device_decode import DEVICE_THREADS, DeviceBatches, plan
+from engine.device_decode import DeviceBatches, plan
 from engine.errors import DataError
 from engine.features import Chained, FeatureCache, extract_features
 from engine.heads import Head
@@ -217,6 +217,7 @@ def extract_rows(
     digests = [images.digests[g] for g in viewed + plain]
     entry = decoded.entry(digests, prep, decoding.decoder) if decoded else None
     rows = entry.rows if entry else None
+    plain_rows = rows.part(len(viewed)) if rows else None  # the same entry, after the viewed
     augmented_views = ImageDataset(
         viewed_samples,
         prep,
@@ -234,13 +235,13 @@ def extract_rows(
                 prep,
                 device,
                 batch_size,
-                threads=num_workers or DEVICE_THREADS,
+                threads=num_workers,
                 rows=part,
                 jpeg_on_device=decoding.jpeg_on_device,
             )
             for samples, part in (
                 (viewed_samples, rows),
-                (plain_samples, rows.part(len(viewed)) if rows else None),
+                (plain_samples, plain_rows),
             )
         ]
         extra = Subset(augmented_views, range(len(viewed), len(viewed) * views))
@@ -250,9 +251,7 @@ def extract_rows(
             else made
         )
     else:
-        plain_views = ImageDataset(
-            plain_samples, prep, clean, decoded=rows.part(len(viewed)) if rows else None
-        )
+        plain_views = ImageDataset(plain_samples, prep, clean, decoded=plain_rows)
         loader = _loader(
             ConcatDataset([augmented_views, plain_views]), batch_size, num_workers, device
         )
